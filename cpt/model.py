@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +18,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
 }
-
-
-def load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise CptError(f"model.tokenizer: {path} is not a directory holding a tokenizer")
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise CptError(f"model.tokenizer: cannot load a tokenizer from {path} ({e})") from None
-
-
-def tokenizer_hash(path: str | Path) -> str | None:
-    """sha256 of tokenizer.json, the same fingerprint `cpt prepare` writes into a manifest."""
-    f = Path(path) / "tokenizer.json"
-    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
 def build_model(cfg: ModelConfig, tokenizer, seed: int):

@@ -1,0 +1,106 @@
+"""Checkpoints: one named bundle per save, written atomically.
+
+Layout of a run directory::
+
+    recipe.yaml                  the resolved recipe of the run
+    metrics.jsonl                one record per step / probe
+    checkpoints/step-00000120/   accelerate state (model, optimizer, RNG of every rank),
+                                 trainer_state.json (counters, sampler state, last LR), recipe.yaml
+    final/                       the exported Hugging Face model dir (safetensors) + tokenizer
+
+A checkpoint is written under ``checkpoints/.tmp-step-...`` and renamed into place when complete: the
+rename is the commit, so a kill during a save leaves the previous checkpoints intact and the latest
+checkpoint is simply the highest complete ``step-*`` directory (no pointer file to get out of sync).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cpt.errors import CptError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str, Any], recipe_yaml: str,
+                    keep_last: int) -> Path:
+    """Save model, optimizer, RNG (all ranks) and trainer state; prune to the newest ``keep_last``."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        for stale in root.glob(".tmp-*") if root.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if final.exists():  # the same step saved again after a resume: replace it
+            old = root / f".old-{final.name}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
+    f = Path(ckpt) / STATE_FILE
+    if not f.is_file():
+        raise CptError(f"{ckpt}: not a cpt checkpoint (no {STATE_FILE})")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CptError(f"{f}: corrupt trainer state ({e})") from None
+
+
+def load_checkpoint(accelerator, ckpt: str | Path) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states in place; return the trainer state."""
+    state = read_trainer_state(ckpt)
+    try:
+        accelerator.load_state(str(ckpt))
+    except (FileNotFoundError, RuntimeError, KeyError) as e:
+        raise CptError(f"{ckpt}: cannot restore the training state ({e})") from None
+    return state
+
+
+def export_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path:
+    """Write a Hugging Face model dir (safetensors + tokenizer) that from_pretrained loads."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".tmp-{out.name}")
+    state_dict = accelerator.get_state_dict(model)  # every rank: gathers sharded (ZeRO-3/FSDP) weights
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    accelerator.wait_for_everyone()
+    return out

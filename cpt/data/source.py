@@ -1,0 +1,136 @@
+"""Read prepared token shards: ``TokenSource(path)``, O(1) to open, random access by sequence."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cpt.data.prepare import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
+from cpt.errors import CptError
+
+_REQUIRED = (
+    "format",
+    "format_version",
+    "seq_len",
+    "dtype",
+    "vocab_size",
+    "eos_token_id",
+    "tokenizer_hash",
+    "sequences",
+    "shards",
+)
+
+
+class TokenSource:
+    """The packed sequences of one folder written by :func:`cpt.data.prepare.prepare`.
+
+    Opening reads the manifest and checks that every shard file has exactly the size the manifest
+    promises; the shards themselves are memory-mapped on first use. Sequence ``i`` of the source is
+    sequence ``i - start`` of the shard whose cumulative range holds ``i``.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        m = self.manifest
+        self.seq_len: int = int(m["seq_len"])
+        self.dtype = np.dtype(m["dtype"])
+        self.tokenizer_hash: str = m["tokenizer_hash"]
+        self.eos_token_id: int = int(m["eos_token_id"])
+        self.vocab_size: int = int(m["vocab_size"])
+        counts = []
+        for shard in m["shards"]:
+            file = self.path / shard["file"]
+            expected = int(shard["sequences"]) * self.seq_len * self.dtype.itemsize
+            if not file.is_file():
+                raise CptError(f"prepared data {self.path}: shard {file.name} is missing")
+            size = file.stat().st_size
+            if size != expected:
+                raise CptError(
+                    f"prepared data {self.path}: shard {file.name} has {size} bytes, the manifest expects "
+                    f"{expected} ({shard['sequences']} sequences of {self.seq_len} {self.dtype.name}); "
+                    "the folder is damaged, run cpt prepare again"
+                )
+            counts.append(int(shard["sequences"]))
+        self._files = [self.path / s["file"] for s in m["shards"]]
+        # _ends[k] = sequences in shards 0..k; sequence i lives in shard searchsorted(_ends, i, "right")
+        self._ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+        self._starts = self._ends - np.asarray(counts, dtype=np.int64)
+        self.num_sequences = int(self._ends[-1]) if len(counts) else 0
+        if self.num_sequences != int(m["sequences"]):
+            raise CptError(
+                f"prepared data {self.path}: shards hold {self.num_sequences} sequences, "
+                f"the manifest says {m['sequences']}"
+            )
+        self._maps: list[np.ndarray | None] = [None] * len(self._files)
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __repr__(self) -> str:
+        return f"TokenSource({str(self.path)!r}, sequences={self.num_sequences}, seq_len={self.seq_len})"
+
+    def __getstate__(self) -> dict:
+        # memmaps are reopened lazily in the receiving process (DataLoader workers, spawn)
+        state = self.__dict__.copy()
+        state["_maps"] = [None] * len(self._files)
+        return state
+
+    def _shard(self, k: int) -> np.ndarray:
+        mm = self._maps[k]
+        if mm is None:
+            mm = np.memmap(self._files[k], dtype=self.dtype, mode="r").reshape(-1, self.seq_len)
+            self._maps[k] = mm
+        return mm
+
+    def get(self, idx: int) -> np.ndarray:
+        """Sequence ``idx`` as an int64 array of ``seq_len`` tokens (a copy)."""
+        return self.batch([idx])[0]
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Sequences at ``indices`` (any order, repeats allowed) as int64 ``[len(indices), seq_len]``."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = np.empty((len(idx), self.seq_len), dtype=np.int64)
+        if not len(idx):
+            return out
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.num_sequences:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"sequence {bad} out of range for {self.path} ({self.num_sequences} sequences)")
+        if len(self._files) == 1:
+            out[:] = self._shard(0)[idx]
+            return out
+        shard = np.searchsorted(self._ends, idx, side="right")
+        for k in np.unique(shard):
+            rows = shard == k
+            out[rows] = self._shard(int(k))[idx[rows] - self._starts[k]]
+        return out
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not path.exists():
+        raise CptError(f"prepared data {path} does not exist; run cpt prepare first")
+    if not file.is_file():
+        raise CptError(f"{path} has no {MANIFEST}; is it a folder written by cpt prepare?")
+    try:
+        m = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CptError(f"{file} is not valid JSON ({e}); run cpt prepare again") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise CptError(
+            f"{file} is not a cpt token manifest (format {m.get('format') if isinstance(m, dict) else None!r})"
+        )
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        raise CptError(f"{file} lacks {', '.join(missing)}; run cpt prepare again")
+    if m["format_version"] != MANIFEST_VERSION:
+        raise CptError(
+            f"{file} has format version {m['format_version']}; this cpt reads version {MANIFEST_VERSION}"
+        )
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise CptError(f"{file}: dtype {m['dtype']!r} is not uint16 or uint32")
+    return m

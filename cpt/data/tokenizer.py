@@ -1,0 +1,120 @@
+"""Train a small byte-level BPE tokenizer, load tokenizers, and fingerprint them.
+
+The fingerprint (:func:`tokenizer_hash`) is what ties prepared token shards to a model: two
+tokenizers with the same hash turn the same text into the same ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from cpt.data.reader import InputStats, iter_documents, resolve_inputs
+from cpt.errors import CptError
+
+EOS = "<|endoftext|>"
+
+
+def train_tokenizer(
+    inputs: list[str | Path] | str | Path,
+    out_dir: str | Path,
+    vocab_size: int = 4096,
+    text_field: str = "text",
+    min_frequency: int = 2,
+    max_documents: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Train a byte-level BPE tokenizer on the documents of ``inputs`` and save it to ``out_dir``.
+
+    ``<|endoftext|>`` is the only special token; it serves as eos, bos, unk and pad. The result
+    is a ``transformers`` tokenizer directory that ``AutoTokenizer.from_pretrained(out_dir)`` loads.
+    Inputs are read exactly as ``cpt prepare`` reads them (see :mod:`cpt.data.reader`).
+    """
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 257:
+        raise CptError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 257 (256 bytes + eos)"
+        )
+    if max_documents is not None and max_documents <= 0:
+        raise CptError(f"max_documents must be positive, got {max_documents}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CptError(
+            f"tokenizer output {out_dir} exists and is not empty; pass overwrite=True (--overwrite)"
+        )
+    resolved = resolve_inputs(inputs)
+
+    stats: list[InputStats] = []
+    bpe = ByteLevelBPETokenizer()
+    with tempfile.TemporaryDirectory(prefix="cpt-tok-") as cache:
+        docs = iter_documents(resolved, text_field, stats, max_documents=max_documents, cache_dir=cache)
+        bpe.train_from_iterator(
+            docs,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=[EOS],
+            show_progress=False,
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
+
+    # build beside the target, then swap in, so a crash never leaves a half-written tokenizer
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def load_tokenizer(tokenizer: str | Path):
+    """``AutoTokenizer.from_pretrained`` with a one-line CptError, requiring a fast tokenizer."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+    except Exception as e:
+        raise CptError(
+            f"cannot load tokenizer {tokenizer}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from None
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise CptError(
+            f"tokenizer {tokenizer} is not a fast (Rust `tokenizers`) tokenizer; it has no tokenizer.json"
+        )
+    return tok
+
+
+def tokenizer_json(tokenizer: str | Path) -> Path:
+    """The tokenizer.json file of a tokenizer folder (or file, or a hub id already in the local cache)."""
+    path = Path(tokenizer)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise CptError(f"tokenizer {path} has no tokenizer.json (a fast tokenizer is needed)")
+        return path / "tokenizer.json"
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(str(tokenizer), "tokenizer.json")
+    except Exception as e:
+        raise CptError(f"cannot find tokenizer.json for {tokenizer}: {str(e).splitlines()[0]}") from None
+    if found is None:
+        raise CptError(f"cannot find tokenizer.json for {tokenizer}")
+    return Path(found)
+
+
+def tokenizer_hash(tokenizer: str | Path) -> str:
+    """sha256 of the bytes of the tokenizer's tokenizer.json: the fingerprint in every manifest.
+
+    The same definition as :func:`cpt.model.tokenizer_hash`, so prepared data and a model's
+    tokenizer can be compared. ``save_pretrained`` of a loaded byte-level BPE tokenizer writes the
+    file back byte for byte, so the hash survives a load/save cycle.
+    """
+    return hashlib.sha256(tokenizer_json(tokenizer).read_bytes()).hexdigest()

@@ -1,0 +1,92 @@
+"""Shared fixtures: real text from ../shared/data, a small trained tokenizer, prepared token shards.
+
+Session-scoped so that every test module (data, trainer, probes, CLI) reuses one tokenizer and one
+set of prepared shards. Without the offline switches a hub id takes ~50 s to fail, so they are set
+before anything imports `transformers` or `datasets`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+DOMAINS = {"en": "en_kernel_docs", "de": "de_libreoffice_help", "code": "code_python_stdlib"}
+TOKENIZER_DOCS = 300  # per domain, train split
+PREPARED_SEQ_LEN = 128
+PREPARED_DOCS = {"train": 400, "validation": 60}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``/work/shared/data``: the repo's sibling ``shared/data`` with the three real-text domains."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        raise RuntimeError(
+            f"test data not found at {path}: the tests expect ../shared/data beside the repo "
+            "(en_kernel_docs, de_libreoffice_help, code_python_stdlib; see shared/DATA.md)"
+        )
+    missing = [d for d in DOMAINS.values() if not (path / d / "train.jsonl.gz").is_file()]
+    if missing:
+        raise RuntimeError(f"test data at {path} lacks {', '.join(missing)}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(shared_data: Path, tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (vocab 2048, eos ``<|endoftext|>``) trained on the three domains."""
+    from cpt.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer") / "bpe-2048"
+    # max_documents caps the documents of all inputs together; the first TOKENIZER_DOCS of *each*
+    # domain are taken by copying them out first
+    sample_dir = tmp_path_factory.mktemp("tokenizer-sample")
+    inputs = [
+        _head(shared_data / d / "train.jsonl.gz", sample_dir / f"{d}.jsonl", TOKENIZER_DOCS)
+        for d in DOMAINS.values()
+    ]
+    return train_tokenizer(inputs, out, vocab_size=2048)
+
+
+@pytest.fixture(scope="session")
+def prepared(shared_data: Path, tokenizer_dir: Path, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """``{"en"|"de"|"code": {"train"|"validation": Path}}``: token shards at seq_len 128.
+
+    Train splits hold the first 400 documents of each domain, validation splits the first 60.
+    """
+    from cpt.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    out: dict[str, dict[str, Path]] = {}
+    for short, domain in DOMAINS.items():
+        out[short] = {}
+        for split, n_docs in PREPARED_DOCS.items():
+            path = root / short / split
+            prepare(
+                [shared_data / domain / f"{split}.jsonl.gz"],
+                tokenizer_dir,
+                path,
+                seq_len=PREPARED_SEQ_LEN,
+                max_documents=n_docs,
+                progress=False,
+            )
+            out[short][split] = path
+    return out
+
+
+def _head(src: Path, dst: Path, n: int) -> Path:
+    """Copy the first ``n`` lines of a (gzipped) jsonl file."""
+    import gzip
+
+    with gzip.open(src, "rt", encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
+        for i, line in enumerate(f):
+            if i >= n:
+                break
+            g.write(line)
+    return dst
