@@ -30,7 +30,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from cpt.trainer import train
 
     result = train(recipe, resume=ns.resume, allow_changes=tuple(ns.allow_change), max_steps=ns.max_steps)
-    if result.completed:
+    if result.completed and result.is_main:
         print(f"cpt: done: {result.step} steps, {result.tokens} tokens; model exported to {result.run_dir / 'final'}")
     return 0
 

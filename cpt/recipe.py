@@ -74,6 +74,10 @@ class DataConfig(_Strict):
     mixture: dict[str, float] = Field(
         description="Name -> share of training sequences; sums to 1. Replay = the old data's share."
     )
+    warn_epochs: float = Field(
+        4.0, gt=0, description="Warn when a source has been read this many times over (repeated data "
+        "hurts beyond a few epochs; tiny replay buffers repeated 100x degrade a model)."
+    )
 
     @model_validator(mode="after")
     def _mixture_matches_sources(self) -> DataConfig:

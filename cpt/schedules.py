@@ -508,5 +508,6 @@ def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str 
     if title:
         ax.set_title(title)
     path = Path(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path

@@ -65,6 +65,7 @@ class TrainResult:
     step: int
     tokens: int
     completed: bool
+    is_main: bool = True
     last: dict[str, Any] = field(default_factory=dict)
     probes: dict[str, float] = field(default_factory=dict)
 
@@ -93,20 +94,25 @@ class _StopFlag:
 
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedType
 
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    # On CPU, several processes talk over gloo (DeepSpeed needs it named explicitly); a single process
-    # must not name a backend, or accelerate takes it for a distributed run.
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
-    return Accelerator(
+    # Without cpu=True, accelerate treats `accelerate launch --multi_gpu` on a machine without GPUs as
+    # N independent single-process runs (no gradient sync, no reduce); with it, N gloo processes.
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision={"fp32": "no"}.get(precision, precision),
-        kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
+        raise CptError(
+            f"launched as {world} processes but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}): the processes would train independently"
+        )
+    return accelerator
 
 
 def make_optimizer(model, cfg, lr: float, device_type: str):
@@ -236,6 +242,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (main and recipe.tracking.progress))
     last: dict[str, Any] = {}
+    warned: set[str] = set()
     model.train()
     try:
         while step < total_steps:
@@ -246,6 +253,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                 group["lr"] = lr
 
             picks = sampler.draw(layout.sequences_per_step)  # the same global batch on every rank
+            epochs = sampler.repeats()
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro in layout.my_micro_batches(picks, rank):
                 ids = read_batch(sources, micro).to(accelerator.device, non_blocking=True)
@@ -264,8 +272,15 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
             last = {"step": step, "tokens": step * tokens_per_step, "train/loss": loss,
                     "lr": optimizer.param_groups[0]["lr"],
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "train/tokens_per_s": tokens_per_step / dt, "time/elapsed_s": elapsed}
+                    "train/tokens_per_s": tokens_per_step / dt, "time/elapsed_s": elapsed,
+                    **{f"data/{name}/epochs": e for name, e in epochs.items() if weights[name] > 0}}
             log.log(last)
+            for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in warned]:
+                warned.add(name)
+                if main:
+                    tqdm.write(f"cpt: warning: source {name} has been read {epochs[name]:.1f} times over "
+                               f"(data.warn_epochs = {recipe.data.warn_epochs:g}); repeated data trains less "
+                               f"and can hurt: add data or lower its share")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['lr']:.2e}",
                             tok_s=f"{last['train/tokens_per_s']:.0f}", refresh=False)
@@ -290,4 +305,4 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
         log.close()
         stop.restore()
     accelerator.end_training()
-    return TrainResult(run_dir, step, step * tokens_per_step, step == total_steps, last, last_probe)
+    return TrainResult(run_dir, step, step * tokens_per_step, step == total_steps, main, last, last_probe)

@@ -26,6 +26,7 @@ RUNS = Path("runs/demo")
 
 def run(*args: str) -> None:
     print(f"\n$ {' '.join(args)}", flush=True)
+    # `cpt ...` and `python ...` run with this interpreter, so the demo works before PATH knows `cpt`
     cmd = [sys.executable, "-m", "cpt.cli", *args[1:]] if args[0] == "cpt" else [sys.executable, *args[1:]]
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -40,7 +41,7 @@ def main() -> None:
     shutil.rmtree(ROOT / RUNS, ignore_errors=True)  # the demo's own runs; data is reused if present
     if not (ROOT / DATA / "prepared").is_dir():
         shutil.rmtree(ROOT / DATA, ignore_errors=True)
-        run("python", "python", "scripts/demo_corpora.py", str(DATA / "raw"))
+        run("python", "scripts/demo_corpora.py", str(DATA / "raw"))
         run("cpt", "tokenizer", "train", str(DATA / "raw/english/train.jsonl"), str(DATA / "raw/code/train.jsonl"),
             "--out", str(DATA / "tokenizer"), "--vocab-size", "4096")
         for domain in ("english", "code"):
@@ -51,15 +52,19 @@ def main() -> None:
         "--out", str(RUNS / "lr_schedules.png"))
     run("cpt", "train", "recipes/demo/pretrain-english.yaml")
     run("cpt", "train", "recipes/demo/continue-code.yaml")
+    run("cpt", "train", "recipes/demo/continue-code.yaml", "data.mixture.code=1.0", "data.mixture.english=0.0",
+        "run.name=demo-continue-code-no-replay", f"run.output_dir={RUNS / 'continue-code-no-replay'}")
 
-    start, (before, *_, after) = probes(RUNS / "pretrain-english")[0], probes(RUNS / "continue-code")
-    print("\nheld-out loss (nats/token)      english    code")
+    start, before = probes(RUNS / "pretrain-english")[0], probes(RUNS / "continue-code")[0]
+    print("\nheld-out loss (nats/token)          english    code   forgetting(en)  adaptation(code)")
     for label, r in [("random init", start), ("after English pre-training", before),
-                     ("after code CPT (25% replay)", after)]:
-        print(f"  {label:<29}{r['probe/english/loss']:>8.3f}{r['probe/code/loss']:>8.3f}")
-    print(f"\nforgetting on english: {after['probe/english/loss'] - before['probe/english/loss']:+.3f}   "
-          f"adaptation on code: {before['probe/code/loss'] - after['probe/code/loss']:+.3f}   "
-          f"({time.time() - t0:.0f} s; runs in {RUNS}, LR plot in {RUNS / 'lr_schedules.png'})")
+                     ("after code CPT, no replay", probes(RUNS / "continue-code-no-replay")[-1]),
+                     ("after code CPT, 25% replay", probes(RUNS / "continue-code")[-1])]:
+        en, code = r["probe/english/loss"], r["probe/code/loss"]
+        deltas = "" if r is start or r is before else \
+            f"{en - before['probe/english/loss']:>+16.3f}{before['probe/code/loss'] - code:>+18.3f}"
+        print(f"  {label:<33}{en:>8.3f}{code:>8.3f}{deltas}")
+    print(f"\n({time.time() - t0:.0f} s; runs in {RUNS}, LR plot in {RUNS / 'lr_schedules.png'})")
 
 
 if __name__ == "__main__":

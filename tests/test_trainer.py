@@ -184,3 +184,18 @@ def test_world_layout_splits_the_same_global_batch():
     assert sorted(sum(one, [])) == sorted(sum(two[0] + two[1], [])) == picks
     assert not set(sum(two[0], [])) & set(sum(two[1], []))  # ranks see disjoint data
     assert torch.equal(torch.tensor(one), torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]))
+
+
+def test_source_epochs_logged_and_heavy_repeats_warned(make_recipe, capsys, prepared):
+    from cpt.data.source import TokenSource
+
+    n_en = TokenSource(prepared["en"]["train"]).num_sequences
+    warn = 4 * 6 / n_en  # crossed at step 6
+    r = make_recipe("epochs", data__warn_epochs=warn)
+    train(r)
+    records = [x for x in read_metrics(r.run.output_dir + "/metrics.jsonl") if "train/loss" in x]
+    # 8 sequences per step, half from each source: after step s, en has been read 4*s/n_en times over
+    assert [x["data/en/epochs"] for x in records] == pytest.approx([4 * s / n_en for s in range(1, 13)])
+    out = capsys.readouterr().out
+    assert f"source en has been read {warn:.1f} times over (data.warn_epochs = {warn:g})" in out
+    assert out.count("source en has been read") == 1  # once, not every step
