@@ -89,15 +89,18 @@ def main() -> None:
 
     per_step = {"cpt": [], "bare": []}
     run_id = 0
-    for r in range(args.rounds):
+    for r in range(-1, args.rounds):  # round -1 warms caches and allocators up and is not counted
         times = {}
         for n in (n1, n2):
             run_id += 1
             times[("cpt", n)] = cpt_loop(base, work / f"run{run_id}", n)
             times[("bare", n)] = bare_loop(recipe, tokenizer, source, n)
-        for side in per_step:
-            per_step[side].append((times[(side, n2)] - times[(side, n1)]) / (n2 - n1))
-        print(f"round {r}: cpt {per_step['cpt'][-1] * 1e3:.1f} ms/step, bare {per_step['bare'][-1] * 1e3:.1f} ms/step")
+        ms = {side: (times[(side, n2)] - times[(side, n1)]) / (n2 - n1) for side in per_step}
+        print(f"round {r}: cpt {ms['cpt'] * 1e3:.1f} ms/step, bare {ms['bare'] * 1e3:.1f} ms/step"
+              + (" (warm-up, not counted)" if r < 0 else ""))
+        if r >= 0:
+            for side in per_step:
+                per_step[side].append(ms[side])
 
     tokens_per_step = SEQ * MICRO
     cpt_tps = tokens_per_step / statistics.median(per_step["cpt"])
@@ -114,7 +117,7 @@ def main() -> None:
     sampler_tps = n_batches * tokens_per_step / (time.perf_counter() - t0)
 
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, tiny-llama, seq {SEQ}, batch {MICRO}, "
-          f"steps {n1}->{n2}, {args.rounds} rounds")
+          f"steps {n1}->{n2}, {args.rounds} rounds after a warm-up round")
     print(f"cpt trainer:  {cpt_tps:,.0f} tokens/s (median)")
     print(f"bare loop:    {bare_tps:,.0f} tokens/s (median)")
     print(f"ratio cpt/bare: median {statistics.median(ratios):.3f}, per round {', '.join(f'{x:.3f}' for x in ratios)}")
