@@ -4,13 +4,16 @@ Layout of a run directory::
 
     recipe.yaml                  the resolved recipe of the run
     metrics.jsonl                one record per step / probe
-    checkpoints/step-00000120/   accelerate state (model, optimizer, RNG of every rank),
-                                 trainer_state.json (counters, sampler state, last LR), recipe.yaml
+    checkpoints/step-00000120/   accelerate state (model.safetensors, optimizer, RNG of every rank),
+                                 trainer_state.json (counters, sampler state, last LR, tags), recipe.yaml,
+                                 config.json + tokenizer: the dir is also a Hugging Face model dir
     final/                       the exported Hugging Face model dir (safetensors) + tokenizer
 
 A checkpoint is written under ``checkpoints/.tmp-step-...`` and renamed into place when complete: the
 rename is the commit, so a kill during a save leaves the previous checkpoints intact and the latest
 checkpoint is simply the highest complete ``step-*`` directory (no pointer file to get out of sync).
+Checkpoints with tags (``stage_end:<name>``, ``pre_anneal``) are kept whatever ``keep_last`` says:
+the next stage or a decay branch starts from them.
 """
 
 from __future__ import annotations
@@ -42,8 +45,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str, Any], recipe_yaml: str,
-                    keep_last: int) -> Path:
-    """Save model, optimizer, RNG (all ranks) and trainer state; prune to the newest ``keep_last``."""
+                    keep_last: int, model=None, tokenizer=None) -> Path:
+    """Save model, optimizer, RNG (all ranks) and trainer state; prune untagged ones to ``keep_last``."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -55,6 +58,10 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if model is not None:  # accelerate writes HF parameter names: with the config, from_pretrained loads it
+            accelerator.unwrap_model(model).config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         if final.exists():  # the same step saved again after a resume: replace it
@@ -64,7 +71,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+        untagged = [d for d in checkpoint_dirs(run_dir) if not read_trainer_state(d).get("tags")]
+        for old in untagged[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
@@ -88,6 +96,57 @@ def load_checkpoint(accelerator, ckpt: str | Path) -> dict[str, Any]:
     except (FileNotFoundError, RuntimeError, KeyError) as e:
         raise CptError(f"{ckpt}: cannot restore the training state ({e})") from None
     return state
+
+
+def find_checkpoint(path: str | Path, selector: str = "latest") -> Path:
+    """A checkpoint dir from a run dir and a selector (latest | pre_anneal | <stage name> | step-N),
+    or ``path`` itself when it already is a checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    dirs = checkpoint_dirs(path)
+    if not dirs:
+        raise CptError(f"{path}: no checkpoints (not a cpt run dir or checkpoint)")
+    if selector == "latest":
+        return dirs[-1]
+    if _STEP_DIR.match(selector):
+        if (path / "checkpoints" / selector).is_dir():
+            return path / "checkpoints" / selector
+        raise CptError(f"{path}: no checkpoint {selector} (have {', '.join(d.name for d in dirs)})")
+    tag = selector if selector == "pre_anneal" else f"stage_end:{selector}"
+    tagged = [d for d in dirs if tag in read_trainer_state(d).get("tags", [])]
+    if not tagged:
+        have = sorted({t for d in dirs for t in read_trainer_state(d).get("tags", [])})
+        raise CptError(f"{path}: no checkpoint tagged {tag} (tags: {', '.join(have) or 'none'})")
+    return tagged[-1]
+
+
+def load_optimizer_state(optimizer, ckpt: str | Path) -> None:
+    """Load AdamW moments from a cpt checkpoint into ``optimizer``, keeping its hyperparameters.
+
+    torch only checks group sizes; the shapes are checked here so that moments of another
+    architecture are refused instead of silently broadcast."""
+    import torch
+
+    f = Path(ckpt) / "optimizer.bin"
+    if not f.is_file():
+        raise CptError(f"{ckpt}: no optimizer state (optimizer.bin)")
+    saved = torch.load(f, map_location="cpu", weights_only=False)
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups):
+        raise CptError(f"{ckpt}: optimizer state has {len(saved['param_groups'])} parameter groups, "
+                       f"this model has {len(groups)}")
+    for i, (old, new) in enumerate(zip(saved["param_groups"], groups, strict=True)):
+        if len(old["params"]) != len(new["params"]):
+            raise CptError(f"{ckpt}: optimizer group {i} holds {len(old['params'])} tensors, this model "
+                           f"has {len(new['params'])}: another architecture")
+        for pid, p in zip(old["params"], new["params"], strict=True):
+            moment = saved["state"].get(pid, {}).get("exp_avg")
+            if moment is not None and tuple(moment.shape) != tuple(p.shape):
+                raise CptError(f"{ckpt}: optimizer moment of shape {tuple(moment.shape)} for a parameter "
+                               f"of shape {tuple(p.shape)}: another architecture")
+        old.update({k: v for k, v in new.items() if k != "params"})  # this recipe's betas, wd, ...
+    optimizer.load_state_dict(saved)
 
 
 def export_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path:

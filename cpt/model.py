@@ -20,20 +20,22 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_model(cfg: ModelConfig, tokenizer, seed: int):
-    """The model to train, in fp32 (autocast handles bf16); weights seeded for from-config builds."""
+def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path | None = None):
+    """The model to train, in fp32 (autocast handles bf16): loaded from ``weights_from`` (any HF causal
+    LM dir, or a cpt checkpoint, which is one) or built from ``cfg.preset`` with a seeded init."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    if cfg.path is not None:
-        if not Path(cfg.path).is_dir():
-            raise CptError(f"model.path: {cfg.path} does not exist (a Hugging Face model dir is expected)")
+    if weights_from is not None:
+        if not (Path(weights_from) / "config.json").is_file():
+            raise CptError(f"init_from.path: {weights_from} has no config.json (a Hugging Face model dir "
+                           f"or a cpt checkpoint is expected)")
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+                str(weights_from), dtype=torch.float32, attn_implementation=cfg.attn_implementation
             )
         except (OSError, ValueError) as e:
-            raise CptError(f"model.path: cannot load a causal LM from {cfg.path} ({e})") from None
+            raise CptError(f"init_from.path: cannot load a causal LM from {weights_from} ({e})") from None
     else:
         kwargs = dict(PRESETS[cfg.preset])  # type: ignore[index]
         kwargs.update(
@@ -55,7 +57,7 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if len(tokenizer) > model.config.vocab_size:
         raise CptError(
-            f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}: they do not belong together"
         )
     return model

@@ -1,9 +1,18 @@
-"""Probes: held-out loss per domain on a fixed set of sequences, sharded across processes."""
+"""Probes: held-out loss per domain on a fixed set of sequences, sharded across processes; when to
+probe (:func:`probe_due`); and the forgetting / adaptation bookkeeping on top of the losses
+(:class:`ForgettingTracker`).
+
+Forgetting of an old domain d at token t is ``loss_d(t) - loss_d(stage start)``; adaptation of a new
+domain is the drop ``loss_d(stage start) - loss_d(t)``. End-of-stage numbers hide the stability gap
+(the temporary rise right after a shift), so the worst point and where it happened are tracked too.
+"""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -22,6 +31,7 @@ class HeldOutLoss:
     def __init__(self, sets: dict[str, str], seq_len: int, max_sequences: int, micro_batch_size: int,
                  rank: int = 0, world_size: int = 1):
         self.sources: dict[str, TokenSource] = {}
+        self.counts: dict[str, int] = {}  # sequences measured per set, all processes together
         self.shards: dict[str, tuple[list[int], list[float]]] = {}
         for name, path in sets.items():
             try:
@@ -34,6 +44,7 @@ class HeldOutLoss:
                     f"the recipe trains at data.seq_len {seq_len}"
                 )
             n = min(max_sequences, src.num_sequences)
+            self.counts[name] = n
             per_rank = math.ceil(n / world_size)
             mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
             weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
@@ -44,7 +55,11 @@ class HeldOutLoss:
 
     @torch.no_grad()
     def __call__(self, model, accelerator) -> dict[str, float]:
-        """{"probe/<name>/loss": ..., "probe/<name>/ppl": ..., "probe/seconds": ...}"""
+        """{"probe/<name>/loss": ..., "probe/<name>/ppl": ..., "probe/seconds": ...}
+
+        ``accelerator`` needs only ``.device`` and ``.reduce(tensor, reduction="sum")``: an
+        ``accelerate.Accelerator``, or any stand-in with those two for a single process.
+        """
         t0 = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -69,3 +84,144 @@ class HeldOutLoss:
             model.train()
         out["probe/seconds"] = time.perf_counter() - t0
         return out
+
+
+# ------------------------------------------------------------------------------------------ cadence
+
+
+def probe_due(tokens_before: int, tokens_after: int, stage_start: int, every: int | None,
+              dense_every: int | None, dense_for: int | None) -> bool:
+    """Whether the step that took the run from ``tokens_before`` to ``tokens_after`` should end with a probe.
+
+    Due when the step crossed a multiple of ``every`` (counted from token 0, so the regular cadence
+    lines up across stages and runs), or when it crossed a multiple of ``dense_every`` counted from
+    ``stage_start`` that lies inside the dense window ``[stage_start, stage_start + dense_for)``: the
+    stability gap sits right after a shift and lasts a short while, so that is where a sparse cadence
+    would miss it. "Crossed" means ``before < multiple <= after``: a step of many tokens that jumps
+    over several multiples still yields one probe, and a step ending exactly on one counts.
+    """
+    if every is not None and tokens_after // every > tokens_before // every:
+        return True
+    if dense_every is None or dense_for is None:
+        return False
+    # first multiple of dense_every (from the stage start) strictly after tokens_before
+    first = stage_start + ((tokens_before - stage_start) // dense_every + 1) * dense_every
+    return first <= tokens_after and stage_start <= first < stage_start + dense_for
+
+
+# --------------------------------------------------------------------------------------- forgetting
+
+
+def probe_losses(record: Mapping[str, Any]) -> dict[str, float]:
+    """``{domain: loss}`` from the ``probe/<domain>/loss`` keys of a probe record (as HeldOutLoss returns)."""
+    return {k[len("probe/"):-len("/loss")]: float(v) for k, v in record.items()
+            if k.startswith("probe/") and k.endswith("/loss") and k.count("/") == 2}
+
+
+class ForgettingTracker:
+    """Per-stage forgetting (old domains) and adaptation (new domains) from probe losses. Pure Python.
+
+    Use: ``start_stage(baseline, tokens)`` with the losses measured at the stage start, then
+    ``update(tokens, losses)`` at every probe (merge the dict it returns into the probe record), then
+    ``end_stage()`` for the stage summary. ``state_dict()`` / ``load_state_dict()`` carry a stage that
+    is in progress across a resume (it is a handful of floats; store it with the trainer state).
+
+    The stage start counts as a point of the curve (forgetting 0 there), so the worst forgetting of a
+    stage is never below 0: if an old domain only improved, its worst point was the start.
+    """
+
+    def __init__(self, domains: Iterable[str], new_domains: Iterable[str] = ()):
+        self.domains = list(domains)
+        self.new_domains = self._check_new(new_domains)
+        self.stage_start: int | None = None
+        self.baseline: dict[str, float] = {}
+        self.last: dict[str, float] = {}  # latest delta (loss - baseline) per domain
+        self.worst: dict[str, tuple[float, int]] = {}  # highest delta and the tokens where it happened
+
+    def _check_new(self, new_domains: Iterable[str]) -> set[str]:
+        new = set(new_domains)
+        unknown = sorted(new - set(self.domains))
+        if unknown:
+            raise ValueError(f"new domains {', '.join(unknown)} are not probe domains ({', '.join(self.domains)})")
+        return new
+
+    def is_old(self, domain: str) -> bool:
+        return domain not in self.new_domains
+
+    def start_stage(self, baseline_losses: Mapping[str, float], tokens: int,
+                    new_domains: Iterable[str] | None = None) -> None:
+        """Begin a stage at ``tokens`` with these baseline losses; ``new_domains`` (optional) replaces
+        the set of new domains for this stage (in A -> B -> C, B is new in the 2nd stage, old in the 3rd)."""
+        missing = [d for d in self.domains if d not in baseline_losses]
+        if missing:
+            raise ValueError(f"baseline lacks probe domains {', '.join(missing)}")
+        if new_domains is not None:
+            self.new_domains = self._check_new(new_domains)
+        self.stage_start = tokens
+        self.baseline = {d: float(baseline_losses[d]) for d in self.domains}
+        self.last = {d: 0.0 for d in self.domains}
+        self.worst = {d: (0.0, tokens) for d in self.domains}
+
+    def update(self, tokens: int, losses: Mapping[str, float]) -> dict[str, float]:
+        """Metrics to merge into the probe record at ``tokens``:
+
+        every domain: ``probe/<d>/delta`` (loss - baseline); old domains: ``probe/<d>/forgetting``
+        (the same number, under the name that says what it means), ``probe/<d>/max_forgetting`` and
+        ``probe/<d>/max_forgetting_tokens`` (worst so far this stage, and where); new domains:
+        ``probe/<d>/adaptation`` (baseline - loss, positive = learned).
+        """
+        if self.stage_start is None:
+            raise RuntimeError("ForgettingTracker.update before start_stage")
+        out: dict[str, float] = {}
+        for d in self.domains:
+            delta = float(losses[d]) - self.baseline[d]
+            self.last[d] = delta
+            worst = self.worst[d][0]
+            # a diverged (NaN) loss is the worst point there is; the first one is where it happened
+            if delta > worst or (math.isnan(delta) and not math.isnan(worst)):
+                self.worst[d] = (delta, tokens)
+            out[f"probe/{d}/delta"] = delta
+            if self.is_old(d):
+                out[f"probe/{d}/forgetting"] = delta
+                out[f"probe/{d}/max_forgetting"] = self.worst[d][0]
+                out[f"probe/{d}/max_forgetting_tokens"] = self.worst[d][1]
+            else:
+                out[f"probe/{d}/adaptation"] = -delta
+        return out
+
+    def end_stage(self) -> dict[str, float]:
+        """The stage summary, final and worst per domain, and close the stage:
+
+        old domains: ``stage_end/<d>/forgetting``, ``stage_end/<d>/max_forgetting``,
+        ``stage_end/<d>/max_forgetting_tokens``; new domains: ``stage_end/<d>/adaptation`` and
+        ``stage_end/<d>/min_adaptation`` (+ ``_tokens``): the worst point of a new domain is where its
+        loss stood highest (re-warming can raise it before it falls).
+        """
+        if self.stage_start is None:
+            raise RuntimeError("ForgettingTracker.end_stage before start_stage")
+        out: dict[str, float] = {}
+        for d in self.domains:
+            worst, at = self.worst[d]
+            if self.is_old(d):
+                out[f"stage_end/{d}/forgetting"] = self.last[d]
+                out[f"stage_end/{d}/max_forgetting"] = worst
+                out[f"stage_end/{d}/max_forgetting_tokens"] = at
+            else:
+                out[f"stage_end/{d}/adaptation"] = -self.last[d]
+                out[f"stage_end/{d}/min_adaptation"] = -worst
+                out[f"stage_end/{d}/min_adaptation_tokens"] = at
+        self.stage_start = None
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state of the stage in progress (None-valued stage_start when no stage is open)."""
+        return {"new_domains": sorted(self.new_domains), "stage_start": self.stage_start,
+                "baseline": dict(self.baseline), "last": dict(self.last),
+                "worst": {d: [w, t] for d, (w, t) in self.worst.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.new_domains = self._check_new(state["new_domains"])
+        self.stage_start = state["stage_start"]
+        self.baseline = {d: float(v) for d, v in state["baseline"].items()}
+        self.last = {d: float(v) for d, v in state["last"].items()}
+        self.worst = {d: (float(w), int(t)) for d, (w, t) in state["worst"].items()}

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cpt.errors import CptError
 from cpt.schedules import ScheduleConfig
+from cpt.tracking import WandbConfig
 from cpt.units import TokenCount
 
 
@@ -35,35 +36,53 @@ class RunConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    path: str | None = Field(
-        None, description="A Hugging Face model dir (any causal LM) to start from, loaded with from_pretrained."
-    )
     preset: Literal["tiny-llama", "small-llama", "llama-1b"] | None = Field(
-        None, description="Build a fresh Llama-shaped model from a config preset instead of loading one."
+        None, description="Build a fresh Llama-shaped model from a preset. Leave null when init_from "
+        "loads the weights (any Hugging Face causal LM dir or a cpt checkpoint)."
     )
     config: dict[str, Any] = Field(
         default_factory=dict, description="Config overrides on top of the preset, e.g. {num_hidden_layers: 4}."
     )
     tokenizer: str | None = Field(
-        None, description="Tokenizer dir (HF). Defaults to model.path; required with a preset."
+        None, description="Tokenizer dir (HF). Defaults to the init_from checkpoint's; required with a preset."
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel passed to transformers."
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelConfig:
-        if (self.path is None) == (self.preset is None):
-            raise ValueError("set exactly one of model.path (load a model) or model.preset (build one)")
-        if self.preset is not None and self.tokenizer is None:
-            raise ValueError("model.tokenizer is required with model.preset (the vocabulary comes from it)")
+    def _config_needs_preset(self) -> ModelConfig:
         if self.config and self.preset is None:
             raise ValueError("model.config overrides apply to a preset only")
         return self
 
-    @property
-    def tokenizer_path(self) -> str:
-        return self.tokenizer or self.path  # type: ignore[return-value]
+
+class InitLoadConfig(_Strict):
+    weights: bool = Field(True, description="Load the model weights (else build model.preset fresh).")
+    optimizer: bool = Field(
+        False, description="Load the optimizer state (AdamW moments); cpt checkpoints only. "
+        "Hyperparameters (betas, weight decay) still come from this recipe."
+    )
+    schedule_state: bool = Field(
+        False, description="Continue the checkpoint's token counter (the schedule goes on where it was, "
+        "no re-warm) and its data position (sources already read are not repeated). "
+        "false = a new stage: the counter restarts at 0 and the schedule starts over."
+    )
+
+
+class InitFromConfig(_Strict):
+    path: str = Field(description="A Hugging Face model dir, a cpt checkpoint dir, or a cpt run dir.")
+    checkpoint: str = Field(
+        "latest", description="For a run dir: latest | pre_anneal | a stage name (its last checkpoint) "
+        "| step-N."
+    )
+    load: InitLoadConfig = Field(default_factory=InitLoadConfig)
+
+    @model_validator(mode="after")
+    def _optimizer_needs_weights(self) -> InitFromConfig:
+        if self.load.optimizer and not self.load.weights:
+            raise ValueError("init_from.load.optimizer needs init_from.load.weights: moments belong to weights")
+        return self
 
 
 class DataConfig(_Strict):
@@ -71,8 +90,13 @@ class DataConfig(_Strict):
     sources: dict[str, str] = Field(
         min_length=1, description="Name -> prepared token dir (written by `cpt prepare`)."
     )
-    mixture: dict[str, float] = Field(
-        description="Name -> share of training sequences; sums to 1. Replay = the old data's share."
+    mixture: dict[str, float] | None = Field(
+        None, description="Name -> share of training sequences; sums to 1. Replay = the old data's share. "
+        "With stages, each stage sets its own instead."
+    )
+    replay_buffer: dict[str, TokenCount] = Field(
+        default_factory=dict, description="Name -> size of a fixed buffer (a seeded subset of the source, "
+        "chosen once) to draw that source from, instead of the whole corpus, e.g. {english: 2M}."
     )
     warn_epochs: float = Field(
         4.0, gt=0, description="Warn when a source has been read this many times over (repeated data "
@@ -81,15 +105,23 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _mixture_matches_sources(self) -> DataConfig:
-        for name, w in self.mixture.items():
+        if self.mixture is not None:
+            check_mixture(self.mixture, self.sources, "data.mixture")
+        for name in self.replay_buffer:
             if name not in self.sources:
-                raise ValueError(f"data.mixture.{name}: not one of data.sources ({', '.join(self.sources)})")
-            if w < 0:
-                raise ValueError(f"data.mixture.{name} = {w}: weights must be >= 0")
-        total = sum(self.mixture.values())
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"data.mixture: weights sum to {total:g}, expected 1")
+                raise ValueError(f"data.replay_buffer.{name}: not one of data.sources ({', '.join(self.sources)})")
         return self
+
+
+def check_mixture(mixture: dict[str, float], sources: dict[str, str], key: str) -> None:
+    for name, w in mixture.items():
+        if name not in sources:
+            raise ValueError(f"{key}.{name}: not one of data.sources ({', '.join(sources)})")
+        if w < 0:
+            raise ValueError(f"{key}.{name} = {w}: weights must be >= 0")
+    total = sum(mixture.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ValueError(f"{key}: weights sum to {total:g}, expected 1")
 
 
 class OptimizerConfig(_Strict):
@@ -103,7 +135,10 @@ class OptimizerConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    tokens: TokenCount = Field(description="Token budget of this stage, e.g. 20M (K/M/G are powers of 2).")
+    tokens: TokenCount | None = Field(
+        None, description="Token budget of the run, e.g. 20M (K/M/G are powers of 2). With stages, the sum "
+        "of the stages' budgets (leave it out)."
+    )
     global_batch_tokens: TokenCount = Field(
         description="Tokens per optimizer step over all processes; grad accumulation is derived from it."
     )
@@ -122,12 +157,27 @@ class TrainConfig(_Strict):
         return v
 
 
+class DenseProbesConfig(_Strict):
+    every: TokenCount = Field(description="Probe cadence right after each stage start.")
+    for_: TokenCount = Field(alias="for", description="Length of the dense window after each stage start.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+
 class ProbesConfig(_Strict):
     sets: dict[str, str] = Field(
         default_factory=dict, description="Domain name -> prepared held-out token dir to measure loss on."
     )
     every: TokenCount | None = Field(
-        None, description="Probe cadence in tokens; null = only at the stage start and end."
+        None, description="Probe cadence in tokens; null = only at each stage's start and end."
+    )
+    dense: DenseProbesConfig | None = Field(
+        None, description="A denser cadence right after each stage start, where the stability gap hides."
+    )
+    new_domains: list[str] | None = Field(
+        None, description="Probe sets that are new data (adaptation is reported); the others are old "
+        "(forgetting is reported). Default: per stage, the sources that gained weight over the previous "
+        "stage, or the heaviest source of the first stage."
     )
     max_sequences: int = Field(64, gt=0, description="Held-out sequences per domain (the first N, fixed).")
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward pass while probing.")
@@ -138,34 +188,104 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(3, ge=1, description="How many periodic checkpoints to keep.")
 
 
+class StageConfig(_Strict):
+    name: str = Field(description="Stage name, e.g. the domain it adds; logged with every record.")
+    tokens: TokenCount = Field(description="Token budget of this stage.")
+    mixture: dict[str, float] = Field(description="Name -> share of this stage's sequences (data.sources).")
+    schedule: ScheduleConfig | None = Field(
+        None, description="A schedule of this stage's own, counted from its start over its budget "
+        "(re-warming: warmup_from: checkpoint starts at the LR the previous stage ended at). Null = "
+        "the run's schedule goes on across the stage boundary."
+    )
+    probes: list[str] | None = Field(None, description="Names of probes.sets measured in this stage; null = all.")
+    new_domains: list[str] | None = Field(None, description="As probes.new_domains, for this stage.")
+
+
 class TrackingConfig(_Strict):
     progress: bool = Field(True, description="Show a progress bar (tokens/s, ETA) on the main process.")
+    wandb: WandbConfig | None = Field(
+        None, description="Mirror metrics to Weights & Biases (offline by default); null = JSONL only."
+    )
 
 
 class Recipe(_Strict):
     run: RunConfig
-    model: ModelConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    init_from: InitFromConfig | None = Field(
+        None, description="Start from a checkpoint: which of weights, optimizer, schedule/data state to load. "
+        "A new stage, not a resume (cpt train --resume continues the same run exactly)."
+    )
     data: DataConfig
     train: TrainConfig
-    schedule: ScheduleConfig
+    schedule: ScheduleConfig | None = Field(
+        None, description="The run's LR schedule over its whole token counter; may be left out when every "
+        "stage has its own."
+    )
+    stages: list[StageConfig] | None = Field(
+        None, description="A → B → C: stages run in order in one run dir, each with its own mixture and budget."
+    )
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
-    def _batch_fits(self) -> Recipe:
-        L = self.data.seq_len
-        if self.train.global_batch_tokens % L:
-            raise ValueError(
-                f"train.global_batch_tokens = {self.train.global_batch_tokens}: not a multiple of "
-                f"data.seq_len = {L}"
-            )
-        if self.train.tokens < self.train.global_batch_tokens:
-            raise ValueError(
-                f"train.tokens = {self.train.tokens}: smaller than one step "
-                f"(train.global_batch_tokens = {self.train.global_batch_tokens})"
-            )
+    def _consistent(self) -> Recipe:
+        """Rules that involve several sections, each naming the key at fault."""
+        loads = self.init_from is not None and self.init_from.load.weights
+        if loads and self.model.preset is not None:
+            raise ValueError("model.preset: init_from.load.weights loads the model; remove model.preset")
+        if not loads and self.model.preset is None:
+            raise ValueError("model.preset: required when no weights are loaded (init_from.load.weights)")
+        if self.model.tokenizer is None and self.init_from is None:
+            raise ValueError("model.tokenizer: required with model.preset (the vocabulary comes from it)")
+
+        L, G = self.data.seq_len, self.train.global_batch_tokens
+        if G % L:
+            raise ValueError(f"train.global_batch_tokens = {G}: not a multiple of data.seq_len = {L}")
+        if self.stages is None:
+            if self.train.tokens is None:
+                raise ValueError("train.tokens: required (the run's token budget) unless stages are given")
+            if self.data.mixture is None:
+                raise ValueError("data.mixture: required unless stages are given")
+            if self.schedule is None:
+                raise ValueError("schedule: required unless every stage has its own")
+            budgets = [("train.tokens", self.train.tokens)]
+        else:
+            if not self.stages:
+                raise ValueError("stages: empty; give at least one stage or leave stages out")
+            if self.train.tokens is not None:
+                total = sum(st.tokens for st in self.stages)
+                if self.train.tokens != total:
+                    raise ValueError(f"train.tokens = {self.train.tokens}: the stages' budgets sum to {total}; "
+                                     f"leave train.tokens out with stages")
+            if self.data.mixture is not None:
+                raise ValueError("data.mixture: with stages, each stage sets its mixture (stages[i].mixture)")
+            names = [st.name for st in self.stages]
+            if len(set(names)) != len(names):
+                raise ValueError(f"stages: names must be unique, got {names}")
+            for i, st in enumerate(self.stages):
+                check_mixture(st.mixture, self.data.sources, f"stages[{i}].mixture")
+                for name in (st.probes or []) + (st.new_domains or []):
+                    if name not in self.probes.sets:
+                        raise ValueError(f"stages[{i}]: probe set {name!r} is not one of probes.sets")
+            if self.schedule is None and self.stages[0].schedule is None:
+                raise ValueError("schedule: required unless the first stage has its own (stages[0].schedule)")
+            budgets = [(f"stages[{i}].tokens", st.tokens) for i, st in enumerate(self.stages)]
+        for key, tokens in budgets:
+            if tokens < G or tokens % G:
+                raise ValueError(f"{key} = {tokens}: must be a positive multiple of one step "
+                                 f"(train.global_batch_tokens = {G})")
+        for name in self.probes.new_domains or []:
+            if name not in self.probes.sets:
+                raise ValueError(f"probes.new_domains: {name!r} is not one of probes.sets")
         return self
+
+    def stage_list(self) -> list[StageConfig]:
+        """The stages to run; a recipe without stages is one stage named after the run."""
+        if self.stages is not None:
+            return self.stages
+        return [StageConfig(name=self.run.name, tokens=self.train.tokens, mixture=self.data.mixture,
+                            new_domains=self.probes.new_domains)]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe as plain YAML-able data (human sizes kept human)."""

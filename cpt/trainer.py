@@ -1,9 +1,10 @@
-"""The training loop. Read it top to bottom: set up, then step -> maybe probe -> maybe save, until the
-token budget is spent.
+"""The training loop. Read it top to bottom: set up, then for each stage: baseline probe, then
+step -> maybe probe -> maybe save until the stage's budget is spent.
 
-Progress is counted in optimizer steps and tokens; tokens = step * train.global_batch_tokens. The LR
-is a pure function of tokens (cpt.schedules), written into the optimizer before every step and logged
-as applied, so a resume only needs the counters and a wrong resume shows up in the first record.
+Progress is counted in optimizer steps and tokens on one counter for the whole run (cpt.stages). The
+LR is a pure function of that counter (cpt.schedules), written into the optimizer before every step
+and logged as applied, so a resume only needs the counters and a wrong resume shows up in the first
+record.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ import yaml
 
 from cpt import checkpoint as ckpt_lib
 from cpt.data.mixture import MixtureSampler, read_batch
-from cpt.data.source import TokenSource
+from cpt.data.source import SubsetSource, TokenSource
 from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
 from cpt.errors import CptError
 from cpt.model import build_model, num_params
-from cpt.probes import HeldOutLoss
+from cpt.probes import ForgettingTracker, HeldOutLoss, probe_due, probe_losses
 from cpt.recipe import Recipe, recipe_diff
-from cpt.schedules import build_schedule
-from cpt.tracking import MetricsLog
+from cpt.stages import Origin, StagePlan, describe_origin, plan_stages, resolve_init
+from cpt.tracking import Tracker
 
 
 @dataclass
@@ -133,8 +134,8 @@ def open_keyed(key: str, opener, *args, **kwargs):
         raise CptError(f"{key}: {e}") from None
 
 
-def open_sources(recipe: Recipe, tok_hash: str | None) -> dict[str, TokenSource]:
-    sources = {}
+def open_sources(recipe: Recipe, tok_hash: str | None) -> dict[str, TokenSource | SubsetSource]:
+    sources: dict[str, TokenSource | SubsetSource] = {}
     for name, path in recipe.data.sources.items():
         src = open_keyed(f"data.sources.{name}", TokenSource, path)
         if src.seq_len != recipe.data.seq_len:
@@ -144,9 +145,12 @@ def open_sources(recipe: Recipe, tok_hash: str | None) -> dict[str, TokenSource]
             )
         if tok_hash and src.tokenizer_hash and src.tokenizer_hash != tok_hash:
             raise CptError(
-                f"data.sources.{name}: {path} was tokenized with another tokenizer than model.tokenizer "
+                f"data.sources.{name}: {path} was tokenized with another tokenizer than the model's "
                 f"(hash {src.tokenizer_hash[:12]} vs {tok_hash[:12]})"
             )
+        if name in recipe.data.replay_buffer:
+            size = recipe.data.replay_buffer[name] // recipe.data.seq_len
+            src = open_keyed(f"data.replay_buffer.{name}", SubsetSource, src, size, recipe.run.seed, name)
         sources[name] = src
     return sources
 
@@ -179,7 +183,9 @@ def _start_or_resume(recipe: Recipe, run_dir: Path, resume: bool, allow_changes:
 
 def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...] = (),
           max_steps: int | None = None) -> TrainResult:
-    """Run (or exactly resume) one training run described by ``recipe``."""
+    """Run (or exactly resume) one training run described by ``recipe``.
+
+    ``max_steps`` stops (with a checkpoint) once the run has taken that many steps since its origin."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -188,121 +194,185 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     run_dir = Path(recipe.run.output_dir)
     layout = Layout.from_recipe(recipe, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = layout.grad_accum
-    tokens_per_step = recipe.train.global_batch_tokens
-    total_steps = recipe.train.tokens // tokens_per_step
+    tps = recipe.train.global_batch_tokens
 
+    # Where the counters start: the checkpoint being resumed (its own record of the run's origin),
+    # or init_from (a new stage), or zero. Stages are planned from that alone.
     resume_from = _start_or_resume(recipe, run_dir, resume, allow_changes)
+    saved = ckpt_lib.read_trainer_state(resume_from) if resume_from else None
+    origin = Origin(**saved["origin"]) if saved else resolve_init(recipe)
+    stages = plan_stages(recipe, origin, tps, layout.sequences_per_step)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     set_seed(recipe.run.seed)
 
-    tok_key = "model.tokenizer" if recipe.model.tokenizer else "model.path"
-    tokenizer = open_keyed(tok_key, load_tokenizer, recipe.model.tokenizer_path)
-    sources = open_sources(recipe, open_keyed(tok_key, tokenizer_hash, recipe.model.tokenizer_path))
-    weights = {name: recipe.data.mixture.get(name, 0.0) for name in sources}
-    sampler = MixtureSampler({n: s.num_sequences for n, s in sources.items()}, weights, recipe.run.seed)
-    schedule = build_schedule(recipe.schedule, total_tokens=recipe.train.tokens, tokens_per_step=tokens_per_step,
-                              batch_size=layout.sequences_per_step)
-    probes = None
-    if recipe.probes.sets:
-        probes = HeldOutLoss(recipe.probes.sets, recipe.data.seq_len, recipe.probes.max_sequences,
-                             recipe.probes.micro_batch_size, rank, accelerator.num_processes)
+    # A cpt checkpoint is also an HF model dir (config, weights, tokenizer): on resume the model is
+    # built from our own checkpoint, then load_state restores weights, optimizer and RNG exactly.
+    weights_from = origin.path if recipe.init_from and recipe.init_from.load.weights else None
+    if resume_from is not None and weights_from is not None:
+        weights_from = str(resume_from)
+    tok_path = recipe.model.tokenizer or str(resume_from or origin.path)
+    tok_key = "model.tokenizer" if recipe.model.tokenizer else "init_from.path"
+    tokenizer = open_keyed(tok_key, load_tokenizer, tok_path)
+    sources = open_sources(recipe, open_keyed(tok_key, tokenizer_hash, tok_path))
+    sizes = {n: s.num_sequences for n, s in sources.items()}
 
-    model = build_model(recipe.model, tokenizer, recipe.run.seed)
-    optimizer = make_optimizer(model, recipe.train.optimizer, schedule(0), accelerator.device.type)
+    model = build_model(recipe.model, tokenizer, recipe.run.seed, weights_from)
+    optimizer = make_optimizer(model, recipe.train.optimizer, stages[0].lr(origin.tokens), accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    step, elapsed = 0, 0.0
     if resume_from is not None:
-        state = ckpt_lib.load_checkpoint(accelerator, resume_from)
-        step, elapsed = state["step"], state["elapsed_s"]
-        sampler.load_state_dict(state["sampler"])
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main, resume_step=step if resume_from else None)
-    if main:
-        how = f"resumed from {resume_from}" if resume_from else "fresh start"
-        print(f"cpt: {recipe.run.name}: {num_params(accelerator.unwrap_model(model)) / 1e6:.2f}M params, "
-              f"{total_steps} steps x {tokens_per_step} tokens, {accelerator.num_processes} process(es), "
-              f"grad accum {layout.grad_accum}; {how}")
+        ckpt_lib.load_checkpoint(accelerator, resume_from)
+    elif recipe.init_from is not None and recipe.init_from.load.optimizer:
+        open_keyed("init_from.load.optimizer", ckpt_lib.load_optimizer_state, optimizer, origin.path)
 
-    def save(at_step: int) -> None:
-        state = {"step": at_step, "tokens": at_step * tokens_per_step, "sampler": sampler.state_dict(),
-                 "lr": optimizer.param_groups[0]["lr"], "elapsed_s": elapsed}
-        ckpt_lib.save_checkpoint(accelerator, run_dir, at_step, state, recipe.to_yaml(), recipe.checkpoint.keep_last)
+    step, tokens = (saved["step"], saved["tokens"]) if saved else (origin.step, origin.tokens)
+    elapsed = saved["elapsed_s"] if saved else 0.0
+    consumed = saved["data_consumed"] if saved else dict(origin.consumed)
+    end_tokens = stages[-1].end
+    tracker = Tracker(run_dir, recipe.to_dict(), enabled=main, resume_step=step if saved else None,
+                      wandb_cfg=recipe.tracking.wandb)
+    if main:
+        how = f"resumed from {resume_from}" if saved else "fresh start"
+        print(f"cpt: {recipe.run.name}: {num_params(accelerator.unwrap_model(model)) / 1e6:.2f}M params, "
+              f"{len(stages)} stage(s), {(end_tokens - tokens) // tps} steps x {tps} tokens to go, "
+              f"{accelerator.num_processes} process(es), grad accum {layout.grad_accum}; {how}")
+    if not saved:
+        loaded, reset = describe_origin(recipe, origin)
+        if main:
+            print(f"cpt: init from {origin.path or 'scratch'}: loaded {', '.join(loaded) or 'nothing'}; "
+                  f"reset {', '.join(reset) or 'nothing'}")
+        tracker.log({"step": step, "tokens": tokens, "event": "init", "init/path": origin.path,
+                     "init/loaded": loaded, "init/reset": reset})
+        lr0 = stages[0].lr(tokens)
+        if origin.next_lr is not None and recipe.init_from.load.schedule_state and not math.isclose(
+                lr0, origin.next_lr, rel_tol=1e-9, abs_tol=1e-15) and main:
+            print(f"cpt: note: the LR goes from {origin.next_lr:.3e} (where the checkpoint's schedule was going) "
+                  f"to {lr0:.3e} at token {tokens}; lengths given as fractions refer to the whole horizon")
+
+    def stage_at(t: int) -> StagePlan:
+        return next((st for st in stages if st.start <= t < st.end), stages[-1])
+
+    def save(stage: StagePlan, sampler: MixtureSampler, forgetting: ForgettingTracker | None,
+             tags: list[str]) -> None:
+        state = {"step": step, "tokens": tokens, "stage": stage.name, "sampler": sampler.state_dict(),
+                 "data_consumed": sampler.consumed(), "mixture": stage.mixture,
+                 "lr": optimizer.param_groups[0]["lr"], "next_lr": stage_at(tokens).lr(tokens),
+                 "elapsed_s": elapsed, "tags": tags, "origin": origin.to_dict(),
+                 "probe_state": forgetting.state_dict() if forgetting else None}
+        ckpt_lib.save_checkpoint(accelerator, run_dir, step, state, recipe.to_yaml(), recipe.checkpoint.keep_last,
+                                 model=model, tokenizer=tokenizer)
 
     def crossed(every: int | None, before: int, after: int) -> bool:
         return every is not None and after // every > before // every
 
-    last_probe: dict[str, float] = {}
-    if probes is not None and resume_from is None:
-        last_probe = probes(model, accelerator)
-        log.log({"step": 0, "tokens": 0, **last_probe})
-
+    dense = recipe.probes.dense
     stop = _StopFlag()
-    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-               disable=not (main and recipe.tracking.progress))
+    bar = tqdm(total=(end_tokens - origin.tokens) // tps, initial=(tokens - origin.tokens) // tps, unit="step",
+               dynamic_ncols=True, disable=not (main and recipe.tracking.progress))
     last: dict[str, Any] = {}
+    last_probe: dict[str, float] = {}
     warned: set[str] = set()
+    halted = False
     model.train()
     try:
-        while step < total_steps:
-            t0 = time.perf_counter()
-            tokens = step * tokens_per_step
-            lr = schedule(tokens)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+        for stage in stages:
+            if tokens >= stage.end:
+                continue
+            mid_stage = saved is not None and tokens > stage.start  # resumed inside this stage
+            sampler = MixtureSampler(sizes, stage.mixture, recipe.run.seed, offsets=consumed)
+            if mid_stage:
+                sampler.load_state_dict(saved["sampler"])
+            elif stage.index == 0 and origin.sampler and tokens == origin.tokens:
+                sampler.load_state_dict(origin.sampler)  # same data, same weights: the exact order goes on
+            weights = stage.mixture
+            tag = {"step": step, "tokens": tokens, "stage": stage.name}
+            probes = forgetting = None
+            if stage.probe_sets:
+                probes = HeldOutLoss({n: recipe.probes.sets[n] for n in stage.probe_sets}, recipe.data.seq_len,
+                                     recipe.probes.max_sequences, recipe.probes.micro_batch_size, rank,
+                                     accelerator.num_processes)
+                forgetting = ForgettingTracker(stage.probe_sets, stage.new_domains)
+            if not mid_stage:
+                tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(tokens),
+                             "stage_start/new_domains": stage.new_domains})
+                if probes is not None:  # the baseline: before the stage's first step
+                    last_probe = probes(model, accelerator)
+                    forgetting.start_stage(probe_losses(last_probe), tokens)
+                    tracker.log({**tag, **last_probe, **forgetting.update(tokens, probe_losses(last_probe))})
+            elif forgetting is not None and saved.get("probe_state"):
+                forgetting.load_state_dict(saved["probe_state"])
 
-            picks = sampler.draw(layout.sequences_per_step)  # the same global batch on every rank
-            epochs = sampler.repeats()
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for micro in layout.my_micro_batches(picks, rank):
-                ids = read_batch(sources, micro).to(accelerator.device, non_blocking=True)
-                with accelerator.accumulate(model):
-                    loss = model(input_ids=ids, labels=ids).loss
-                    accelerator.backward(loss)
-                loss_sum += loss.detach()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.grad_clip or math.inf)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            while tokens < stage.end:
+                t0 = time.perf_counter()
+                lr = stage.lr(tokens)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
-            loss = accelerator.reduce(loss_sum / layout.grad_accum, reduction="mean").item()
-            step += 1
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            last = {"step": step, "tokens": step * tokens_per_step, "train/loss": loss,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "train/tokens_per_s": tokens_per_step / dt, "time/elapsed_s": elapsed,
-                    **{f"data/{name}/epochs": e for name, e in epochs.items() if weights[name] > 0}}
-            log.log(last)
-            for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in warned]:
-                warned.add(name)
-                if main:
-                    tqdm.write(f"cpt: warning: source {name} has been read {epochs[name]:.1f} times over "
-                               f"(data.warn_epochs = {recipe.data.warn_epochs:g}); repeated data trains less "
-                               f"and can hurt: add data or lower its share")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{last['lr']:.2e}",
-                            tok_s=f"{last['train/tokens_per_s']:.0f}", refresh=False)
+                picks = sampler.draw(layout.sequences_per_step)  # the same global batch on every rank
+                loss_sum = torch.zeros((), device=accelerator.device)
+                for micro in layout.my_micro_batches(picks, rank):
+                    ids = read_batch(sources, micro).to(accelerator.device, non_blocking=True)
+                    with accelerator.accumulate(model):
+                        loss = model(input_ids=ids, labels=ids).loss
+                        accelerator.backward(loss)
+                    loss_sum += loss.detach()
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.grad_clip or math.inf)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-            if probes is not None and (crossed(recipe.probes.every, tokens, step * tokens_per_step)
-                                       or step == total_steps):
-                last_probe = probes(model, accelerator)
-                log.log({"step": step, "tokens": step * tokens_per_step, **last_probe})
-            done = step == total_steps
-            halted = stop.signum is not None or (max_steps is not None and step >= max_steps)
-            if done or halted or crossed(recipe.checkpoint.every, tokens, step * tokens_per_step):
-                save(step)
-            if halted and not done:
-                if main:
-                    why = f"signal {stop.signum}" if stop.signum is not None else f"--max-steps {max_steps}"
-                    print(f"cpt: stopped at step {step} ({why}); checkpoint saved, continue with --resume")
+                loss = accelerator.reduce(loss_sum / layout.grad_accum, reduction="mean").item()
+                step, before, tokens = step + 1, tokens, tokens + tps
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                epochs = sampler.repeats()
+                last = {"step": step, "tokens": tokens, "stage": stage.name, "train/loss": loss,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "train/tokens_per_s": tps / dt, "time/elapsed_s": elapsed,
+                        **{f"data/{n}/epochs": e for n, e in epochs.items() if weights.get(n, 0) > 0}}
+                tracker.log(last)
+                for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in warned]:
+                    warned.add(name)
+                    if main:
+                        tqdm.write(f"cpt: warning: source {name} has been read {epochs[name]:.1f} times over "
+                                   f"(data.warn_epochs = {recipe.data.warn_epochs:g}); repeated data trains "
+                                   f"less and can hurt: add data or lower its share")
+                bar.update(1)
+                bar.set_postfix(stage=stage.name, loss=f"{loss:.3f}", lr=f"{last['lr']:.2e}",
+                                tok_s=f"{last['train/tokens_per_s']:.0f}", refresh=False)
+
+                tag = {"step": step, "tokens": tokens, "stage": stage.name}
+                stage_done = tokens == stage.end
+                if probes is not None and (stage_done or probe_due(
+                        before, tokens, stage.start, recipe.probes.every,
+                        dense.every if dense else None, dense.for_ if dense else None)):
+                    last_probe = probes(model, accelerator)
+                    tracker.log({**tag, **last_probe, **forgetting.update(tokens, probe_losses(last_probe))})
+                tags = []
+                if stage_done:
+                    if forgetting is not None:
+                        tracker.log({**tag, "event": "stage_end", **forgetting.end_stage()})
+                    tags.append(f"stage_end:{stage.name}")
+                if stage.anneal_start is not None and tokens <= stage.anneal_start < tokens + tps:
+                    tags.append("pre_anneal")
+                halted = stop.signum is not None or (max_steps is not None and step - origin.step >= max_steps)
+                if tags or halted or tokens == end_tokens or crossed(recipe.checkpoint.every, before, tokens):
+                    save(stage, sampler, forgetting, tags)
+                if halted and tokens < end_tokens:
+                    if main:
+                        why = f"signal {stop.signum}" if stop.signum is not None else f"--max-steps {max_steps}"
+                        print(f"cpt: stopped at step {step} ({why}); checkpoint saved, continue with --resume")
+                    break
+            if halted and tokens < end_tokens:
                 break
-        if step == total_steps:
+            consumed = sampler.consumed()
+        if tokens == end_tokens:
             ckpt_lib.export_model(accelerator, model, tokenizer, run_dir / "final")
     finally:
         bar.close()
-        log.close()
+        tracker.close()
         stop.restore()
     accelerator.end_training()
-    return TrainResult(run_dir, step, step * tokens_per_step, step == total_steps, main, last, last_probe)
+    done = tokens == end_tokens
+    return TrainResult(run_dir, step, tokens, done, main, last, last_probe)

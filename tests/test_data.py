@@ -411,7 +411,7 @@ def test_state_dict_round_trip_continues_identically():
     state = ref.state_dict()
     expected = ref.draw(100)
     # the state is a handful of plain ints and survives JSON
-    assert state == {"seed": 5, "drawn": {"de": 60, "en": 40}, "position": 100}
+    assert state == {"seed": 5, "drawn": {"de": 60, "en": 40}, "position": 100, "offsets": {"de": 0, "en": 0}}
     state = json.loads(json.dumps(state))
     restored = MixtureSampler(sizes, w, seed=5)
     restored.load_state_dict(state)
@@ -426,8 +426,20 @@ def test_state_does_not_grow_with_corpus_or_draws():
     picks = s.draw(10_000)
     assert all(0 <= i < 10**12 for n, i in picks if n == "big")
     state = s.state_dict()
-    assert len(json.dumps(state)) < 100
-    assert all(isinstance(v, int) for v in [state["seed"], state["position"], *state["drawn"].values()])
+    assert len(json.dumps(state)) < 120
+    assert all(isinstance(v, int) for v in [state["seed"], state["position"], *state["drawn"].values(),
+                                            *state["offsets"].values()])
+
+
+def test_offsets_continue_each_source_where_an_earlier_stage_left_it():
+    one = MixtureSampler({"en": 50, "de": 30}, {"en": 1.0}, seed=2)
+    first = one.draw(70)  # into en's second epoch
+    # a new stage with other weights: en goes on from draw 70, not from the start of epoch 0
+    two = MixtureSampler({"en": 50, "de": 30}, {"en": 0.5, "de": 0.5}, seed=2, offsets=one.consumed())
+    later = [i for n, i in two.draw(20) if n == "en"]
+    assert later == [i for _, i in one.draw(10)]
+    assert two.repeats()["en"] == pytest.approx(80 / 50)
+    assert len({i for _, i in first[:50]}) == 50  # epoch 0 was a permutation
 
 
 def test_sampler_rejects_bad_weights_and_foreign_state():

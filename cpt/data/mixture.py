@@ -12,8 +12,11 @@ of ``[0, n)``: a Feistel network over the next power-of-two domain with cycle wa
 memory for any corpus size, every epoch is a fresh order, and every sequence is read exactly once
 per epoch. Keys use ``zlib.crc32`` of the name, never Python's per-process salted ``hash()``.
 
-So ``state_dict()`` is ``{"seed", "drawn": {name: int}, "position": int}`` and a restored sampler
-continues with exactly the picks the original would have made.
+So ``state_dict()`` is ``{"seed", "drawn": {name: int}, "position": int, "offsets": {name: int}}`` and
+a restored sampler continues with exactly the picks the original would have made. ``offsets`` are the
+draws made from each source before this sampler existed (earlier stages with other weights): the
+interleaving starts afresh with the new weights while each source goes on through its epochs where
+it was, instead of re-reading the sequences an earlier stage already saw.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ class MixtureSampler:
     and is never drawn.
     """
 
-    def __init__(self, sizes: Mapping[str, int], weights: Mapping[str, float], seed: int):
+    def __init__(self, sizes: Mapping[str, int], weights: Mapping[str, float], seed: int,
+                 offsets: Mapping[str, int] | None = None):
         if not sizes:
             raise CptError("a mixture needs at least one source")
         unknown = sorted(set(weights) - set(sizes))
@@ -125,6 +129,7 @@ class MixtureSampler:
         self.weights = {k: v / total for k, v in w.items()}
         self.seed = int(seed)
         self.drawn: dict[str, int] = {name: 0 for name in self.names}
+        self.offsets: dict[str, int] = {name: int((offsets or {}).get(name, 0)) for name in self.names}
         self.position = 0
         self._active = [(i, self.weights[n]) for i, n in enumerate(self.names) if self.weights[n] > 0]
 
@@ -167,7 +172,7 @@ class MixtureSampler:
             if not len(rows):
                 continue
             size = self.sizes[name]
-            k = before[name] + np.arange(len(rows), dtype=np.int64)  # k-th draw from this source
+            k = self.offsets[name] + before[name] + np.arange(len(rows), dtype=np.int64)  # k-th draw ever
             epoch, pos = np.divmod(k, size)
             for e in np.unique(epoch):
                 sel = epoch == e
@@ -177,10 +182,15 @@ class MixtureSampler:
 
     def repeats(self) -> dict[str, float]:
         """Epochs consumed per source (drawn / size); > 1 means sequences were seen again."""
-        return {k: (self.drawn[k] / self.sizes[k] if self.sizes[k] else 0.0) for k in self.names}
+        return {k: (v / self.sizes[k] if self.sizes[k] else 0.0) for k, v in self.consumed().items()}
+
+    def consumed(self) -> dict[str, int]:
+        """Draws made from each source so far, earlier samplers' (offsets) included."""
+        return {k: self.offsets[k] + self.drawn[k] for k in self.names}
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "drawn": dict(self.drawn), "position": self.position}
+        return {"seed": self.seed, "drawn": dict(self.drawn), "position": self.position,
+                "offsets": dict(self.offsets)}
 
     def load_state_dict(self, state: Mapping) -> None:
         try:
@@ -204,6 +214,7 @@ class MixtureSampler:
                 f"mixture sampler state: position {position} is not the sum of drawn counts {sum(drawn.values())}"
             )
         self.drawn = {k: int(drawn[k]) for k in self.names}
+        self.offsets = {k: int(state.get("offsets", {}).get(k, 0)) for k in self.names}
         self.position = int(position)
 
 

@@ -134,3 +134,30 @@ def _read_manifest(path: Path) -> dict:
     if m["dtype"] not in ("uint16", "uint32"):
         raise CptError(f"{file}: dtype {m['dtype']!r} is not uint16 or uint32")
     return m
+
+
+class SubsetSource:
+    """A fixed replay buffer: ``size`` sequences of ``source`` chosen once by a seeded permutation.
+
+    Reads behave like a TokenSource of ``size`` sequences, so the mixture sampler counts its epochs
+    (how often the buffer was repeated) exactly as for a whole corpus."""
+
+    def __init__(self, source: TokenSource, size: int, seed: int, name: str):
+        from cpt.data.mixture import permutation_keys, permute
+
+        if not 0 < size <= source.num_sequences:
+            raise CptError(f"replay buffer of {size} sequences from {source.path}, which has "
+                           f"{source.num_sequences}: expected 1..{source.num_sequences}")
+        self.source = source
+        self.path = source.path
+        self.seq_len = source.seq_len
+        self.tokenizer_hash = source.tokenizer_hash
+        self.manifest = source.manifest
+        self.num_sequences = size
+        self.indices = permute(np.arange(size), source.num_sequences, permutation_keys(seed, f"{name}/buffer", 0))
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def batch(self, indices) -> np.ndarray:
+        return self.source.batch(self.indices[np.asarray(indices, dtype=np.int64)])
