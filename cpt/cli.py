@@ -24,6 +24,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if len(recipes) != 1:
         raise CptError(f"cpt train takes one recipe, got {len(recipes)}: {' '.join(recipes) or '(none)'}")
     recipe = load_recipe(recipes[0], overrides)
+    if ns.branch_from is not None:
+        from cpt.stages import make_branch
+
+        recipe = make_branch(recipe, ns.branch_from, decay=ns.decay, shape=ns.decay_shape)
+    elif ns.decay is not None or ns.decay_shape is not None:
+        raise CptError("--decay and --decay-shape go with --branch-from CHECKPOINT")
     if ns.dry_run:
         print(recipe.to_yaml(), end="")
         return 0
@@ -77,6 +83,41 @@ def cmd_tokenizer_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(ns: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from cpt.probe_cmd import format_table, parse_named, run_probe, write_result
+
+    sets = parse_named(ns.sets, "--sets")
+    downstream = parse_named(ns.downstream, "--downstream")
+    result = run_probe(ns.model, sets, downstream, max_sequences=ns.max_sequences,
+                       micro_batch_size=ns.micro_batch_size)
+    if PartialState().is_main_process:
+        print(format_table(result))
+        if ns.out is not None:
+            print(f"result: {write_result(result, ns.out)}")
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from cpt.compare import compare
+
+    page = compare(ns.runs, ns.out, smoothing=ns.smoothing)
+    print(f"compare: {page}")
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from cpt.predict import run_predict
+
+    recipes, overrides = _split(ns.recipe)
+    if not recipes and not ns.search:
+        raise CptError("cpt predict: give --recipe R.yaml ... to predict, or --search FAMILY ... to search")
+    run_predict(ns.fit, recipes, overrides, compare_runs=ns.runs, laws=ns.law, families=ns.search, out=ns.out,
+                lam=ns.lam, bootstrap=ns.bootstrap, window=ns.smooth, final_window=ns.final_window)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of causal LMs.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -91,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps (checkpointed; continue with --resume)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    t.add_argument("--branch-from", metavar="CHECKPOINT", default=None,
+                   help="decay branch (WSD / infinite): from this stable-phase checkpoint of the RECIPE's run, "
+                        "decay to min LR; a new run dir RUN-decay-at-STEP")
+    t.add_argument("--decay", metavar="LENGTH", default=None,
+                   help="with --branch-from: decay length (10%% of the run's budget, 200 steps, 2M)")
+    t.add_argument("--decay-shape", default=None, choices=["linear", "cosine", "1-sqrt", "exponential"],
+                   help="with --branch-from: decay shape (default: the recipe's)")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("schedule", help="print a recipe's LR phases and plot LR against tokens",
@@ -109,6 +157,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-documents", type=int, default=None, help="only the first N documents")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(func=cmd_prepare)
+
+    pr = sub.add_parser("probe", help="held-out loss and downstream scores of a model or checkpoint",
+                        description="cpt probe MODEL --sets NAME=PREPARED_DIR ... [--downstream NAME=JSONL ...]")
+    pr.add_argument("model", help="HF model dir (e.g. RUN/final) or cpt checkpoint dir (RUN/checkpoints/step-N)")
+    pr.add_argument("--sets", nargs="+", action="extend", default=[], metavar="NAME=PREPARED_DIR",
+                    help="held-out token dirs written by cpt prepare")
+    pr.add_argument("--downstream", nargs="+", action="extend", default=[], metavar="NAME=JSONL",
+                    help="multiple-choice / cloze jsonl sets (see cpt/downstream.py)")
+    pr.add_argument("--max-sequences", type=int, default=64, help="held-out sequences per set (the first N)")
+    pr.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward pass")
+    pr.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    pr.set_defaults(func=cmd_probe)
+
+    c = sub.add_parser("compare", help="plots and a summary table (HTML) from several runs' metrics",
+                       description="cpt compare RUN_DIR [RUN_DIR ...] [--out DIR]")
+    c.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--out", type=Path, default=Path("compare"), help="folder for the PNGs and index.html")
+    c.add_argument("--smoothing", type=float, default=0.9, help="EMA factor of the train-loss line")
+    c.set_defaults(func=cmd_compare)
+
+    pd = sub.add_parser("predict", help="fit loss-curve laws on runs; predict other schedules; search for one",
+                        description="cpt predict --fit RUN_DIR[@STAGE] ... --recipe R.yaml[@STAGE] ... "
+                                    "[key.path=value ...] [--runs RUN_DIR ...] [--search FAMILY ...]")
+    pd.add_argument("--fit", nargs="+", required=True, metavar="RUN_DIR[@STAGE]",
+                    help="runs whose logged LR and loss the laws are fitted on (one stage of a staged run)")
+    pd.add_argument("--recipe", nargs="+", default=[], metavar="R.yaml[@STAGE]|key=value",
+                    help="recipes whose schedules to predict; key=value overrides apply to all of them")
+    pd.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
+                    help="finished runs not used in the fit, to overlay where their recipe.yaml matches")
+    pd.add_argument("--search", nargs="+", default=[], choices=["wsd", "cosine", "linear", "infinite"],
+                    metavar="FAMILY", help="minimise the predicted final loss over these schedule families "
+                    "(wsd, cosine, linear, infinite) at the first recipe's budget")
+    pd.add_argument("--law", nargs="+", default=["anneal", "multipower"], choices=["anneal", "multipower"],
+                    help="laws to fit (default both)")
+    pd.add_argument("--out", type=Path, default=Path("predict"), help="folder for report.md/.json, curves.png")
+    pd.add_argument("--lam", type=float, default=0.999, help="anneal law: decay factor of the annealing momentum")
+    pd.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for the intervals")
+    pd.add_argument("--smooth", type=int, default=9, help="centred moving-average window (steps) for the errors")
+    pd.add_argument("--final-window", type=int, default=10, help="final loss = mean of the last N logged steps")
+    pd.set_defaults(func=cmd_predict)
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tverb", required=True, metavar="COMMAND")

@@ -68,7 +68,7 @@ def resolve_init(recipe: Recipe) -> Origin:
     if init.load.schedule_state:
         origin.step, origin.tokens = state["step"], state["tokens"]
         origin.consumed = dict(state.get("data_consumed", {}))
-        same_data = saved.get("data", {}).get("sources") == recipe.data.to_dict().get("sources")
+        same_data = saved.get("data", {}).get("sources") == recipe.data.sources
         first = recipe.stage_list()[0]
         if same_data and state.get("mixture") == first.mixture and state.get("sampler"):
             origin.sampler = state["sampler"]  # same sources, same weights: the data order goes on exactly

@@ -90,3 +90,35 @@ def _head(src: Path, dst: Path, n: int) -> Path:
                 break
             g.write(line)
     return dst
+
+
+# Shared by the trainer and stage tests: a 0.34M-parameter Llama on real English and German text.
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4}
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tokenizer_dir, prepared):
+    """Build a validated tiny-run recipe; ``a__b=value`` keyword overrides set nested keys."""
+    from cpt.recipe import validate_recipe
+
+    def make(name="run", **over):
+        data = {
+            "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 3},
+            "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir), "config": TINY},
+            "data": {"seq_len": 128,
+                     "sources": {"en": str(prepared["en"]["train"]), "de": str(prepared["de"]["train"])},
+                     "mixture": {"en": 0.5, "de": 0.5}},
+            "train": {"tokens": 12 * 1024, "global_batch_tokens": 1024, "micro_batch_size": 4},
+            "schedule": {"kind": "cosine", "max_lr": 3e-3, "min_lr": 3e-4, "warmup": 2048},
+            "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 8},
+            "tracking": {"progress": False},
+        }
+        for key, value in over.items():
+            node = data
+            *parents, last = key.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[last] = value
+        return validate_recipe(data)
+    return make

@@ -14,37 +14,9 @@ import yaml
 
 from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
-from cpt.recipe import validate_recipe
 from cpt.schedules import build_schedule
 from cpt.tracking import read_metrics
 from cpt.trainer import train
-
-TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4}
-
-
-@pytest.fixture
-def make_recipe(tmp_path, tokenizer_dir, prepared):
-    def make(name="run", **over):
-        data = {
-            "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 3},
-            "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir), "config": TINY},
-            "data": {"seq_len": 128,
-                     "sources": {"en": str(prepared["en"]["train"]), "de": str(prepared["de"]["train"])},
-                     "mixture": {"en": 0.5, "de": 0.5}},
-            "train": {"tokens": 12 * 1024, "global_batch_tokens": 1024, "micro_batch_size": 4},
-            "schedule": {"kind": "cosine", "max_lr": 3e-3, "min_lr": 3e-4, "warmup": 2048},
-            "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 8},
-            "tracking": {"progress": False},
-        }
-        for key, value in over.items():
-            node = data
-            *parents, last = key.split("__")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
-        return validate_recipe(data)
-    return make
 
 
 def train_losses(run_dir):
