@@ -43,7 +43,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_schedule(ns: argparse.Namespace) -> int:
     from cpt.recipe import load_recipe
-    from cpt.schedules import build_schedule, describe, plot_schedules
+    from cpt.schedules import describe, plot_schedules
+    from cpt.stages import Origin, plan_stages, resolve_init, staged_schedule
 
     recipes, overrides = _split(ns.args)
     if not recipes:
@@ -51,12 +52,18 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
     schedules = {}
     for path in recipes:
         r = load_recipe(path, overrides)
-        s = build_schedule(r.schedule, total_tokens=r.train.tokens, tokens_per_step=r.train.global_batch_tokens,
-                           batch_size=r.train.global_batch_tokens // r.data.seq_len)
+        origin = Origin()
+        if r.init_from is not None and Path(r.init_from.path).exists():
+            origin = resolve_init(r)  # a continued counter or a re-warm from the checkpoint's last LR
+        elif r.init_from is not None:
+            print(f"{path}: init_from.path {r.init_from.path} does not exist yet: counting from token 0")
+        tps = r.train.global_batch_tokens
+        plans = plan_stages(r, origin, tps, tps // r.data.seq_len)
+        s = staged_schedule(plans)
         label = r.run.name if r.run.name not in schedules else f"{r.run.name} ({path})"
         schedules[label] = s
-        print(f"{label}: {r.schedule.kind}, {r.train.tokens} tokens, "
-              f"{r.train.tokens // r.train.global_batch_tokens} steps")
+        print(f"{label}: {len(plans)} stage(s), tokens {origin.tokens} -> {s.total_tokens}, "
+              f"{(s.total_tokens - origin.tokens) // tps} steps")
         print(describe(s))
     plot_schedules(schedules, ns.out)
     print(f"plot: {ns.out}")
@@ -114,7 +121,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if not recipes and not ns.search:
         raise CptError("cpt predict: give --recipe R.yaml ... to predict, or --search FAMILY ... to search")
     run_predict(ns.fit, recipes, overrides, compare_runs=ns.runs, laws=ns.law, families=ns.search, out=ns.out,
-                lam=ns.lam, bootstrap=ns.bootstrap, window=ns.smooth, final_window=ns.final_window)
+                lam=ns.lam, bootstrap=ns.bootstrap, window=ns.smooth, final_window=ns.final_window, metric=ns.metric)
     return 0
 
 
@@ -195,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--lam", type=float, default=0.999, help="anneal law: decay factor of the annealing momentum")
     pd.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for the intervals")
     pd.add_argument("--smooth", type=int, default=9, help="centred moving-average window (steps) for the errors")
-    pd.add_argument("--final-window", type=int, default=10, help="final loss = mean of the last N logged steps")
+    pd.add_argument("--final-window", type=int, default=10, help="final loss = mean of the last N measured points")
+    pd.add_argument("--metric", default="train/loss",
+                    help="what to fit and compare: train/loss, or a probe the runs log (probe/DOMAIN/loss)")
     pd.set_defaults(func=cmd_predict)
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")

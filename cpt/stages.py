@@ -20,7 +20,7 @@ import yaml
 from cpt.checkpoint import STATE_FILE, find_checkpoint, read_trainer_state
 from cpt.errors import CptError
 from cpt.recipe import Recipe, validate_recipe
-from cpt.schedules import Schedule, build_schedule
+from cpt.schedules import Phase, Schedule, build_schedule
 from cpt.units import parse_length
 
 
@@ -117,6 +117,31 @@ def plan_stages(recipe: Recipe, origin: Origin, tokens_per_step: int, batch_size
         prev_lr = sched(end - tokens_per_step - offset)  # the LR of the stage's last step
         prev_mixture, start = st.mixture, end
     return plans
+
+
+@dataclass(frozen=True)
+class StagedSchedule:
+    """The LR over a whole run's counter, stage by stage, with the phases each stage actually runs (for
+    `cpt schedule`'s table and plot; the trainer evaluates the stage plans themselves)."""
+
+    plans: tuple[StagePlan, ...]
+    phases: tuple[Phase, ...]
+    total_tokens: int
+
+    def __call__(self, tokens: float) -> float:
+        plan = next((p for p in self.plans if p.start <= tokens < p.end), self.plans[-1])
+        return plan.lr(tokens)
+
+
+def staged_schedule(plans: list[StagePlan]) -> StagedSchedule:
+    phases = []
+    for plan in plans:
+        for ph in plan.schedule.phases:
+            a, b = max(ph.start + plan.offset, plan.start), min(ph.end + plan.offset, plan.end)
+            if a < b:
+                name = ph.name if len(plans) == 1 else f"{plan.name}: {ph.name}"
+                phases.append(Phase(name, a, b, plan.lr(a), plan.lr(b), ph.shape, ph.params))
+    return StagedSchedule(tuple(plans), tuple(phases), plans[-1].end)
 
 
 def _default_new(mixture: dict[str, float], previous: dict[str, float] | None, probe_sets: list[str]) -> list[str]:
