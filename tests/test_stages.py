@@ -221,3 +221,23 @@ def test_checkpoint_is_a_hugging_face_model_dir(parent):
     model = AutoModelForCausalLM.from_pretrained(ck)
     saved = load_file(str(ck / "model.safetensors"))
     assert torch.equal(model.state_dict()["lm_head.weight"], saved["lm_head.weight"])
+
+
+def test_cli_branch_dry_run_prints_the_branch_recipe(make_recipe, tmp_path, capsys):
+    import yaml
+
+    from cpt.cli import main as cli
+
+    wsd = {"kind": "wsd", "max_lr": 2e-3, "min_lr": 2e-4, "warmup": 0.125, "decay": {"length": 0.25}}
+    main = make_recipe("cli-main", schedule=wsd, train__tokens=8 * TPS, checkpoint__every=4 * TPS)
+    train(main, max_steps=4)
+    path = tmp_path / "main.yaml"
+    path.write_text(main.to_yaml())
+    ckpt = main.run.output_dir + "/checkpoints/step-00000004"
+    capsys.readouterr()
+    assert cli(["train", str(path), "--branch-from", ckpt, "--decay", "2 steps", "--dry-run"]) == 0
+    branch = yaml.safe_load(capsys.readouterr().out)
+    assert branch["schedule"]["decay_at"] == "4K" and branch["schedule"]["decay"]["length"] == "2K"
+    assert branch["init_from"]["load"] == {"weights": True, "optimizer": True, "schedule_state": True}
+    assert branch["train"]["tokens"] == "2K" and branch["run"]["output_dir"].endswith("cli-main-decay-at-4")
+    assert cli(["train", str(path), "--decay", "10%"]) == 2  # --decay without --branch-from
