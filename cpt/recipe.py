@@ -357,16 +357,27 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    node = data
+    node: Any = data
     parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise CptError(f"override {item!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):  # stages.1.tokens: an index into a list
+            if not part.isdigit() or int(part) >= len(node):
+                raise CptError(f"override {item!r}: {where} is not an index of a list of {len(node)}")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise CptError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
 
 
 _REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")

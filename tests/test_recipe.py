@@ -59,6 +59,18 @@ def test_dotted_overrides_parse_yaml_values(tmp_path):
     assert r.run.seed == 99
 
 
+def test_overrides_index_into_lists(tmp_path):
+    stages = BASE.replace("train: {tokens: 2M,", "train: {").replace("  mixture: {en: 0.25, de: 0.75}\n", "") + """
+stages:
+  - {name: a, tokens: 1M, mixture: {en: 1.0}}
+  - {name: b, tokens: 1M, mixture: {de: 1.0}, schedule: {kind: constant, max_lr: 1.0e-3}}
+"""
+    r = load_recipe(write(tmp_path, "s.yaml", stages), ["stages.1.tokens=2M", "stages.1.schedule.max_lr=5e-4"])
+    assert r.stages[1].tokens == 2 * 2**20 and r.stages[1].schedule.max_lr == 5e-4
+    with pytest.raises(CptError, match="stages.5 is not an index of a list of 2"):
+        load_recipe(write(tmp_path, "s.yaml", stages), ["stages.5.tokens=1M"])
+
+
 def test_interpolation(tmp_path):
     r = load_recipe(write(tmp_path, "r.yaml", BASE), ["run.output_dir=runs/${run.name}-s${run.seed}"])
     assert r.run.output_dir == "runs/base-s7"
