@@ -104,6 +104,8 @@ class Tracker:
     def __init__(self, run_dir: str | Path, recipe_dict: dict[str, Any], *, enabled: bool,
                  resume_step: int | None = None, wandb_cfg: WandbConfig | dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
+        if enabled:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled, resume_step)
         self.wandb_run = None
         if not enabled or wandb_cfg is None:
@@ -144,7 +146,6 @@ def _init_wandb(run_dir: Path, recipe_dict: dict[str, Any], cfg: WandbConfig, re
     try:
         import wandb
 
-        run_dir.mkdir(parents=True, exist_ok=True)
         id_file = run_dir / WANDB_ID_FILE
         if resume and id_file.is_file():
             run_id = id_file.read_text().strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from cpt.data.mixture import MixtureSampler, read_batch
 from cpt.data.source import SubsetSource, TokenSource
 from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
 from cpt.errors import CptError
-from cpt.model import build_model, num_params
+from cpt.model import build_model, flops_per_token, matmul_params, num_params, peak_flops, wrap_peft
 from cpt.probes import ForgettingTracker, HeldOutLoss, probe_due, probe_losses
 from cpt.recipe import Recipe, recipe_diff
 from cpt.stages import Origin, StagePlan, describe_origin, plan_stages, resolve_init
@@ -95,17 +96,27 @@ class _StopFlag:
 
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
 
     precision = recipe.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    ds = recipe.train.deepspeed
+    extra: dict[str, Any] = {}
+    if ds is not None:
+        extra["deepspeed_plugin"] = deepspeed_plugin(ds)
+        if not torch.cuda.is_available():
+            # Without a backend accelerate counts 1 process while DeepSpeed's own init sees N, and
+            # DeepSpeed's batch-size check (micro x accum x world) fails; gloo is torch's CPU collective.
+            extra["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
     # Without cpu=True, accelerate treats `accelerate launch --multi_gpu` on a machine without GPUs as
     # N independent single-process runs (no gradient sync, no reduce); with it, N gloo processes.
+    # DeepSpeed is never engaged with cpu=True, so there the gloo backend above does that job.
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available() and ds is None,
         mixed_precision={"fp32": "no"}.get(precision, precision),
         step_scheduler_with_optimizer=False,
+        **extra,
     )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
@@ -113,7 +124,72 @@ def make_accelerator(recipe: Recipe):
             f"launched as {world} processes but accelerate set up {accelerator.num_processes} "
             f"({accelerator.distributed_type}): the processes would train independently"
         )
+    if ds is not None:
+        fill_deepspeed_config(accelerator.state.deepspeed_plugin.deepspeed_config, ds,
+                              Layout.from_recipe(recipe, accelerator.num_processes), recipe.train.grad_clip)
+        accelerator.wait_for_everyone()  # every rank has mapped every other rank's buffer (see below)
+        unlink_deepspeed_shm(accelerator.process_index)
     return accelerator
+
+
+def unlink_deepspeed_shm(rank: int) -> None:
+    """Remove this rank's DeepSpeed shared-memory buffer from /dev/shm.
+
+    DeepSpeed's CPU communication setup (when LOCAL_SIZE says all ranks share one host, as its own
+    launcher and MPI set it) creates a 66 MiB buffer per rank,
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``, and never unlinks
+    it: every run on a host left ~69 MB per rank behind. Ranks find each other's buffers by name only
+    while the process group comes up; after a barrier the names can go at once. The memory itself stays
+    mapped until the processes exit, and a run killed later leaves nothing behind.
+    """
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(Path("/dev/shm") / name)
+    except FileNotFoundError:
+        pass
+
+
+def deepspeed_plugin(path: str):
+    """accelerate's DeepSpeed plugin from a DeepSpeed JSON config (train.deepspeed). DeepSpeed itself is
+    imported only here, i.e. only by runs that ask for it."""
+    import json
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    try:
+        config = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CptError(f"train.deepspeed: {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise CptError(f"train.deepspeed: {path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "zero_optimization" not in config:
+        raise CptError(f"train.deepspeed: {path} has no zero_optimization section")
+    for section, owner in (("optimizer", "train.optimizer"), ("scheduler", "schedule")):
+        if section in config:
+            raise CptError(f"train.deepspeed: {path} defines {section!r}; cpt takes it from the recipe's "
+                           f"{owner}: remove it from the DeepSpeed config")
+    # zero3_init_flag=False: the model is built whole on every rank (the same seeded init as without
+    # DeepSpeed) and partitioned by deepspeed.initialize; zero.Init would be needed only for models that
+    # do not fit one process's CPU memory.
+    return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
+
+
+def fill_deepspeed_config(config: dict[str, Any], path: str, layout: Layout, grad_clip: float | None) -> None:
+    """Write the recipe's batch layout and clipping into the DeepSpeed config: "auto" (or absent) is
+    filled, a number that disagrees with the recipe is refused, so nothing is kept twice by hand."""
+    values = {"train_micro_batch_size_per_gpu": layout.micro_batch_size,
+              "gradient_accumulation_steps": layout.grad_accum,
+              "train_batch_size": layout.sequences_per_step,
+              "gradient_clipping": float(grad_clip or 0.0)}  # DeepSpeed: 0 = no clipping
+    for key, value in values.items():
+        have = config.get(key, "auto")
+        if have == "auto":
+            config[key] = value
+        elif have != value:
+            raise CptError(f"train.deepspeed: {path} sets {key} = {have!r} but the recipe gives {value!r} "
+                           f"(train.global_batch_tokens, train.micro_batch_size, train.grad_clip and the "
+                           f"process count decide it): write \"auto\"")
 
 
 def make_optimizer(model, cfg, lr: float, device_type: str):
@@ -124,6 +200,22 @@ def make_optimizer(model, cfg, lr: float, device_type: str):
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
     )
+
+
+def _mfu_per_token_s(model, recipe: Recipe, accelerator) -> float | None:
+    """MFU per (global) token/s: model FLOPs per token over the peak of all devices together; None off
+    CUDA or on a GPU whose peak is not in cpt.model.PEAK_BF16_FLOPS (then train/mfu is not logged)."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = peak_flops(torch.cuda.get_device_name(accelerator.device))
+    if peak is None:
+        if accelerator.is_main_process:
+            print(f"cpt: note: peak FLOP/s of {torch.cuda.get_device_name(accelerator.device)} unknown "
+                  f"(cpt.model.PEAK_BF16_FLOPS): train/mfu not logged")
+        return None
+    trainable, frozen = matmul_params(model)
+    config = model.get_base_model().config if recipe.peft is not None else model.config
+    return flops_per_token(config, recipe.data.seq_len, trainable, frozen) / (peak * accelerator.num_processes)
 
 
 def open_keyed(key: str, opener, *args, **kwargs):
@@ -219,6 +311,12 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     sizes = {n: s.num_sequences for n, s in sources.items()}
 
     model = build_model(recipe.model, tokenizer, recipe.run.seed, weights_from)
+    if recipe.peft is not None:  # frozen base + adapters; make_optimizer takes only what requires grad
+        model = wrap_peft(model, recipe.peft, verbose=main)
+    n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters
+    mfu_per_token_s = _mfu_per_token_s(model, recipe, accelerator)
+    if recipe.train.compile:
+        model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
     optimizer = make_optimizer(model, recipe.train.optimizer, stages[0].lr(origin.tokens), accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
     if resume_from is not None:
@@ -234,7 +332,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                       wandb_cfg=recipe.tracking.wandb)
     if main:
         how = f"resumed from {resume_from}" if saved else "fresh start"
-        print(f"cpt: {recipe.run.name}: {num_params(accelerator.unwrap_model(model)) / 1e6:.2f}M params, "
+        print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "
               f"{len(stages)} stage(s), {(end_tokens - tokens) // tps} steps x {tps} tokens to go, "
               f"{accelerator.num_processes} process(es), grad accum {layout.grad_accum}; {how}")
     if not saved:
@@ -330,6 +428,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                         "lr": optimizer.param_groups[0]["lr"],
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "train/tokens_per_s": tps / dt, "time/elapsed_s": elapsed,
+                        **({"train/mfu": tps / dt * mfu_per_token_s} if mfu_per_token_s else {}),
                         **{f"data/{n}/epochs": e for n, e in epochs.items() if weights.get(n, 0) > 0}}
                 tracker.log(last)
                 for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in warned]:
@@ -371,7 +470,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
             ckpt_lib.export_model(accelerator, model, tokenizer, run_dir / "final")
     finally:
         bar.close()
-        tracker.close()
+        tracker.close(exit_code=0 if sys.exc_info()[0] is None else 1)  # a crash marks the W&B run failed
         stop.restore()
     accelerator.end_training()
     done = tokens == end_tokens

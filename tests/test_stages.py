@@ -241,3 +241,24 @@ def test_cli_branch_dry_run_prints_the_branch_recipe(make_recipe, tmp_path, caps
     assert branch["init_from"]["load"] == {"weights": True, "optimizer": True, "schedule_state": True}
     assert branch["train"]["tokens"] == "2K" and branch["run"]["output_dir"].endswith("cli-main-decay-at-4")
     assert cli(["train", str(path), "--decay", "10%"]) == 2  # --decay without --branch-from
+
+
+def test_english_then_german_shows_forgetting_and_adaptation(make_recipe, prepared):
+    """Real text: after an English stage, a German stage raises English loss (forgetting > 0) and lowers
+    German loss (adaptation > 0), and the logged worst forgetting is at least the final one."""
+    stages = [{"name": "en", "tokens": 64 * TPS, "mixture": {"en": 1.0}},
+              {"name": "de", "tokens": 24 * TPS, "mixture": {"de": 1.0}}]
+    r = make_recipe("en-then-de", train__tokens=None, data__mixture=None, stages=stages,
+                    train__micro_batch_size=8, probes__max_sequences=16, schedule={"kind": "constant", "max_lr": 3e-3, "warmup": 4 * TPS},
+                    probes__sets={"en": str(prepared["en"]["validation"]), "de": str(prepared["de"]["validation"])},
+                    probes__every=20 * TPS, probes__dense={"every": 4 * TPS, "for": 16 * TPS})
+    train(r)
+    end = [x for x in records(r, "event") if x["event"] == "stage_end"][-1]
+    assert end["stage"] == "de"
+    assert end["stage_end/en/forgetting"] > 0.1, end
+    assert end["stage_end/de/adaptation"] > 0.1, end
+    assert end["stage_end/en/max_forgetting"] >= end["stage_end/en/forgetting"]
+    de_probes = [x for x in records(r, "probe/en/loss") if x["stage"] == "de"]
+    # baseline, dense every 4 steps inside [64, 80), then the regular cadence (multiples of 20) and the end
+    assert [x["tokens"] // TPS for x in de_probes] == [64, 68, 72, 76, 80, 88]
+    assert all("probe/en/forgetting" in x and "probe/de/adaptation" in x for x in de_probes)

@@ -1,0 +1,339 @@
+"""`cpt compare`: plots and a summary table from the ``metrics.jsonl`` of several runs (no W&B needed).
+
+One PNG per panel (LR, train loss, each probe domain's loss; all against tokens, runs overlaid, stage
+boundaries as vertical lines) and one self-contained ``index.html`` (images inlined as data URIs, no
+external assets: it can be mailed or attached as a CI artifact) with a row per run: final train loss,
+final and worst forgetting per old domain, final adaptation per new domain, tokens, wall time and the
+schedule kind.
+
+Forgetting and adaptation come from the ``probe/<d>/forgetting``, ``max_forgetting`` and
+``adaptation`` keys the trainer writes when it tracks them; for runs without them they are computed
+from ``probe/<d>/loss`` against the run's first probe (its baseline). A domain is new when the last
+record that classifies it says so (``adaptation``), or, without such keys, when the recipe lists it
+under ``probes.new_domains``; every other domain is old.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cpt.errors import CptError
+from cpt.tracking import read_metrics
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    records: list[dict[str, Any]]
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(tokens, values) of every record that has a finite-or-nan number under ``key``."""
+        xs, ys = [], []
+        for r in self.records:
+            v = _num(r.get(key))
+            if v is not None:
+                xs.append(r["tokens"])
+                ys.append(v)
+        return xs, ys
+
+    def stage_boundaries(self) -> list[int]:
+        """Tokens at which a stage begins, from where the ``stage`` of the records changes (the first
+        stage's start is not a boundary). The boundary is the last token count of the previous stage:
+        a train record is stamped with the tokens at the *end* of its step, so the first record of a
+        stage may lie one step past its start, the last record of the one before does not."""
+        out, current, last_tokens = [], None, 0
+        for r in self.records:
+            stage = r.get("stage")
+            if stage is not None:
+                if current is not None and stage != current:
+                    out.append(last_tokens)
+                current = stage
+            last_tokens = r["tokens"]
+        return out
+
+    def stage_starts(self, key: str) -> set[int]:
+        """Indices into ``series(key)`` where a new stage begins."""
+        out, current, i = set(), None, 0
+        for r in self.records:
+            if _num(r.get(key)) is None:
+                continue
+            stage = r.get("stage", current)
+            if current is not None and stage != current:
+                out.add(i)
+            current, i = stage, i + 1
+        return out
+
+    def probe_domains(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for r in self.records:
+            for k in r:
+                m = _PROBE_LOSS.match(k)
+                if m:
+                    seen[m.group(1)] = None
+        return list(seen)
+
+
+_PROBE_LOSS = re.compile(r"^probe/([^/]+)/loss$")
+
+
+def load_run(run_dir: str | Path) -> Run:
+    path = Path(run_dir)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise CptError(f"{path}: not a cpt run directory (no metrics.jsonl)")
+    records = [r for r in read_metrics(metrics) if "tokens" in r]
+    recipe: dict[str, Any] = {}
+    if (path / "recipe.yaml").is_file():
+        try:
+            recipe = yaml.safe_load((path / "recipe.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CptError(f"{path / 'recipe.yaml'}: not valid YAML ({e})") from None
+    name = (recipe.get("run") or {}).get("name") or path.name
+    return Run(path, str(name), records, recipe)
+
+
+# --------------------------------------------------------------------------------------- the summary
+
+
+def summarize(run: Run) -> dict[str, Any]:
+    """The numbers of a run's table row.
+
+    ``forgetting``: {old domain: {"final", "worst", "worst_tokens"}}; ``adaptation``: {new domain:
+    final}; ``final_train_loss``, ``tokens``, ``wall_s`` and ``schedule`` (None where unknown).
+    """
+    _, train = run.series("train/loss")
+    _, wall = run.series("time/elapsed_s")
+    stages = run.recipe.get("stages") or []
+    new_in_recipe = set((stages[-1] if stages else {}).get("new_domains")
+                        or (run.recipe.get("probes") or {}).get("new_domains") or [])
+    forgetting: dict[str, dict[str, float]] = {}
+    adaptation: dict[str, float] = {}
+    for d in run.probe_domains():
+        role = None  # from the last record that says which role the domain had (its last stage)
+        for r in run.records:
+            if f"probe/{d}/forgetting" in r:
+                role = "old"
+            elif f"probe/{d}/adaptation" in r:
+                role = "new"
+        if role is None:
+            role = "new" if d in new_in_recipe else "old"
+        if role == "new":
+            _, ys = run.series(f"probe/{d}/adaptation")
+            if ys:
+                adaptation[d] = ys[-1]
+            else:
+                _, losses = run.series(f"probe/{d}/loss")
+                adaptation[d] = losses[0] - losses[-1]
+            continue
+        fk, mk, tk = f"probe/{d}/forgetting", f"probe/{d}/max_forgetting", f"probe/{d}/max_forgetting_tokens"
+        logged = [r for r in run.records if _num(r.get(fk)) is not None]
+        if logged:  # tracked by the trainer: per-stage baselines, running maximum and where it was
+            worst = [_num(r.get(mk, r[fk])) for r in logged]
+            i = _argmax(worst)
+            forgetting[d] = {"final": _num(logged[-1][fk]), "worst": worst[i],
+                             "worst_tokens": int(logged[i].get(tk, logged[i]["tokens"]))}
+        else:
+            xs, losses = run.series(f"probe/{d}/loss")
+            deltas = [v - losses[0] for v in losses]
+            i = _argmax(deltas)
+            forgetting[d] = {"final": deltas[-1], "worst": deltas[i], "worst_tokens": xs[i]}
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "schedule": _schedule_kinds(run.recipe),
+        "tokens": max((r["tokens"] for r in run.records), default=None),
+        "wall_s": wall[-1] if wall else None,
+        "final_train_loss": train[-1] if train else None,
+        "forgetting": forgetting,
+        "adaptation": adaptation,
+    }
+
+
+def _schedule_kinds(recipe: dict[str, Any]) -> str | None:
+    """The run's schedule kind, followed by those of stages with their own: ``wsd; b: cosine``."""
+    kinds = [(recipe.get("schedule") or {}).get("kind")]
+    kinds += [f"{st.get('name')}: {st['schedule']['kind']}" for st in recipe.get("stages") or []
+              if (st.get("schedule") or {}).get("kind")]
+    return "; ".join(k for k in kinds if k) or None
+
+
+def _argmax(values: list[float]) -> int:
+    """Index of the largest value, NaN counting as largest (a diverged loss is the worst point)."""
+    best = 0
+    for i, v in enumerate(values):
+        if math.isnan(v):
+            return i
+        if v > values[best]:
+            best = i
+    return best
+
+
+# ------------------------------------------------------------------------------------------ plotting
+
+
+def ema(values: list[float], beta: float, restart_at: set[int] = frozenset()) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard / W&B smooth), restarted at the
+    indices in ``restart_at``: smoothing across a stage boundary would blur the very jump at the
+    shift that the plot is there to show."""
+    out, avg, n = [], 0.0, 0
+    for i, v in enumerate(values):
+        if i in restart_at:
+            avg, n = 0.0, 0
+        if math.isnan(v):  # keep the curve going; the raw line shows the NaN as a gap
+            out.append(avg / (1 - beta**n) if n else v)
+            continue
+        avg, n = beta * avg + (1 - beta) * v, n + 1
+        out.append(avg / (1 - beta**n))
+    return out
+
+
+def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9) -> dict[str, Path]:
+    """Write one PNG per panel into ``out_dir``; returns {panel title: png path}, in display order."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    domains: dict[str, None] = {}
+    for run in runs:
+        domains.update(dict.fromkeys(run.probe_domains()))
+    panels = [("lr", "learning rate", "lr"), ("train_loss", "train loss", "train/loss")]
+    panels += [(f"probe_{_slug(d)}", f"held-out loss: {d}", f"probe/{d}/loss") for d in domains]
+
+    out: dict[str, Path] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stem, title, key in panels:
+        fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+        FigureCanvasAgg(fig)  # attaches itself to the figure; no pyplot, no global state
+        ax = fig.add_subplot()
+        for i, run in enumerate(runs):
+            color = f"C{i % 10}"
+            xs, ys = run.series(key)
+            if not xs:
+                continue
+            if key == "train/loss":
+                ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+                ax.plot(xs, ema(ys, smoothing, run.stage_starts(key)), color=color, linewidth=1.6, label=run.name)
+            elif key.startswith("probe/"):
+                ax.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1.4, label=run.name)
+            else:
+                ax.plot(xs, ys, color=color, linewidth=1.4, label=run.name)
+            for b in run.stage_boundaries():
+                ax.axvline(b, color=color, linestyle="--", linewidth=0.9, alpha=0.7)
+        ax.set_title(title + (f" (EMA {smoothing:g}; raw faint)" if key == "train/loss" else ""))
+        ax.set_xlabel("tokens")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        path = out_dir / f"{stem}.png"
+        fig.savefig(path)
+        out[title] = path
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# ------------------------------------------------------------------------------------------- the page
+
+
+def render_html(summaries: list[dict[str, Any]], pngs: dict[str, Path]) -> str:
+    old = list(dict.fromkeys(d for s in summaries for d in s["forgetting"]))
+    new = list(dict.fromkeys(d for s in summaries for d in s["adaptation"]))
+    head = ["run", "schedule", "tokens", "wall time", "final train loss"]
+    head += [h for d in old for h in (f"forgetting {d}: final", f"forgetting {d}: worst (at tokens)")]
+    head += [f"adaptation {d}: final" for d in new]
+    rows = []
+    for s in summaries:
+        cells = [s["name"], s["schedule"] or "?", _fmt_tokens(s["tokens"]), _fmt_seconds(s["wall_s"]),
+                 _fmt(s["final_train_loss"])]
+        for d in old:
+            f = s["forgetting"].get(d)
+            cells += [_fmt(f["final"]), f"{_fmt(f['worst'])} ({_fmt_tokens(f['worst_tokens'])})"] if f else ["", ""]
+        cells += [_fmt(s["adaptation"][d]) if d in s["adaptation"] else "" for d in new]
+        rows.append("<tr>" + "".join(f"<td title=\"{html.escape(s['path'])}\">{html.escape(c)}</td>"
+                                     if j == 0 else f"<td>{html.escape(c)}</td>" for j, c in enumerate(cells))
+                    + "</tr>")
+    figures = "\n".join(
+        f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode("ascii")}" '
+        f'alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+        for title, p in pngs.items()
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>cpt compare</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 0.5em; }}
+img {{ max-width: 100%; }}
+</style></head>
+<body>
+<h1>cpt compare</h1>
+<p>Forgetting = held-out loss minus its stage-start value on an old domain (worst = highest point of the
+curve); adaptation = the drop on a new domain. Dashed vertical lines mark stage boundaries.</p>
+<table>
+<tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>
+{chr(10).join(rows)}
+</table>
+{figures}
+</body></html>
+"""
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def _fmt_tokens(n: int | None) -> str:
+    return "" if n is None else f"{n:,}"
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return ""
+    if s < 60:
+        return f"{s:.1f} s"
+    h, rest = divmod(round(s), 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d} min"
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path, smoothing: float = 0.9) -> Path:
+    """Plots and ``index.html`` for ``run_dirs`` in ``out_dir``; returns the HTML path."""
+    if not run_dirs:
+        raise CptError("cpt compare needs at least one run directory")
+    if not 0 <= smoothing < 1:
+        raise CptError(f"--smoothing {smoothing}: expected a value in [0, 1)")
+    runs = [load_run(p) for p in run_dirs]
+    names = [r.name for r in runs]
+    for r in runs:  # two runs with one name (same recipe, other dirs) must stay apart in the legend
+        if names.count(r.name) > 1:
+            r.name = f"{r.name} ({r.path})"
+    out = Path(out_dir)
+    pngs = plot_panels(runs, out, smoothing)
+    page = out / "index.html"
+    page.write_text(render_html([summarize(r) for r in runs], pngs), encoding="utf-8")
+    return page
+
+
+def _num(v: Any) -> float | None:
+    """A metric value as a float: JSONL stores non-finite numbers as the strings "nan", "inf", "-inf"."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        return float(v)
+    if isinstance(v, str) and v.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
+        return float(v)
+    return None

@@ -1,0 +1,155 @@
+"""`cpt probe`: held-out loss per prepared set and downstream scores for one model, outside training.
+
+MODEL is a Hugging Face model dir (e.g. a run's ``final/``) or a cpt checkpoint dir
+(``RUN/checkpoints/step-N``; see :func:`load_model`). The held-out loss is the trainer's own
+:class:`~cpt.probes.HeldOutLoss` on the same first N sequences, so a number from `cpt probe` and a
+probe record of the run agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cpt.errors import CptError
+
+
+def parse_named(values: list[str], flag: str) -> dict[str, str]:
+    """``["en=path", ...]`` -> ``{"en": "path"}``, naming the flag and the item at fault."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise CptError(f"{flag} {v!r}: expected NAME=PATH")
+        if name in out:
+            raise CptError(f"{flag}: the name {name!r} is given twice")
+        out[name] = path
+    return out
+
+
+def load_model(path: str | Path):
+    """(model in fp32 on CPU, eval mode, tokenizer) from an HF model dir or a cpt checkpoint dir.
+
+    A checkpoint that carries a ``config.json`` is itself an HF model dir (accelerate saves the
+    unwrapped model under HF parameter names). One without takes its architecture and tokenizer from
+    the run's exported ``final/`` and its weights from its own ``model.safetensors``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpt.checkpoint import STATE_FILE
+    from cpt.data.tokenizer import load_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CptError(f"model {path}: no such directory (an HF model dir or a cpt checkpoint dir)")
+    is_ckpt = (path / STATE_FILE).is_file()
+    final = path.parent.parent / "final"  # RUN/checkpoints/step-N -> RUN/final
+    try:
+        if (path / "config.json").is_file():
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        elif is_ckpt and (final / "config.json").is_file():
+            from safetensors.torch import load_file
+
+            weights = path / "model.safetensors"
+            if not weights.is_file():
+                raise CptError(f"checkpoint {path}: no model.safetensors (sharded FSDP/DeepSpeed states are "
+                               f"not read here; probe the run's exported final/ dir instead)")
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final), dtype=torch.float32)
+            load_weights(model, load_file(weights), str(weights))
+        else:
+            where = f" (nor has {final}, its run's export)" if is_ckpt else ""
+            raise CptError(f"model {path}: no config.json{where}; an HF model dir or a cpt checkpoint is expected")
+    except (OSError, ValueError) as e:
+        raise CptError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    tok_dir = path if (path / "tokenizer.json").is_file() or not is_ckpt else final
+    return model.eval(), load_tokenizer(tok_dir)
+
+
+def load_weights(model, state_dict: dict[str, Any], source: str) -> None:
+    """Load a full state dict, refusing any mismatch except keys tied to a loaded tensor (tied embeddings)."""
+    result = model.load_state_dict(state_dict, strict=False)
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state_dict}
+    params = model.state_dict()
+    missing = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise CptError(f"{source} does not match the model's config: missing {missing[:5]}, "
+                       f"unexpected {result.unexpected_keys[:5]}")
+
+
+def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str, str], *,
+              max_sequences: int = 64, micro_batch_size: int = 16) -> dict[str, Any]:
+    """Held-out loss per prepared set and downstream metrics per jsonl set, as a JSON-able dict.
+
+    Runs on every process of an ``accelerate launch`` (probe sequences and downstream batches are
+    sharded, results reduced); the caller writes and prints on the main process only.
+    """
+    import torch
+    from accelerate import Accelerator
+
+    from cpt import downstream as ds
+    from cpt.data.source import TokenSource
+    from cpt.data.tokenizer import tokenizer_hash
+    from cpt.probes import HeldOutLoss
+
+    if not sets and not downstream:
+        raise CptError("cpt probe: nothing to measure; give --sets NAME=PREPARED_DIR and/or --downstream NAME=JSONL")
+    if max_sequences < 1 or micro_batch_size < 1:
+        raise CptError(f"cpt probe: --max-sequences ({max_sequences}) and --micro-batch-size "
+                       f"({micro_batch_size}) must be >= 1")
+    t0 = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    model, tokenizer = load_model(model_path)
+    model.to(accelerator.device)
+    try:  # the fingerprint prepared data carries; a tokenizer without tokenizer.json cannot be checked
+        tok_hash = tokenizer_hash(tokenizer.name_or_path)
+    except CptError:
+        tok_hash = None
+    result: dict[str, Any] = {"model": str(model_path), "sets": {}, "downstream": {}}
+    for name, path in sets.items():
+        try:
+            src = TokenSource(path)
+        except CptError as e:
+            raise CptError(f"--sets {name}: {e}") from None
+        if tok_hash and src.tokenizer_hash and src.tokenizer_hash != tok_hash:
+            raise CptError(f"--sets {name}: {path} was tokenized with another tokenizer than the model's")
+        probe = HeldOutLoss({name: path}, src.seq_len, max_sequences, micro_batch_size,
+                            accelerator.process_index, accelerator.num_processes)
+        out = probe(model, accelerator)
+        result["sets"][name] = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
+                                "sequences": probe.counts[name]}
+    for name, path in downstream.items():
+        result["downstream"][name] = ds.score(
+            model, tokenizer, ds.load_items(path), batch_size=micro_batch_size, device=accelerator.device,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            reduce=lambda t: accelerator.reduce(t, reduction="sum"),
+        )
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = []
+    if result["sets"]:
+        lines.append(f"{'set':<20} {'loss':>8} {'ppl':>10} {'sequences':>10}")
+        for name, r in result["sets"].items():
+            lines.append(f"{name:<20} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['sequences']:>10d}")
+    if result["downstream"]:
+        lines.append(f"{'downstream':<20} {'items':>6} {'acc':>7} {'acc_norm':>9} {'logprob/token':>14}")
+        for name, r in result["downstream"].items():
+            items = r.get("mc_items", 0) + r.get("cloze_items", 0)
+            acc = f"{r['acc']:.3f}" if "acc" in r else "-"
+            norm = f"{r['acc_norm']:.3f}" if "acc_norm" in r else "-"
+            lp = r.get("correct_logprob_per_token", r.get("cloze_logprob_per_token"))
+            lines.append(f"{name:<20} {items:>6d} {acc:>7} {norm:>9} {lp:>14.4f}")
+    lines.append(f"({result['seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def write_result(result: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return out

@@ -1,0 +1,120 @@
+"""`cpt compare` on two hand-written run dirs: PNGs per panel, one self-contained HTML page, and table
+numbers worked out by hand (computed forgetting for a run without tracked keys, logged ones otherwise)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpt.compare import Run, ema, load_run, summarize
+
+# Run A: one stage, no forgetting keys (computed from probe/<d>/loss against the first probe);
+# its recipe marks de as new.
+RUN_A = [
+    {"step": 0, "tokens": 0, "probe/en/loss": 5.0, "probe/de/loss": 6.0},
+    {"step": 1, "tokens": 1024, "train/loss": 7.0, "lr": 1e-3, "time/elapsed_s": 1.5},
+    {"step": 2, "tokens": 2048, "train/loss": 6.0, "lr": 5e-4, "time/elapsed_s": 3.0},
+    {"step": 2, "tokens": 2048, "probe/en/loss": 5.5, "probe/de/loss": 5.2},
+    {"step": 3, "tokens": 3072, "train/loss": 5.5, "lr": 1e-4, "time/elapsed_s": 4.5},
+    {"step": 3, "tokens": 3072, "probe/en/loss": 5.25, "probe/de/loss": 4.9},
+]
+# Run B: two stages with the trainer's forgetting keys; code is new in stage b, which starts at
+# tokens 1000 (its baseline probe); the first train record of b ends its first step, at 2000.
+RUN_B = [
+    {"step": 0, "tokens": 0, "stage": "a", "probe/en/loss": 4.0, "probe/code/loss": 7.0},
+    {"step": 1, "tokens": 1000, "stage": "a", "train/loss": 3.0, "lr": 1e-3, "time/elapsed_s": 70.0},
+    {"step": 1, "tokens": 1000, "stage": "b", "probe/en/loss": 4.0, "probe/code/loss": 7.0,  # stage baseline
+     "probe/en/forgetting": 0.0, "probe/en/max_forgetting": 0.0, "probe/en/max_forgetting_tokens": 1000,
+     "probe/code/adaptation": 0.0},
+    {"step": 2, "tokens": 2000, "stage": "b", "train/loss": 4.0, "lr": 1e-3, "time/elapsed_s": 140.0},
+    {"step": 2, "tokens": 2000, "stage": "b", "probe/en/loss": 4.3, "probe/code/loss": 6.0,
+     "probe/en/forgetting": 0.3, "probe/en/max_forgetting": 0.3, "probe/en/max_forgetting_tokens": 2000,
+     "probe/code/adaptation": 1.0},
+    {"step": 3, "tokens": 3000, "stage": "b", "train/loss": 3.5, "lr": 5e-4, "time/elapsed_s": 3725.0},
+    {"step": 3, "tokens": 3000, "stage": "b", "probe/en/loss": 4.1, "probe/code/loss": 5.5,
+     "probe/en/forgetting": 0.1, "probe/en/max_forgetting": 0.3, "probe/en/max_forgetting_tokens": 2000,
+     "probe/code/adaptation": 1.5},
+]
+
+
+def write_run(path: Path, name: str, kind: str, records: list[dict], new_domains=None) -> Path:
+    path.mkdir(parents=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = {"run": {"name": name, "output_dir": str(path)}, "schedule": {"kind": kind, "max_lr": 1e-3},
+              "probes": {"sets": {}, "new_domains": new_domains}}
+    (path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return (write_run(tmp_path / "a", "run-a", "cosine", RUN_A, new_domains=["de"]),
+            write_run(tmp_path / "b", "run-b", "wsd", RUN_B))
+
+
+def test_summaries_by_hand(runs):
+    a, b = (summarize(load_run(r)) for r in runs)
+    assert a["forgetting"] == {"en": pytest.approx({"final": 0.25, "worst": 0.5, "worst_tokens": 2048})}
+    assert a["adaptation"] == {"de": pytest.approx(6.0 - 4.9)}
+    assert (a["final_train_loss"], a["tokens"], a["wall_s"], a["schedule"]) == (5.5, 3072, 4.5, "cosine")
+    assert b["forgetting"] == {"en": pytest.approx({"final": 0.1, "worst": 0.3, "worst_tokens": 2000})}
+    assert b["adaptation"] == {"code": 1.5}
+    assert (b["final_train_loss"], b["tokens"], b["wall_s"], b["schedule"]) == (3.5, 3000, 3725.0, "wsd")
+    assert load_run(runs[1]).stage_boundaries() == [1000]
+    staged = {"schedule": {"kind": "wsd"}, "stages": [{"name": "a"}, {"name": "b", "schedule": {"kind": "cosine"}}]}
+    assert summarize(Run(runs[1], "x", [], staged))["schedule"] == "wsd; b: cosine"
+    # without a baseline probe the first record of stage b ends its first step (2000); still 1000
+    bare = write_run(runs[1].parent / "c", "run-c", "wsd", [r for r in RUN_B if r["step"] != 1 or "train/loss" in r])
+    assert load_run(bare).stage_boundaries() == [1000]
+
+
+def test_ema_by_hand_restarts_at_stage_boundaries():
+    # bias-corrected, beta 0.5: 1; (0.25 + 1) / 0.75; (0.625 + 1.5) / 0.875
+    assert ema([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75, 2.125 / 0.875])
+    assert ema([1.0, 2.0, 3.0], 0.5, restart_at={2}) == pytest.approx([1.0, 1.25 / 0.75, 3.0])
+
+
+def test_cli_compare_writes_pngs_and_a_self_contained_page(runs, tmp_path):
+    from cpt.cli import main
+
+    out = tmp_path / "cmp"
+    assert main(["compare", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["lr.png", "probe_code.png", "probe_de.png", "probe_en.png", "train_loss.png"]
+    page = (out / "index.html").read_text()
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == len(pngs)
+    assert all(base64.b64decode(img)[:8] == b"\x89PNG\r\n\x1a\n" for img in images)
+    assert not re.search(r'(src|href)="(?!data:)', page)  # no external assets
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td[^>]*>([^<]+)</td>.*?</tr>", page)}
+    cells = {name: re.findall(r"<td[^>]*>([^<]*)</td>", row) for name, row in rows.items()}
+    # columns: run, schedule, tokens, wall, train loss, en final, en worst (at), de adaptation, code adaptation
+    assert cells["run-a"] == ["run-a", "cosine", "3,072", "4.5 s", "5.5000", "0.2500", "0.5000 (2,048)",
+                              "1.1000", ""]
+    assert cells["run-b"] == ["run-b", "wsd", "3,000", "1:02:05", "3.5000", "0.1000", "0.3000 (2,000)",
+                              "", "1.5000"]
+
+
+def test_compare_errors_name_the_problem(tmp_path):
+    from cpt.compare import compare
+    from cpt.errors import CptError
+
+    with pytest.raises(CptError, match="not a cpt run directory"):
+        compare([tmp_path], tmp_path / "out")
+
+
+def test_browser_check_skips_without_chromium(runs, tmp_path):
+    from cpt.compare import compare
+
+    page = compare(list(runs), tmp_path / "cmp")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_compare_html.py"
+    proc = subprocess.run([sys.executable, str(script), str(page), "--chromium", str(tmp_path / "no-browser")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("SKIP: Chromium not installed")

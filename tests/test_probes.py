@@ -1,0 +1,287 @@
+"""Probes: cadence and forgetting bookkeeping against hand-computed numbers; downstream scoring against
+log-probs computed by hand from the logits; `cpt probe` against the probe records of a trained run."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cpt import downstream as ds
+from cpt.probes import ForgettingTracker, probe_due, probe_losses
+
+# ------------------------------------------------------------------------------------------ cadence
+
+
+@pytest.mark.parametrize("before, after, due", [
+    (0, 100, False), (900, 1000, True), (1000, 1100, False), (1950, 2050, True),  # every 1000 from token 0
+    (0, 2500, True),  # a step over several multiples: one probe
+])
+def test_probe_due_regular(before, after, due):
+    assert probe_due(before, after, stage_start=0, every=1000, dense_every=None, dense_for=None) is due
+
+
+@pytest.mark.parametrize("before, after, due", [
+    # stage starts at 5000; dense every 100 tokens for 300 tokens: due at 5100 and 5200, not 5300
+    (5000, 5050, False), (5050, 5100, True), (5100, 5150, False), (5150, 5250, True),
+    (5250, 5300, False),  # 5300 lies outside [5000, 5300)
+    (5400, 5500, False),
+    (5950, 6000, True),  # the regular cadence (every 1000) still applies
+    (4900, 5000, True),  # regular multiple 5000
+])
+def test_probe_due_dense_window_counts_from_stage_start(before, after, due):
+    assert probe_due(before, after, stage_start=5000, every=1000, dense_every=100, dense_for=300) is due
+
+
+def test_probe_due_dense_offset_and_no_cadence():
+    # stage start 130 is not a multiple of 100: dense multiples are 230, 330 (counted from the start)
+    due = [t for t in range(130, 1000, 10) if probe_due(t, t + 10, 130, None, 100, 250)]
+    assert due == [220, 320]  # steps ending at 230 and 330; 430 is past 130 + 250
+    assert not any(probe_due(t, t + 10, 0, None, None, None) for t in range(0, 1000, 10))
+
+
+# --------------------------------------------------------------------------------------- forgetting
+
+
+def test_forgetting_tracker_by_hand():
+    t = ForgettingTracker(["en", "de", "code"], new_domains=["code"])
+    t.start_stage({"en": 3.0, "de": 4.0, "code": 6.0}, tokens=1000)
+    m = t.update(2000, {"en": 3.5, "de": 3.9, "code": 5.0})
+    assert m == pytest.approx({
+        "probe/en/delta": 0.5, "probe/en/forgetting": 0.5, "probe/en/max_forgetting": 0.5,
+        "probe/en/max_forgetting_tokens": 2000,
+        "probe/de/delta": -0.1, "probe/de/forgetting": -0.1, "probe/de/max_forgetting": 0.0,
+        "probe/de/max_forgetting_tokens": 1000,  # only improved: the worst point is the stage start
+        "probe/code/delta": -1.0, "probe/code/adaptation": 1.0,
+    })
+    m = t.update(3000, {"en": 3.25, "de": 4.25, "code": 6.5})
+    assert m["probe/en/forgetting"] == pytest.approx(0.25)
+    assert (m["probe/en/max_forgetting"], m["probe/en/max_forgetting_tokens"]) == (pytest.approx(0.5), 2000)
+    assert (m["probe/de/max_forgetting"], m["probe/de/max_forgetting_tokens"]) == (pytest.approx(0.25), 3000)
+    assert m["probe/code/adaptation"] == pytest.approx(-0.5)  # re-warming pushed the new domain up first
+    t.update(4000, {"en": 3.1, "de": 4.0, "code": 4.5})
+    assert t.end_stage() == pytest.approx({
+        "stage_end/en/forgetting": 0.1, "stage_end/en/max_forgetting": 0.5, "stage_end/en/max_forgetting_tokens": 2000,
+        "stage_end/de/forgetting": 0.0, "stage_end/de/max_forgetting": 0.25, "stage_end/de/max_forgetting_tokens": 3000,
+        "stage_end/code/adaptation": 1.5, "stage_end/code/min_adaptation": -0.5,
+        "stage_end/code/min_adaptation_tokens": 3000,
+    })
+    with pytest.raises(RuntimeError):
+        t.update(5000, {"en": 3.0, "de": 4.0, "code": 6.0})
+
+
+def test_forgetting_tracker_next_stage_resume_and_errors():
+    t = ForgettingTracker(["a", "b"], new_domains=["b"])
+    t.start_stage({"a": 2.0, "b": 5.0}, tokens=0)
+    t.update(100, {"a": 2.5, "b": 4.0})
+    t.end_stage()
+    # stage 2: b is old now, its baseline is where stage 1 left it
+    t.start_stage({"a": 2.5, "b": 4.0}, tokens=100, new_domains=[])
+    assert t.update(200, {"a": 2.25, "b": 4.75}) == pytest.approx({
+        "probe/a/delta": -0.25, "probe/a/forgetting": -0.25, "probe/a/max_forgetting": 0.0,
+        "probe/a/max_forgetting_tokens": 100,
+        "probe/b/delta": 0.75, "probe/b/forgetting": 0.75, "probe/b/max_forgetting": 0.75,
+        "probe/b/max_forgetting_tokens": 200,
+    })
+    # a resumed run restores the stage in progress from the (JSON) trainer state
+    restored = ForgettingTracker(["a", "b"])
+    restored.load_state_dict(json.loads(json.dumps(t.state_dict())))
+    assert restored.update(300, {"a": 2.0, "b": 4.5}) == t.update(300, {"a": 2.0, "b": 4.5})
+    assert restored.end_stage() == t.end_stage()
+    # a diverged loss is the worst point
+    t.start_stage({"a": 1.0, "b": 1.0}, tokens=0)
+    t.update(10, {"a": float("nan"), "b": 1.0})
+    t.update(20, {"a": float("nan"), "b": 1.0})
+    end = t.end_stage()
+    assert math.isnan(end["stage_end/a/max_forgetting"]) and end["stage_end/a/max_forgetting_tokens"] == 10
+    with pytest.raises(ValueError, match="new domains c are not probe domains"):
+        ForgettingTracker(["a", "b"], new_domains=["c"])
+    with pytest.raises(ValueError, match="baseline lacks probe domains b"):
+        t.start_stage({"a": 1.0}, tokens=0)
+
+
+def test_probe_losses_reads_a_probe_record():
+    rec = {"step": 3, "tokens": 30, "probe/en/loss": 2.5, "probe/en/ppl": 12.2, "probe/seconds": 0.1,
+           "probe/code/loss": 4.0, "probe/en/forgetting": 0.2}
+    assert probe_losses(rec) == {"en": 2.5, "code": 4.0}
+
+
+# --------------------------------------------------------------------------------------- downstream
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    from cpt.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tok):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def manual_logprob(model, tok, context: str, continuation: str) -> tuple[float, int]:
+    """Sum of log p(continuation token | everything before it), straight from one forward's logits."""
+    ctx = [tok.bos_token_id] + tok(context, add_special_tokens=False)["input_ids"]
+    full = [tok.bos_token_id] + tok(context + continuation, add_special_tokens=False)["input_ids"]
+    assert full[:len(ctx)] == ctx  # a boundary without a merge, so the split is unambiguous
+    with torch.no_grad():
+        logp = model(input_ids=torch.tensor([full])).logits[0].log_softmax(-1)
+    return sum(logp[t - 1, full[t]].item() for t in range(len(ctx), len(full))), len(full) - len(ctx)
+
+
+def test_downstream_logprob_equals_manual_computation(tiny_lm, tok):
+    lp, n = manual_logprob(tiny_lm, tok, "The kernel maintains a list of", " devices and drivers.")
+    out = ds.score(tiny_lm, tok, [{"context": "The kernel maintains a list of", "target": " devices and drivers."}])
+    assert out["cloze_items"] == 1
+    assert out["cloze_logprob"] == pytest.approx(lp, abs=1e-5)
+    assert out["cloze_logprob_per_token"] == pytest.approx(lp / n, abs=1e-6)
+    # trailing whitespace of the context is scored as part of the continuation, from the same prefix
+    lp2, _ = manual_logprob(tiny_lm, tok, "def f(x):", "\n    return x")
+    out2 = ds.score(tiny_lm, tok, [{"context": "def f(x):\n", "target": "    return x"}])
+    assert out2["cloze_logprob"] == pytest.approx(lp2, abs=1e-5)
+
+
+def test_downstream_batching_padding_and_sharding_do_not_change_scores(tiny_lm, tok):
+    items = [
+        {"context": "Linux device drivers\n====\n", "choices": ["The PCI bus", "import os", "x"], "answer": 0},
+        {"context": "for i in range(10):\n", "choices": ["    print(i)", "Die Datei"], "answer": 0},
+        {"context": "Hello", "target": " world, this is a much longer continuation than the others"},
+    ]
+    one = ds.score(tiny_lm, tok, items, batch_size=1)
+    padded = ds.score(tiny_lm, tok, items, batch_size=8)
+    assert padded == pytest.approx(one, abs=1e-5)
+    # two simulated processes (threads) whose reduce is an all-reduce (sum) through a barrier
+    parts, barrier, results = {}, threading.Barrier(2), {}
+
+    def all_reduce(rank, t):
+        parts[rank] = t.clone()
+        barrier.wait()
+        return parts[0] + parts[1]
+
+    def worker(rank):
+        results[rank] = ds.score(tiny_lm, tok, items, batch_size=2, rank=rank, world_size=2,
+                                 reduce=lambda t: all_reduce(rank, t))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert results[0] == results[1] == pytest.approx(one, abs=1e-5)
+    assert one["mc_items"] == 2 and one["cloze_items"] == 1
+
+
+class Bigram(torch.nn.Module):
+    """A 'model' that puts logit 20 on the bigrams of given token sequences: it knows the answers."""
+
+    def __init__(self, vocab: int, sequences: list[list[int]]):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(vocab, vocab))
+        for seq in sequences:
+            for a, b in zip(seq, seq[1:], strict=False):
+                self.table.data[a, b] = 20.0
+        self.config = SimpleNamespace(max_position_embeddings=512)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_downstream_forced_model_gets_everything_right(tok):
+    items = [
+        {"context": "The scheduler picks", "choices": [" a banana", " the next task", " purple"], "answer": 1},
+        {"context": "import", "choices": [" sys", " Tabelle"], "answer": 0},
+        {"context": "Memory is", "target": " allocated in pages"},
+    ]
+    known = [[tok.bos_token_id] + tok(it["context"] + (it["choices"][it["answer"]] if "choices" in it
+                                                        else it["target"]), add_special_tokens=False)["input_ids"]
+             for it in items]
+    out = ds.score(Bigram(len(tok), known), tok, items)
+    assert out["acc"] == 1.0 and out["acc_norm"] == 1.0
+    assert out["correct_logprob_per_token"] > -1e-3 and out["cloze_logprob_per_token"] > -1e-3
+
+
+def test_downstream_bad_items_are_named(tmp_path):
+    from cpt.errors import CptError
+
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"context": "a", "choices": ["x", "y"], "answer": 0}\n{"context": "a", "choices": ["x"], "answer": 0}\n')
+    with pytest.raises(CptError, match=r"bad.jsonl:2: 'choices' must be a list of at least 2"):
+        ds.load_items(f)
+    f.write_text('{"context": "a", "choices": ["x", "y"], "answer": 2}\n')
+    with pytest.raises(CptError, match=r"bad.jsonl:1: 'answer' must be an index"):
+        ds.load_items(f)
+
+
+def test_shipped_downstream_sets_are_valid():
+    root = Path(__file__).resolve().parents[1] / "recipes" / "probes"
+    for name in ("kernel_next_line.jsonl", "python_next_line.jsonl"):
+        items = ds.load_items(root / name)
+        assert len(items) == 50 and all(len(it["choices"]) == 4 for it in items)
+
+
+# -------------------------------------------------------------------------------------- cpt probe
+
+
+def test_cpt_probe_matches_the_runs_last_probe(tmp_path, tokenizer_dir, prepared, capsys):
+    from cpt import checkpoint as ckpt_lib
+    from cpt.cli import main
+    from cpt.recipe import validate_recipe
+    from cpt.tracking import read_metrics
+    from cpt.trainer import train
+
+    run = tmp_path / "run"
+    recipe = validate_recipe({
+        "run": {"name": "probe-me", "output_dir": str(run), "seed": 3},
+        "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
+                  "config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                             "num_attention_heads": 4, "num_key_value_heads": 4}},
+        "data": {"seq_len": 128, "sources": {"en": str(prepared["en"]["train"])}, "mixture": {"en": 1.0}},
+        "train": {"tokens": 3 * 1024, "global_batch_tokens": 1024, "micro_batch_size": 8},
+        "schedule": {"kind": "constant", "max_lr": 3e-3},
+        "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 8},
+        "tracking": {"progress": False},
+    })
+    train(recipe)
+    last = [r for r in read_metrics(run / "metrics.jsonl") if "probe/en/loss" in r][-1]
+    assert last["step"] == 3
+    items = tmp_path / "mc.jsonl"
+    items.write_text(json.dumps({"context": "The driver", "choices": [" loads", " Datei"], "answer": 0}) + "\n")
+
+    # a checkpoint without config.json / tokenizer (older layout) borrows them from the run's final/
+    bare = tmp_path / "bare-run" / "checkpoints" / "step-00000003"
+    shutil.copytree(ckpt_lib.latest_checkpoint(run), bare,
+                    ignore=shutil.ignore_patterns("config.json", "tokenizer*", "optimizer*"))
+    shutil.copytree(run / "final", bare.parent.parent / "final")
+
+    results = {}
+    for what, path in (("final", run / "final"), ("checkpoint", ckpt_lib.latest_checkpoint(run)),
+                       ("bare checkpoint", bare)):
+        out = tmp_path / f"{what.replace(' ', '-')}.json"
+        rc = main(["probe", str(path), "--sets", f"en={prepared['en']['validation']}",
+                   "--downstream", f"mc={items}", "--max-sequences", "8", "--out", str(out)])
+        assert rc == 0
+        results[what] = json.loads(out.read_text())
+    for r in results.values():
+        assert r["sets"]["en"]["loss"] == pytest.approx(last["probe/en/loss"], abs=1e-5)
+        assert r["sets"]["en"]["sequences"] == 8
+        assert r["sets"]["en"]["ppl"] == pytest.approx(math.exp(r["sets"]["en"]["loss"]))
+        assert r["downstream"]["mc"]["mc_items"] == 1 and r["seconds"] > 0
+    for what in ("checkpoint", "bare checkpoint"):
+        assert results[what]["downstream"]["mc"] == pytest.approx(results["final"]["downstream"]["mc"], abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "en" in printed and f"{last['probe/en/loss']:.4f}" in printed
+    assert main(["probe", str(run / "final"), "--sets", "en"]) == 2  # NAME=PATH expected: a one-line error
