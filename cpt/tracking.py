@@ -35,24 +35,36 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only JSONL metrics. On resume, records past the restored step are dropped first, so the
-    file always describes one consistent history (those steps are about to be recomputed)."""
+    """Append-only JSONL metrics. On resume, what was written after the checkpoint is dropped first, so
+    the file always describes one consistent history (those records are about to be written again).
 
-    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None):
+    ``keep_records`` (the count a checkpoint recorded when it was saved) cuts exactly; without it,
+    records past ``resume_step`` are dropped (records at that very step, such as the next stage's
+    baseline logged after the checkpoint, cannot be told apart by step alone)."""
+
+    def __init__(self, path: str | Path, enabled: bool, resume_step: int | None = None,
+                 keep_records: int | None = None):
         self.path = Path(path)
         self._f = None
+        self.count = 0  # records in the file: a checkpoint stores it as its cut point
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            kept = read_metrics(self.path)
+            kept = kept[:keep_records] if keep_records is not None else [
+                r for r in kept if r.get("step", 0) <= resume_step]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
+            self.count = len(kept)
+        elif self.path.exists():
+            self.count = len(read_metrics(self.path))
         self._f = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one record
 
     def log(self, record: dict[str, Any]) -> None:
         if self._f is not None:
             self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            self.count += 1
 
     def close(self) -> None:
         if self._f is not None:
@@ -102,11 +114,12 @@ class Tracker:
     """
 
     def __init__(self, run_dir: str | Path, recipe_dict: dict[str, Any], *, enabled: bool,
-                 resume_step: int | None = None, wandb_cfg: WandbConfig | dict[str, Any] | None = None):
+                 resume_step: int | None = None, wandb_cfg: WandbConfig | dict[str, Any] | None = None,
+                 keep_records: int | None = None):
         self.run_dir = Path(run_dir)
         if enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled, resume_step)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled, resume_step, keep_records)
         self.wandb_run = None
         if not enabled or wandb_cfg is None:
             return

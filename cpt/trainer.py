@@ -129,6 +129,13 @@ def make_accelerator(recipe: Recipe):
                               Layout.from_recipe(recipe, accelerator.num_processes), recipe.train.grad_clip)
         accelerator.wait_for_everyone()  # every rank has mapped every other rank's buffer (see below)
         unlink_deepspeed_shm(accelerator.process_index)
+        # accelerate points transformers at the DeepSpeed config whatever zero3_init_flag says; with ZeRO-3
+        # transformers would then build models under deepspeed.zero.Init: partitioned at birth with an init
+        # of its own (other losses than the same seed without DeepSpeed, 0 parameters counted), and the
+        # main-process-only merged LoRA export would wait on the other ranks. cpt builds models whole.
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     return accelerator
 
 
@@ -329,7 +336,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     consumed = saved["data_consumed"] if saved else dict(origin.consumed)
     end_tokens = stages[-1].end
     tracker = Tracker(run_dir, recipe.to_dict(), enabled=main, resume_step=step if saved else None,
-                      wandb_cfg=recipe.tracking.wandb)
+                      wandb_cfg=recipe.tracking.wandb, keep_records=saved.get("metrics_records") if saved else None)
     if main:
         how = f"resumed from {resume_from}" if saved else "fresh start"
         print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "
@@ -357,7 +364,8 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                  "data_consumed": sampler.consumed(), "mixture": stage.mixture,
                  "lr": optimizer.param_groups[0]["lr"], "next_lr": stage_at(tokens).lr(tokens),
                  "elapsed_s": elapsed, "tags": tags, "origin": origin.to_dict(),
-                 "probe_state": forgetting.state_dict() if forgetting else None}
+                 "probe_state": forgetting.state_dict() if forgetting else None,
+                 "metrics_records": tracker.metrics.count}
         ckpt_lib.save_checkpoint(accelerator, run_dir, step, state, recipe.to_yaml(), recipe.checkpoint.keep_last,
                                  model=model, tokenizer=tokenizer)
 

@@ -262,3 +262,27 @@ def test_english_then_german_shows_forgetting_and_adaptation(make_recipe, prepar
     # baseline, dense every 4 steps inside [64, 80), then the regular cadence (multiples of 20) and the end
     assert [x["tokens"] // TPS for x in de_probes] == [64, 68, 72, 76, 80, 88]
     assert all("probe/en/forgetting" in x and "probe/de/adaptation" in x for x in de_probes)
+
+
+def test_resume_at_a_stage_boundary_drops_records_written_after_the_checkpoint(make_recipe):
+    import json
+
+    stages = [{"name": "a", "tokens": 3 * TPS, "mixture": {"en": 1.0}},
+              {"name": "b", "tokens": 3 * TPS, "mixture": {"de": 1.0}}]
+    over = dict(train__tokens=None, data__mixture=None, stages=stages)
+    whole = make_recipe("boundary-whole", **over)
+    train(whole)
+    split = make_recipe("boundary-split", **over)
+    train(split, max_steps=3)  # stops on the boundary, checkpoint tagged stage_end:a
+    with open(Path(split.run.output_dir) / "metrics.jsonl", "a") as f:  # the next stage had begun logging
+        f.write(json.dumps({"step": 3, "tokens": 3 * TPS, "stage": "b", "event": "stage_start"}) + "\n")
+    train(split, resume=True)
+
+    def history(run):
+        return [(r["step"], r.get("stage"), r.get("event"), r.get("train/loss"), r.get("probe/en/loss"))
+                for r in read_metrics(Path(run.run.output_dir) / "metrics.jsonl")]
+    a, b = history(whole), history(split)
+    assert [x[:3] for x in a] == [x[:3] for x in b]
+    for x, y in zip(a, b, strict=True):
+        for p, q in zip(x[3:], y[3:], strict=True):
+            assert p == q or abs(p - q) < 1e-6
