@@ -9,6 +9,11 @@ Layout of a run directory::
                                  config.json + tokenizer: the dir is also a Hugging Face model dir
     final/                       the exported Hugging Face model dir (safetensors) + tokenizer
 
+With LoRA (recipe ``peft:``) a checkpoint's weights carry peft's names and its ``adapter/`` holds the
+adapter (peft ``save_pretrained``); ``final/`` is the merged model and ``final/adapter/`` the adapter.
+Under DeepSpeed or FSDP accelerate writes its own sharded model files; the gathered weights are written
+beside them as ``model.safetensors`` so that a checkpoint stays a model dir (init_from reads it).
+
 A checkpoint is written under ``checkpoints/.tmp-step-...`` and renamed into place when complete: the
 rename is the commit, so a kill during a save leaves the previous checkpoints intact and the latest
 checkpoint is simply the highest complete ``step-*`` directory (no pointer file to get out of sync).
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cpt.errors import CptError
+from cpt.model import ADAPTER_DIR, is_peft, merged_copy
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -56,10 +62,21 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    peft = model is not None and is_peft(accelerator.unwrap_model(model))
+    sharded = model is not None and _shards_weights(accelerator)
+    # every rank takes part: gathers ZeRO-3 / FSDP shards (cheap references otherwise)
+    state_dict = accelerator.get_state_dict(model) if peft or sharded else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if model is not None:  # accelerate writes HF parameter names: with the config, from_pretrained loads it
-            accelerator.unwrap_model(model).config.save_pretrained(tmp)
+            unwrapped = accelerator.unwrap_model(model)
+            (unwrapped.get_base_model() if peft else unwrapped).config.save_pretrained(tmp)
+            if sharded:
+                from accelerate.utils import save
+
+                save(state_dict, tmp / "model.safetensors", safe_serialization=True)
+            if peft:
+                unwrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -86,6 +103,13 @@ def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CptError(f"{f}: corrupt trainer state ({e})") from None
+
+
+def _shards_weights(accelerator) -> bool:
+    """Whether save_state writes the model in a sharded format of its own instead of model.safetensors."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 def load_checkpoint(accelerator, ckpt: str | Path) -> dict[str, Any]:
@@ -127,9 +151,22 @@ def load_optimizer_state(optimizer, ckpt: str | Path) -> None:
     torch only checks group sizes; the shapes are checked here so that moments of another
     architecture are refused instead of silently broadcast."""
     import torch
+    from accelerate.utils import DeepSpeedOptimizerWrapper
 
+    if isinstance(optimizer, DeepSpeedOptimizerWrapper):
+        raise CptError("not supported under DeepSpeed (train.deepspeed): DeepSpeed keeps the optimizer state "
+                       "partitioned in its own format; set init_from.load.optimizer: false, or train without "
+                       "DeepSpeed")
+    if (Path(ckpt) / ADAPTER_DIR).is_dir():
+        raise CptError(f"{ckpt} is a LoRA checkpoint: init_from merges its adapter into the weights (a recipe "
+                       f"with peft then starts a fresh adapter), so its optimizer moments belong to no parameter "
+                       f"here; set init_from.load.optimizer: false (to continue the same adapter, --resume the run "
+                       f"or add a stage to it)")
     f = Path(ckpt) / "optimizer.bin"
     if not f.is_file():
+        if (Path(ckpt) / "pytorch_model").is_dir():
+            raise CptError(f"{ckpt} was written under DeepSpeed: its optimizer state is in DeepSpeed's "
+                           f"partitioned format, which init_from cannot load; set init_from.load.optimizer: false")
         raise CptError(f"{ckpt}: no optimizer state (optimizer.bin)")
     saved = torch.load(f, map_location="cpu", weights_only=False)
     groups = optimizer.param_groups
@@ -150,13 +187,19 @@ def load_optimizer_state(optimizer, ckpt: str | Path) -> None:
 
 
 def export_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path:
-    """Write a Hugging Face model dir (safetensors + tokenizer) that from_pretrained loads."""
+    """Write a Hugging Face model dir (safetensors + tokenizer) that from_pretrained loads. A LoRA model
+    is written merged (base + adapters), with the adapter alone in ``adapter/``."""
     out = Path(out_dir)
     tmp = out.with_name(f".tmp-{out.name}")
     state_dict = accelerator.get_state_dict(model)  # every rank: gathers sharded (ZeRO-3/FSDP) weights
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        unwrapped = accelerator.unwrap_model(model)
+        if is_peft(unwrapped):
+            unwrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict)
+            merged_copy(unwrapped, state_dict).save_pretrained(tmp, safe_serialization=True)
+        else:
+            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)

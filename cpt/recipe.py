@@ -148,6 +148,15 @@ class TrainConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on a GPU that supports it, fp32 otherwise."
     )
+    compile: bool = Field(
+        False, description="torch.compile the model (in place, so checkpoint keys do not change); the first "
+        "steps are slow while it compiles. Meant for GPUs (works on CPU too, compiling for minutes)."
+    )
+    deepspeed: str | None = Field(
+        None, description="Path to a DeepSpeed JSON config (e.g. recipes/deepspeed/zero2.json) = train with "
+        "DeepSpeed ZeRO through accelerate. Batch sizes, grad accumulation and clipping are filled in from "
+        "this recipe (write \"auto\" for them); precision from train.precision. null = plain DDP."
+    )
 
     @field_validator("grad_clip")
     @classmethod
@@ -155,6 +164,22 @@ class TrainConfig(_Strict):
         if v is not None and v <= 0:
             raise ValueError("must be > 0, or null for no clipping")
         return v
+
+
+class PeftConfig(_Strict):
+    kind: Literal["lora"] = Field("lora", description="Adapter kind (peft): lora.")
+    r: int = Field(16, gt=0, description="LoRA rank of the update B @ A.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1, description="Names (suffixes) of the linear layers that get adapters; default: every "
+        "attention and MLP projection of a Llama-shaped model.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full beside the adapters, e.g. [embed_tokens, "
+        "lm_head] when the new data brings new tokens or a new language.",
+    )
 
 
 class DenseProbesConfig(_Strict):
@@ -211,6 +236,11 @@ class TrackingConfig(_Strict):
 class Recipe(_Strict):
     run: RunConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    peft: PeftConfig | None = Field(
+        None, description="Train LoRA adapters (peft) on the frozen model instead of all weights; null = "
+        "full training. Checkpoints hold the adapters; the run's final/ is the merged model, final/adapter/ "
+        "the adapter alone."
+    )
     init_from: InitFromConfig | None = Field(
         None, description="Start from a checkpoint: which of weights, optimizer, schedule/data state to load. "
         "A new stage, not a resume (cpt train --resume continues the same run exactly)."
@@ -473,16 +503,15 @@ def _field_names(loc: tuple[Any, ...], data: Any) -> list[str]:
 def _model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in typing.get_args(annotation):
-        m = _model_of(arg, node)
-        if m is None:
-            continue
+    models = [m for arg in typing.get_args(annotation) if (m := _model_of(arg, node)) is not None]
+    for m in models:
         kind = m.model_fields.get("kind")
         if kind is None or not isinstance(node, dict):
             return m
         if node.get("kind") in typing.get_args(kind.annotation):
             return m
-    return None
+    # a single model with a defaulted kind (e.g. `PeftConfig | None`): not a union to pick from
+    return models[0] if len(models) == 1 else None
 
 
 def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:

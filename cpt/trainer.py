@@ -158,8 +158,8 @@ def unlink_deepspeed_shm(rank: int) -> None:
 
 
 def deepspeed_plugin(path: str):
-    """accelerate's DeepSpeed plugin from a DeepSpeed JSON config (train.deepspeed). DeepSpeed itself is
-    imported only here, i.e. only by runs that ask for it."""
+    """accelerate's DeepSpeed plugin from a DeepSpeed JSON config (train.deepspeed). Only runs that set
+    it get here, so only they import DeepSpeed (accelerate does, when the Accelerator is created)."""
     import json
 
     from accelerate.utils import DeepSpeedPlugin
@@ -176,9 +176,10 @@ def deepspeed_plugin(path: str):
         if section in config:
             raise CptError(f"train.deepspeed: {path} defines {section!r}; cpt takes it from the recipe's "
                            f"{owner}: remove it from the DeepSpeed config")
-    # zero3_init_flag=False: the model is built whole on every rank (the same seeded init as without
-    # DeepSpeed) and partitioned by deepspeed.initialize; zero.Init would be needed only for models that
-    # do not fit one process's CPU memory.
+    # The model is built whole on every rank (the same seeded init as without DeepSpeed) and partitioned
+    # by deepspeed.initialize: zero3_init_flag=False here, and transformers' reference to the config is
+    # unset in make_accelerator. zero.Init would be needed only for models that do not fit one process's
+    # CPU memory.
     return DeepSpeedPlugin(hf_ds_config=config, zero3_init_flag=False)
 
 

@@ -1,0 +1,401 @@
+"""Scaling out: LoRA (peft) runs, DeepSpeed ZeRO, accelerate/DeepSpeed configs, the SLURM launcher, MFU.
+
+Fast tests run in-process on a tiny Llama. The `multiproc` ones launch 2 gloo processes on CPU with
+`accelerate launch` (LoRA under DDP; DeepSpeed ZeRO-2 with save and resume); the README's test command
+runs them (deselect with `-m "not multiproc"`). FSDP and anything needing a GPU (bf16, MFU on a real
+device, torch.compile) are not run here; see docs/multinode.md.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cpt import checkpoint as ckpt_lib
+from cpt.errors import CptError
+from cpt.recipe import validate_recipe
+from cpt.tracking import read_metrics
+from cpt.trainer import Layout, train
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+
+
+def metric(run_dir, key="train/loss"):
+    return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
+
+
+def tiny_base(recipe):
+    """The seeded preset model a run from scratch starts from (the LoRA base)."""
+    from cpt.data.tokenizer import load_tokenizer
+    from cpt.model import build_model
+
+    return build_model(recipe.model, load_tokenizer(recipe.model.tokenizer), recipe.run.seed)
+
+
+# --------------------------------------------------------------------------------------------- recipe
+
+
+def test_recipe_fields_peft_compile_deepspeed(make_recipe):
+    r = make_recipe(peft={"r": 8, "target_modules": ["q_proj"]}, train__compile=True,
+                    train__deepspeed="recipes/deepspeed/zero2.json")
+    assert r.peft.kind == "lora" and r.peft.alpha == 32 and r.peft.modules_to_save == []
+    assert r.train.compile and r.train.deepspeed == "recipes/deepspeed/zero2.json"
+    assert make_recipe().peft is None and not make_recipe().train.compile
+    with pytest.raises(CptError, match=r"peft.r = 0: .*greater than 0"):
+        make_recipe(peft={"r": 0})
+    with pytest.raises(CptError, match=r"peft.lora_alpha: unknown key \(did you mean 'alpha'\?\)"):
+        make_recipe(peft={"lora_alpha": 8})
+    with pytest.raises(CptError, match=r"peft.rank: unknown key \(expected one of: kind, r, alpha, dropout"):
+        make_recipe(peft={"rank": 8})
+    with pytest.raises(CptError, match=r"peft.kind = 'dora'"):
+        make_recipe(peft={"kind": "dora"})
+    with pytest.raises(CptError, match="peft.target_modules"):
+        make_recipe(peft={"target_modules": []})
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+
+
+def test_lora_resume_is_exact_and_export_is_merged(make_recipe):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    whole = make_recipe("lora-whole", peft=LORA)
+    train(whole)
+    split = make_recipe("lora-split", peft=LORA)
+    assert not train(split, max_steps=5).completed
+    ckpt = ckpt_lib.latest_checkpoint(split.run.output_dir)
+    assert (ckpt / "adapter" / "adapter_config.json").is_file() and (ckpt / "adapter" / "adapter_model.safetensors").is_file()
+    assert train(split, resume=True).completed
+    losses = metric(whole.run.output_dir)
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.1  # the adapters (and the LM head) learn
+    assert metric(split.run.output_dir) == losses  # bit-identical: adapters, optimizer, dropout RNG restored
+    probes = metric(whole.run.output_dir, "probe/en/loss")
+    assert len(probes) == 2 and probes[1] < probes[0]  # probes run on the peft model
+    assert not metric(whole.run.output_dir, "train/mfu")  # CPU: no peak FLOP/s, no MFU
+
+    # final/ is the merged model; final/adapter/ + the base gives the same logits
+    final = Path(whole.run.output_dir) / "final"
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    base = tiny_base(whole)
+    k_before = base.model.layers[0].self_attn.k_proj.weight.clone()
+    adapted = PeftModel.from_pretrained(base, final / "adapter").eval()
+    ids = torch.randint(0, 2000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = adapted(input_ids=ids).logits
+        assert (merged(input_ids=ids).logits - want).abs().max().item() < 1e-5
+    assert torch.equal(merged.model.layers[0].self_attn.k_proj.weight, k_before)  # not targeted: untouched
+
+    # a LoRA checkpoint loads (init_from, --resume) as the merged model too
+    from cpt.data.tokenizer import load_tokenizer
+    from cpt.model import build_model
+
+    last = ckpt_lib.latest_checkpoint(whole.run.output_dir)
+    from_ckpt = build_model(whole.model, load_tokenizer(last), 0, last).eval()
+    with torch.no_grad():
+        assert (from_ckpt(input_ids=ids).logits - want).abs().max().item() < 1e-5
+
+
+def test_wrap_peft_freezes_the_base_and_names_bad_targets(make_recipe, capsys):
+    from cpt.model import wrap_peft
+    from cpt.recipe import PeftConfig
+
+    r = make_recipe()
+    model = wrap_peft(tiny_base(r), PeftConfig(**LORA))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert "trainable" in capsys.readouterr().out
+    with pytest.raises(CptError, match="peft.target_modules .*nope"):
+        wrap_peft(tiny_base(r), PeftConfig(target_modules=["nope"]), verbose=False)
+
+
+def test_init_from_lora_checkpoint_merges_and_refuses_its_optimizer(make_recipe, tokenizer_dir):
+    lora = make_recipe("lora-src", peft=LORA, train__tokens=4096)
+    train(lora)
+    init = {"path": lora.run.output_dir, "load": {"weights": True}}
+    full = make_recipe("full-after-lora", model={"tokenizer": str(tokenizer_dir)}, init_from=init)
+    train(full, max_steps=1)
+    # the new stage's baseline probe = the LoRA run's last probe: it starts from the merged weights
+    assert metric(full.run.output_dir, "probe/en/loss")[0] == pytest.approx(
+        metric(lora.run.output_dir, "probe/en/loss")[-1], abs=1e-5)
+    again = make_recipe("lora-after-lora", model={"tokenizer": str(tokenizer_dir)}, peft=LORA,
+                        init_from={**init, "load": {"weights": True, "optimizer": True}})
+    with pytest.raises(CptError, match="init_from.load.optimizer: .* is a LoRA checkpoint"):
+        train(again)
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed
+
+
+def test_deepspeed_config_filled_from_the_recipe(make_recipe):
+    from cpt.trainer import fill_deepspeed_config
+
+    r = make_recipe()  # 1024 tokens / 128 = 8 sequences per step, micro-batch 4
+    cfg = json.loads((ROOT / "recipes/deepspeed/zero2.json").read_text())
+    fill_deepspeed_config(cfg, "zero2.json", Layout.from_recipe(r, 2), r.train.grad_clip)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["train_batch_size"],
+            cfg["gradient_clipping"]) == (4, 1, 8, 1.0)
+    hand = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 16, "zero_optimization": {"stage": 2}}
+    with pytest.raises(CptError, match=r"sets train_batch_size = 16 but the recipe gives 8"):
+        fill_deepspeed_config(hand, "hand.json", Layout.from_recipe(r, 2), None)
+    no_clip = {"zero_optimization": {"stage": 1}}
+    fill_deepspeed_config(no_clip, "x.json", Layout.from_recipe(r, 1), None)
+    assert no_clip["gradient_clipping"] == 0.0 and no_clip["gradient_accumulation_steps"] == 2
+
+
+def test_shipped_deepspeed_configs(tmp_path):
+    from accelerate.utils import DeepSpeedPlugin
+
+    from cpt.trainer import deepspeed_plugin
+
+    for stage in (1, 2, 3):
+        path = ROOT / f"recipes/deepspeed/zero{stage}.json"
+        cfg = json.loads(path.read_text())
+        assert cfg["zero_optimization"]["stage"] == stage
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                    "gradient_clipping"):
+            assert cfg[key] == "auto", (path.name, key)  # filled from the recipe, never kept twice
+        plugin = deepspeed_plugin(str(path))
+        assert isinstance(plugin, DeepSpeedPlugin) and plugin.zero_stage == stage and not plugin.zero3_init_flag
+    # ZeRO-3 export needs the gathered weights (accelerate's get_state_dict refuses otherwise)
+    assert json.loads((ROOT / "recipes/deepspeed/zero3.json").read_text())["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"] is True
+    bad = tmp_path / "opt.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(CptError, match="defines 'optimizer'; cpt takes it from the recipe's train.optimizer"):
+        deepspeed_plugin(str(bad))
+    with pytest.raises(CptError, match="train.deepspeed: nowhere.json does not exist"):
+        deepspeed_plugin("nowhere.json")
+
+
+def test_optimizer_state_not_loaded_under_deepspeed(tmp_path):
+    from accelerate.utils import DeepSpeedOptimizerWrapper
+
+    wrapped = object.__new__(DeepSpeedOptimizerWrapper)  # the type is all the guard looks at
+    with pytest.raises(CptError, match="not supported under DeepSpeed"):
+        ckpt_lib.load_optimizer_state(wrapped, tmp_path)
+    (tmp_path / "pytorch_model").mkdir()  # a checkpoint written under DeepSpeed, loaded without it
+    with pytest.raises(CptError, match="written under DeepSpeed"):
+        ckpt_lib.load_optimizer_state(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), tmp_path)
+
+
+def test_unlink_deepspeed_shm_removes_this_ranks_buffer(monkeypatch):
+    from cpt.trainer import unlink_deepspeed_shm
+
+    monkeypatch.setenv("MASTER_ADDR", "cpt-test-host")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    mine = Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_cpt-test-host_1_3")
+    other = mine.with_name(mine.name[:-1] + "4")
+    mine.write_bytes(b"x")
+    other.write_bytes(b"x")
+    try:
+        unlink_deepspeed_shm(3)
+        assert not mine.exists() and other.exists()  # only this rank's own buffer
+        unlink_deepspeed_shm(3)  # already gone: fine
+    finally:
+        mine.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- accelerate configs, SLURM
+
+
+def test_accelerate_configs_parse_into_plugins(monkeypatch):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    ddp = load_config_from_file(str(ROOT / "recipes/accelerate/multi-gpu.yaml"))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.num_machines == 1
+    fsdp = load_config_from_file(str(ROOT / "recipes/accelerate/fsdp2.yaml"))
+    assert fsdp.distributed_type == DistributedType.FSDP and fsdp.fsdp_config["fsdp_version"] == 2
+    # what `accelerate launch --config_file` hands the processes, read back by the FSDP plugin
+    args = launch_command_parser().parse_args(["--config_file", str(ROOT / "recipes/accelerate/fsdp2.yaml"), "x.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    for k, v in env.items():
+        if k.startswith("FSDP_"):
+            monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer"]
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+
+
+def test_slurm_launcher_command_line(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-a18\\n"\n')
+    (fake / "scontrol").chmod(0o755)
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-a[17-18]", "SLURM_NNODES": "2",
+           "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4", "CPT_DRY_RUN": "1"}
+    script = ROOT / "scripts/slurm/launch.sh"
+
+    def run(*args, **extra):
+        out = subprocess.run(["bash", str(script), *args], env={**env, **extra}, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().splitlines()[-1]
+
+    assert run("recipes/x.yaml", "run.name=a b", "--resume") == (
+        "accelerate launch --num_machines 2 --machine_rank 1 --main_process_ip gpu-a17 --main_process_port 29500 "
+        "--num_processes 8 --multi_gpu -m cpt.cli train recipes/x.yaml run.name=a\\ b --resume")
+    line = run("r.yaml", MASTER_PORT="6000", GPUS_PER_NODE="8", ACCELERATE_CONFIG="recipes/accelerate/fsdp2.yaml")
+    assert "--main_process_port 6000 --num_processes 16 --config_file recipes/accelerate/fsdp2.yaml -m cpt.cli" in line
+    missing = subprocess.run(["bash", str(script), "r.yaml"], env={"PATH": os.environ["PATH"], "CPT_DRY_RUN": "1"},
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "not inside a SLURM allocation" in missing.stderr
+
+
+# ----------------------------------------------------------------------------------------------- MFU
+
+
+def test_flops_per_token_by_hand():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from cpt.model import flops_per_token, matmul_params, peak_flops
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=100, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # per layer: q, k, v, o 4*64*64 + MLP 3*64*128 + 2 norms 2*64 = 41088; x2 layers + final norm 64
+    # + LM head 100*64; the input embedding (a lookup) is not counted
+    assert matmul_params(model) == (2 * 41088 + 64 + 6400, 0)
+    attention = 12 * 2 * 64 * 128  # 12 * layers * (heads * head_dim) * seq_len
+    assert flops_per_token(cfg, 128, *matmul_params(model)) == 6 * 88640 + attention
+    model.lm_head.weight.requires_grad_(False)  # frozen: forward + input gradient only
+    assert flops_per_token(cfg, 128, *matmul_params(model)) == 6 * 82240 + 4 * 6400 + attention
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("NVIDIA H200") == 989e12
+    assert peak_flops("Some Future GPU") is None
+
+
+def test_mfu_scale_on_a_known_gpu(make_recipe, monkeypatch):
+    from cpt.model import flops_per_token, matmul_params
+    from cpt.trainer import _mfu_per_token_s
+
+    r = make_recipe()
+    model = tiny_base(r)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    fake = SimpleNamespace(device=SimpleNamespace(type="cuda"), num_processes=2, is_main_process=True)
+    want = flops_per_token(model.config, 128, *matmul_params(model)) / (2 * 989e12)
+    assert _mfu_per_token_s(model, r, fake) == pytest.approx(want, rel=1e-12)
+    assert _mfu_per_token_s(model, r, SimpleNamespace(device=SimpleNamespace(type="cpu"))) is None
+
+
+# ------------------------------------------------------------------------------- 2 processes on CPU
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(recipe_path, *args, port, extra_env=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "cpt.cli", "train", str(recipe_path), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
+    def make(name, peft=None, **train):
+        r = validate_recipe({
+            "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 5},
+            "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
+                      "config": {"hidden_size": 64, "intermediate_size": 128}},
+            "data": {"seq_len": 128, "sources": {"en": str(prepared["en"]["train"]),
+                                                 "de": str(prepared["de"]["train"])},
+                     "mixture": {"en": 0.25, "de": 0.75}},
+            "train": {"tokens": 6144, "global_batch_tokens": 1024, "micro_batch_size": 2, **train},
+            "schedule": {"kind": "cosine", "max_lr": 3e-3, "warmup": 2048},
+            "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 7},
+            "tracking": {"progress": False},
+            "peft": peft,
+        })
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(r.to_yaml())
+        return r, path
+    return make
+
+
+@pytest.mark.multiproc
+def test_lora_two_processes_match_one(two_proc_recipe):
+    from transformers import AutoModelForCausalLM
+
+    lora = {**LORA, "dropout": 0.0}  # dropout masks come from per-rank RNG streams: not comparable
+    one, _ = two_proc_recipe("lora-one", peft=lora)
+    train(one)
+    two, path = two_proc_recipe("lora-two", peft=lora)
+    out = launch(path, port=free_port())
+    assert out.stdout.count("trainable") == 1  # the LoRA summary, printed by the main process only
+    assert metric(two.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
+    assert metric(two.run.output_dir, "probe/en/loss") == pytest.approx(metric(one.run.output_dir, "probe/en/loss"), abs=2e-5)
+    final = Path(two.run.output_dir) / "final"
+    assert (final / "adapter" / "adapter_model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(final)
+
+
+@pytest.mark.multiproc
+def test_zero2_two_processes_match_one_resume_and_leave_no_shm(two_proc_recipe):
+    """DeepSpeed ZeRO-2 on 2 gloo processes. fp32 ZeRO-2 averages the same gradients as one process
+    (reduce-scatter instead of all-reduce; only the summation order differs), so losses agree to ~1e-6."""
+    from transformers import AutoModelForCausalLM
+
+    ds = str(ROOT / "recipes/deepspeed/zero2.json")
+    one, _ = two_proc_recipe("one")
+    train(one)
+    # LOCAL_SIZE (set by DeepSpeed's launcher and MPI) makes DeepSpeed create its /dev/shm buffers
+    whole, whole_path = two_proc_recipe("zero2", deepspeed=ds)
+    port = free_port()
+    out = launch(whole_path, port=port, extra_env={"LOCAL_SIZE": "2"})
+    assert "2 process(es), grad accum 2" in out.stdout and out.stdout.count("cpt: done") == 1
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    assert metric(whole.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
+    assert metric(whole.run.output_dir, "probe/en/loss") == pytest.approx(metric(one.run.output_dir, "probe/en/loss"), abs=2e-5)
+    grad_norms = metric(whole.run.output_dir, "train/grad_norm")
+    assert grad_norms == pytest.approx(metric(one.run.output_dir, "train/grad_norm"), rel=1e-4)
+    # a checkpoint is still a model dir; the export loads
+    last = ckpt_lib.latest_checkpoint(whole.run.output_dir)
+    assert (last / "pytorch_model").is_dir() and (last / "model.safetensors").is_file()
+    AutoModelForCausalLM.from_pretrained(Path(whole.run.output_dir) / "final")
+
+    split, split_path = two_proc_recipe("zero2-split", deepspeed=ds)
+    launch(split_path, "--max-steps", "3", port=free_port())
+    assert len(metric(split.run.output_dir)) == 3
+    launch(split_path, "--resume", port=free_port())
+    assert metric(split.run.output_dir) == pytest.approx(metric(whole.run.output_dir), abs=1e-6)
+
+
+@pytest.mark.multiproc
+def test_zero3_lora_matches_one_process_and_exports_merged(two_proc_recipe):
+    """ZeRO-3 partitions the parameters; the model is still built whole with the recipe's seed (not
+    under deepspeed.zero.Init), so LoRA under ZeRO-3 follows the 1-process curve, and the export
+    gathers the shards into the same merged model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = {**LORA, "dropout": 0.0}
+    one, _ = two_proc_recipe("z3-one", peft=lora)
+    train(one)
+    z3, path = two_proc_recipe("z3-lora", peft=lora, deepspeed=str(ROOT / "recipes/deepspeed/zero3.json"))
+    out = launch(path, port=free_port())
+    assert f"{one.run.name}: 0.48M params" in out.stdout.replace(z3.run.name, one.run.name)  # counted before sharding
+    assert metric(z3.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
+    final = Path(z3.run.output_dir) / "final"
+    adapted = PeftModel.from_pretrained(tiny_base(one), final / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    ids = torch.randint(0, 2000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max().item() < 1e-5
