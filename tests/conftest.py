@@ -122,3 +122,16 @@ def make_recipe(tmp_path, tokenizer_dir, prepared):
             node[last] = value
         return validate_recipe(data)
     return make
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (long reproductions)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    marker = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(marker)

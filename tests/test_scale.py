@@ -378,6 +378,7 @@ def test_zero2_two_processes_match_one_resume_and_leave_no_shm(two_proc_recipe):
     assert metric(split.run.output_dir) == pytest.approx(metric(whole.run.output_dir), abs=1e-6)
 
 
+@pytest.mark.slow  # beyond the DDP and ZeRO-2 runs CI needs: python -m pytest --runslow
 @pytest.mark.multiproc
 def test_zero3_lora_matches_one_process_and_exports_merged(two_proc_recipe):
     """ZeRO-3 partitions the parameters; the model is still built whole with the recipe's seed (not
