@@ -8,6 +8,9 @@ before anything imports `transformers` or `datasets`.
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -135,3 +138,49 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(marker)
+
+
+# Shared by the 2-process tests (DDP, ZeRO, LoRA): accelerate launch on CPU with gloo.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(recipe_path, *args, port=None, extra_env=None):
+    """`accelerate launch` 2 gloo processes of `cpt train RECIPE ARGS` on CPU; asserts success."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port or free_port()), "-m", "cpt.cli", "train", str(recipe_path), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+@pytest.fixture
+def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
+    """A tiny 2-process-friendly recipe written to YAML: (recipe, path)."""
+    from cpt.recipe import validate_recipe
+
+    def make(name, peft=None, tokens=6144, **train):
+        r = validate_recipe({
+            "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 5},
+            "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
+                      "config": {"hidden_size": 64, "intermediate_size": 128}},
+            "data": {"seq_len": 128, "sources": {"en": str(prepared["en"]["train"]),
+                                                 "de": str(prepared["de"]["train"])},
+                     "mixture": {"en": 0.25, "de": 0.75}},
+            "train": {"tokens": tokens, "global_batch_tokens": 1024, "micro_batch_size": 2, **train},
+            "schedule": {"kind": "cosine", "max_lr": 3e-3, "warmup": 2048},
+            "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 7},
+            "tracking": {"progress": False},
+            "peft": peft,
+        })
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(r.to_yaml())
+        return r, path
+    return make

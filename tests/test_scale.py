@@ -8,18 +8,16 @@ device, torch.compile) are not run here; see docs/multinode.md.
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import free_port, launch  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
-from cpt.recipe import validate_recipe
 from cpt.tracking import read_metrics
 from cpt.trainer import Layout, train
 
@@ -292,42 +290,6 @@ def test_mfu_scale_on_a_known_gpu(make_recipe, monkeypatch):
 # ------------------------------------------------------------------------------- 2 processes on CPU
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(recipe_path, *args, port, extra_env=None):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), "-m", "cpt.cli", "train", str(recipe_path), *args]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out
-
-
-@pytest.fixture
-def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
-    def make(name, peft=None, **train):
-        r = validate_recipe({
-            "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 5},
-            "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
-                      "config": {"hidden_size": 64, "intermediate_size": 128}},
-            "data": {"seq_len": 128, "sources": {"en": str(prepared["en"]["train"]),
-                                                 "de": str(prepared["de"]["train"])},
-                     "mixture": {"en": 0.25, "de": 0.75}},
-            "train": {"tokens": 6144, "global_batch_tokens": 1024, "micro_batch_size": 2, **train},
-            "schedule": {"kind": "cosine", "max_lr": 3e-3, "warmup": 2048},
-            "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 7},
-            "tracking": {"progress": False},
-            "peft": peft,
-        })
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(r.to_yaml())
-        return r, path
-    return make
 
 
 @pytest.mark.multiproc
