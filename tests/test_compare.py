@@ -118,3 +118,15 @@ def test_browser_check_skips_without_chromium(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(page), "--chromium", str(tmp_path / "no-browser")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith("SKIP: Chromium not installed")
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(),
+                    reason="optional: needs Debian's chromium (apt-get install chromium), not installed by CI")
+def test_page_renders_in_headless_chromium(runs, tmp_path):
+    from cpt.compare import compare
+
+    page = compare(list(runs), tmp_path / "cmp")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_compare_html.py"
+    proc = subprocess.run([sys.executable, str(script), str(page)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith("OK: ") and "images decoded" in proc.stdout
