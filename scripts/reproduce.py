@@ -122,6 +122,7 @@ def plots(out: Path, docs: Path, name: str, run_dirs: list[Path]) -> str:
 
     dest = docs / "repro" / name
     compare(run_dirs, dest)
+    (dest / "index.html").unlink()  # the report embeds the PNGs; the page would only duplicate them
     pngs = sorted(p.name for p in dest.glob("*.png"))
     return "\n".join(f"![{name} {p}](repro/{name}/{p})" for p in pngs)
 
@@ -293,12 +294,13 @@ def main() -> None:
     wall = time.time() - t_start
     head = (f"# Reproductions at tiny scale ({mode} mode)\n\nMeasured by `python scripts/reproduce.py"
             f"{' --quick' if args.quick else ''}` on this machine (2 CPU cores, no GPU); wall time "
-            f"{wall / 60:.1f} min (reused runs not re-timed). Model: tiny Llama (hidden 128, 2 layers, 1.5M "
+            f"{wall / 60:.1f} min (reused runs not re-timed; other jobs shared the cores during the run, so "
+            f"compare wall times within this page only). Model: tiny Llama (hidden 128, 2 layers, 1.5M "
             f"parameters), byte-level BPE 4096, seq 256, 8K tokens per step; data: the shared corpora "
             f"(en: kernel docs, de: LibreOffice help, code: CPython stdlib). Every number below is read from "
             f"the runs' metrics.jsonl; verdicts compare them with the papers' claims and say so when a "
             f"finding does not reproduce at this scale.\n")
-    cmds = "## Commands\n\n```\n" + "\n".join(dict.fromkeys(run.commands)) + "\n```\n"
+    cmds = "## Commands\n\n```\n" + "\n".join(dict.fromkeys(run.commands)).replace(f"{ROOT}/", "") + "\n```\n"
     doc = head + "\n" + "\n\n".join(sections) + "\n\n" + cmds
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "reproductions.md").write_text(doc)
