@@ -65,6 +65,7 @@ class Runner:
         self.out = out
         self.commands: list[str] = []
         self.wall: dict[str, float] = {}
+        self.untimed: list[str] = []  # reused runs with no recorded wall time
 
     def __call__(self, run: Run) -> Path:
         run_dir = self.out / run.name
@@ -73,6 +74,10 @@ class Runner:
             cmd = ["cpt", "train", run.recipe, *run.overrides, "tracking.progress=false", *run.extra]
         self.commands.append(" ".join(cmd))
         if (run_dir / "final").is_dir():
+            if (run_dir / "repro_wall_s").is_file():
+                self.wall[run.name] = float((run_dir / "repro_wall_s").read_text())
+            elif run.name not in self.untimed:
+                self.untimed.append(run.name)
             return run_dir
         t0 = time.time()
         print(f"$ {' '.join(cmd)}", flush=True)
@@ -82,6 +87,7 @@ class Runner:
         if res.returncode != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
         self.wall[run.name] = time.time() - t0
+        (run_dir / "repro_wall_s").write_text(f"{self.wall[run.name]:.1f}")
         return run_dir
 
 
@@ -132,8 +138,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small budgets, one seed (~10-15 min)")
     ap.add_argument("--out", type=Path, default=None, help="runs folder (default runs/repro/{quick,full})")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="seeds for experiments 2 and 3 (default: 1 in quick mode, 3 in full)")
     args = ap.parse_args()
     b = QUICK if args.quick else FULL
+    if args.seeds is not None:
+        b.seeds = [1234, 7, 42, 3, 11][: args.seeds]
     mode = "quick" if args.quick else "full"
     out = args.out or ROOT / "runs" / "repro" / mode
     t_start = time.time()
@@ -223,28 +233,41 @@ def main() -> None:
 
     # ------------------------------------------------------------------ 3. infinite vs repeated cosine
     stage_tok = [f"stages.{i}.tokens={b.cpt}" for i in range(3)]
-    inf = run(Run("infinite-3stages", "recipes/paper/infinite-3stages.yaml",
-                  [*stage_tok, f"schedule.warmup={b.cpt // 16}", f"schedule.cooldown.length={b.cpt * 7 // 16}",
-                   f"schedule.anneal.length={b.cpt // 4}"]))
-    cos = run(Run("cosine-3stages", "recipes/paper/cosine-3stages.yaml",
-                  [*stage_tok, *[f"stages.{i}.schedule.warmup={b.cpt // 16}" for i in range(3)]]))
-    rows = []
-    for label, d in [("infinite (one schedule, no re-warm)", inf), ("repeated cosine (re-warm each stage)", cos)]:
-        en_code = rise(d, "en", "code")
-        en_de, code_de = rise(d, "en", "de"), rise(d, "code", "de")
-        rows.append([label, en_code[0], en_code[1], en_de[1], code_de[0], code_de[1],
-                     final(d, "en"), final(d, "code"), final(d, "de")])
-    verdict = [f"- Forgetting of code during the German stage (worst): infinite {rows[0][4]:+.3f} vs cosine "
-               f"{rows[1][4]:+.3f}: {'less with infinite (reproduced)' if rows[0][4] < rows[1][4] else 'not less with infinite (not reproduced)'}.",
-               f"- Final losses (en, code, de): infinite {rows[0][6]:.3f}, {rows[0][7]:.3f}, {rows[0][8]:.3f}; "
-               f"cosine {rows[1][6]:.3f}, {rows[1][7]:.3f}, {rows[1][8]:.3f}."]
+    cols = {}
+    first: dict[str, Path] = {}
+    for seed in b.seeds:
+        inf = run(Run(f"infinite-3stages-s{seed}", "recipes/paper/infinite-3stages.yaml",
+                      [*stage_tok, f"schedule.warmup={b.cpt // 16}", f"schedule.cooldown.length={b.cpt * 7 // 16}",
+                       f"schedule.anneal.length={b.cpt // 4}", f"run.seed={seed}"]))
+        cos = run(Run(f"cosine-3stages-s{seed}", "recipes/paper/cosine-3stages.yaml",
+                      [*stage_tok, *[f"stages.{i}.schedule.warmup={b.cpt // 16}" for i in range(3)], f"run.seed={seed}"]))
+        for label, d in [("infinite (one schedule, no re-warm)", inf), ("repeated cosine (re-warm each stage)", cos)]:
+            first.setdefault(label, d)
+            en_code, en_de, code_de = rise(d, "en", "code"), rise(d, "en", "de"), rise(d, "code", "de")
+            cols.setdefault(label, []).append([en_code[0], en_code[1], en_de[1], code_de[0], code_de[1],
+                                               final(d, "en"), final(d, "code"), final(d, "de")])
+
+    def mean_sd(vals: list[float]) -> str:
+        return f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
+
+    rows = [[label] + [mean_sd([v[i] for v in vals]) for i in range(8)] for label, vals in cols.items()]
+    means = {label: [statistics.mean(v[i] for v in vals) for i in range(8)] for label, vals in cols.items()}
+    (li, lc) = list(means)
+    per_seed = sum(a[3] < c[3] for a, c in zip(cols[li], cols[lc], strict=True))
+    verdict = [f"- Forgetting of code during the German stage (worst): infinite {means[li][3]:+.3f} vs cosine "
+               f"{means[lc][3]:+.3f} (mean of {len(b.seeds)} seed(s); infinite lower in {per_seed} of {len(b.seeds)}): "
+               f"{'less with infinite (reproduced)' if means[li][3] < means[lc][3] else 'not less with infinite (not reproduced)'}.",
+               f"- English forgetting during the code stage (worst): infinite {means[li][0]:+.3f} vs cosine {means[lc][0]:+.3f}.",
+               f"- Final losses (en, code, de): infinite {means[li][5]:.3f}, {means[li][6]:.3f}, {means[li][7]:.3f}; "
+               f"cosine {means[lc][5]:.3f}, {means[lc][6]:.3f}, {means[lc][7]:.3f}."]
     sections.append("## 3. Infinite schedule vs repeated cosine, English → code → German\n\n"
-                    f"Three stages of {b.cpt // K}K tokens. Columns: worst and final rise of English loss during "
-                    "the code stage, final English rise during the German stage, worst and final rise of code "
-                    "loss during the German stage, then final losses.\n\n" + table(
+                    f"Three stages of {b.cpt // K}K tokens; seeds {', '.join(map(str, b.seeds))} (mean ± std). "
+                    "Columns: worst and final rise of English loss during the code stage, final English rise "
+                    "during the German stage, worst and final rise of code loss during the German stage, then "
+                    "final losses.\n\n" + table(
                         ["schedule", "en worst (code st.)", "en final (code st.)", "en final (de st.)",
                          "code worst (de st.)", "code final (de st.)", "en", "code", "de"], rows)
-                    + "\n\n" + "\n".join(verdict) + "\n\n" + plots(out, args.docs, "infinite", [inf, cos]))
+                    + "\n\n" + "\n".join(verdict) + "\n\n" + plots(out, args.docs, "infinite", list(first.values())))
 
     # ------------------------------------------------------------------ 4. WSD branches vs cosine
     steps = b.wsd_main // (8 * K)
@@ -292,14 +315,18 @@ def main() -> None:
                     + f"\n\n- Worst above final (a gap that recovers) in {len(gap)} of {len(rows)} runs.\n")
 
     wall = time.time() - t_start
-    head = (f"# Reproductions at tiny scale ({mode} mode)\n\nMeasured by `python scripts/reproduce.py"
-            f"{' --quick' if args.quick else ''}` on this machine (2 CPU cores, no GPU); wall time "
-            f"{wall / 60:.1f} min (reused runs not re-timed; other jobs shared the cores during the run, so "
-            f"compare wall times within this page only). Model: tiny Llama (hidden 128, 2 layers, 1.5M "
-            f"parameters), byte-level BPE 4096, seq 256, 8K tokens per step; data: the shared corpora "
-            f"(en: kernel docs, de: LibreOffice help, code: CPython stdlib). Every number below is read from "
-            f"the runs' metrics.jsonl; verdicts compare them with the papers' claims and say so when a "
-            f"finding does not reproduce at this scale.\n")
+    flags = (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds is not None else "")
+    runs_s = sum(run.wall.values())
+    head = (f"# Reproductions at tiny scale ({mode} mode)\n\nMeasured by `python scripts/reproduce.py{flags}` "
+            f"on this machine (2 CPU cores, no GPU). Wall time: this invocation {wall / 60:.1f} min; "
+            f"{runs_s / 60:.1f} min summed over the {len(run.wall)} runs with a recorded time"
+            + (f", plus {len(run.untimed)} runs reused from an earlier invocation that recorded none"
+               if run.untimed else "")
+            + ". Other jobs shared the cores during parts of it, so times are upper bounds. Model: tiny Llama (hidden 128, 2 layers, 1.5M "
+            "parameters), byte-level BPE 4096, seq 256, 8K tokens per step; data: the shared corpora "
+            "(en: kernel docs, de: LibreOffice help, code: CPython stdlib). Every number below is read from "
+            "the runs' metrics.jsonl; verdicts compare them with the papers' claims and say so when a "
+            "finding does not reproduce at this scale.\n")
     cmds = "## Commands\n\n```\n" + "\n".join(dict.fromkeys(run.commands)).replace(f"{ROOT}/", "") + "\n```\n"
     doc = head + "\n" + "\n\n".join(sections) + "\n\n" + cmds
     args.docs.mkdir(parents=True, exist_ok=True)
