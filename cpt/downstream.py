@@ -187,8 +187,3 @@ def _metrics(items: Sequence[dict[str, Any]], reqs: list[_Request], scores: list
         out.update(cloze_items=len(cloze), cloze_logprob=lp_sum / len(cloze),
                    cloze_logprob_per_token=lp_sum / sum(n for _, _, n in cloze))
     return out
-
-
-def evaluate(model, tokenizer, sets: dict[str, str | Path], **kwargs) -> dict[str, dict[str, float]]:
-    """{set name: metrics} for ``{name: jsonl path}``; ``kwargs`` go to :func:`score`."""
-    return {name: score(model, tokenizer, load_items(path), **kwargs) for name, path in sets.items()}

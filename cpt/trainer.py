@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,6 @@ class TrainResult:
     tokens: int
     completed: bool
     is_main: bool = True
-    last: dict[str, Any] = field(default_factory=dict)
-    probes: dict[str, float] = field(default_factory=dict)
 
 
 class _StopFlag:
@@ -377,8 +375,6 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     stop = _StopFlag()
     bar = tqdm(total=(end_tokens - origin.tokens) // tps, initial=(tokens - origin.tokens) // tps, unit="step",
                dynamic_ncols=True, disable=not (main and recipe.tracking.progress))
-    last: dict[str, Any] = {}
-    last_probe: dict[str, float] = {}
     warned: set[str] = set()
     halted = False
     model.train()
@@ -392,7 +388,6 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                 sampler.load_state_dict(saved["sampler"])
             elif stage.index == 0 and origin.sampler and tokens == origin.tokens:
                 sampler.load_state_dict(origin.sampler)  # same data, same weights: the exact order goes on
-            weights = stage.mixture
             tag = {"step": step, "tokens": tokens, "stage": stage.name}
             probes = forgetting = None
             if stage.probe_sets:
@@ -404,9 +399,9 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                 tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(tokens),
                              "stage_start/new_domains": stage.new_domains})
                 if probes is not None:  # the baseline: before the stage's first step
-                    last_probe = probes(model, accelerator)
-                    forgetting.start_stage(probe_losses(last_probe), tokens)
-                    tracker.log({**tag, **last_probe, **forgetting.update(tokens, probe_losses(last_probe))})
+                    baseline = probes(model, accelerator)
+                    forgetting.start_stage(probe_losses(baseline), tokens)
+                    tracker.log({**tag, **baseline, **forgetting.update(tokens, probe_losses(baseline))})
             elif forgetting is not None and saved.get("probe_state"):
                 forgetting.load_state_dict(saved["probe_state"])
 
@@ -438,7 +433,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                         "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "train/tokens_per_s": tps / dt, "time/elapsed_s": elapsed,
                         **({"train/mfu": tps / dt * mfu_per_token_s} if mfu_per_token_s else {}),
-                        **{f"data/{n}/epochs": e for n, e in epochs.items() if weights.get(n, 0) > 0}}
+                        **{f"data/{n}/epochs": e for n, e in epochs.items() if stage.mixture.get(n, 0) > 0}}
                 tracker.log(last)
                 for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in warned]:
                     warned.add(name)
@@ -455,8 +450,8 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                 if probes is not None and (stage_done or probe_due(
                         before, tokens, stage.start, recipe.probes.every,
                         dense.every if dense else None, dense.for_ if dense else None)):
-                    last_probe = probes(model, accelerator)
-                    tracker.log({**tag, **last_probe, **forgetting.update(tokens, probe_losses(last_probe))})
+                    measured = probes(model, accelerator)
+                    tracker.log({**tag, **measured, **forgetting.update(tokens, probe_losses(measured))})
                 tags = []
                 if stage_done:
                     if forgetting is not None:
@@ -483,4 +478,4 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
         stop.restore()
     accelerator.end_training()
     done = tokens == end_tokens
-    return TrainResult(run_dir, step, tokens, done, main, last, last_probe)
+    return TrainResult(run_dir, step, tokens, done, main)
