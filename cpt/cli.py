@@ -85,7 +85,7 @@ def cmd_tokenizer_train(ns: argparse.Namespace) -> int:
     from cpt.data.tokenizer import train_tokenizer
 
     out = train_tokenizer(ns.inputs, ns.out, vocab_size=ns.vocab_size, text_field=ns.text_field,
-                          max_documents=ns.max_documents)
+                          max_documents=ns.max_documents, max_documents_per_input=ns.max_documents_per_input)
     print(f"tokenizer: {out}")
     return 0
 
@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("--out", required=True, type=Path)
     kt.add_argument("--vocab-size", type=int, default=4096)
     kt.add_argument("--text-field", default="text")
-    kt.add_argument("--max-documents", type=int, default=None)
+    kt.add_argument("--max-documents", type=int, default=None, help="the first N documents of all inputs together")
+    kt.add_argument("--max-documents-per-input", type=int, default=None,
+                    help="the first N documents of each input (a sample of every corpus)")
     kt.set_defaults(func=cmd_tokenizer_train)
     return p
 

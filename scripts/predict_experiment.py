@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -69,21 +68,11 @@ def shared_data(arg: str | None) -> Path:
     return path
 
 
-def head(src: Path, dst: Path, n: int) -> Path:
-    """The first ``n`` documents of a gzipped jsonl file, as plain jsonl (for the tokenizer sample)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(src, "rt", encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            g.write(line)
-    return dst
-
-
 def data_commands(shared: Path) -> list[list[str]]:
-    """The `cpt` commands that build data/predict/ (the tokenizer reads a sample written by head())."""
-    sample = [str(DATA / "sample" / f"{c}.jsonl") for c in CORPORA.values()]
-    cmds = [["tokenizer", "train", *sample, "--out", str(DATA / "tokenizer"), "--vocab-size", "4096"]]
+    """The `cpt` commands that build data/predict/: the tokenizer on the first documents of each corpus."""
+    train = [str(shared / c / "train.jsonl.gz") for c in CORPORA.values()]
+    cmds = [["tokenizer", "train", *train, "--out", str(DATA / "tokenizer"), "--vocab-size", "4096",
+             "--max-documents-per-input", str(TOKENIZER_DOCS)]]
     for name, corpus in CORPORA.items():
         for split in ("train", "validation"):
             limit = ["--max-documents", str(DOCS[name])] if DOCS[name] and split == "train" else []
@@ -95,8 +84,6 @@ def data_commands(shared: Path) -> list[list[str]]:
 def stage_data(shared: Path) -> None:
     tokenizer, *prepares = data_commands(shared)
     if not (ROOT / DATA / "tokenizer" / "tokenizer.json").is_file():
-        for c in CORPORA.values():  # the first TOKENIZER_DOCS documents of each corpus
-            head(shared / c / "train.jsonl.gz", ROOT / DATA / "sample" / f"{c}.jsonl", TOKENIZER_DOCS)
         cpt(*tokenizer)
     for args in prepares:
         if not (ROOT / args[args.index("--out") + 1] / "manifest.json").is_file():

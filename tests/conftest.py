@@ -47,14 +47,8 @@ def tokenizer_dir(shared_data: Path, tmp_path_factory) -> Path:
     from cpt.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer") / "bpe-2048"
-    # max_documents caps the documents of all inputs together; the first TOKENIZER_DOCS of *each*
-    # domain are taken by copying them out first
-    sample_dir = tmp_path_factory.mktemp("tokenizer-sample")
-    inputs = [
-        _head(shared_data / d / "train.jsonl.gz", sample_dir / f"{d}.jsonl", TOKENIZER_DOCS)
-        for d in DOMAINS.values()
-    ]
-    return train_tokenizer(inputs, out, vocab_size=2048)
+    inputs = [shared_data / d / "train.jsonl.gz" for d in DOMAINS.values()]
+    return train_tokenizer(inputs, out, vocab_size=2048, max_documents_per_input=TOKENIZER_DOCS)
 
 
 @pytest.fixture(scope="session")
@@ -81,18 +75,6 @@ def prepared(shared_data: Path, tokenizer_dir: Path, tmp_path_factory) -> dict[s
             )
             out[short][split] = path
     return out
-
-
-def _head(src: Path, dst: Path, n: int) -> Path:
-    """Copy the first ``n`` lines of a (gzipped) jsonl file."""
-    import gzip
-
-    with gzip.open(src, "rt", encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
-        for i, line in enumerate(f):
-            if i >= n:
-                break
-            g.write(line)
-    return dst
 
 
 # Shared by the trainer and stage tests: a 0.34M-parameter Llama on real English and German text.

@@ -79,6 +79,26 @@ def test_tokenizer_hash_survives_resave_and_differs_between_tokenizers(tokenizer
         train_tokenizer([src], tmp_path / "other", vocab_size=300)
 
 
+def test_document_caps_all_inputs_together_or_each_input(tmp_path):
+    from cpt.data.reader import InputStats, iter_documents, resolve_inputs
+
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": f"a{i}"} for i in range(5)])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": ""}] + [{"text": f"b{i}"} for i in range(5)])  # one unusable
+    inputs = resolve_inputs([a, b])
+
+    def read(**caps):
+        stats: list[InputStats] = []
+        return list(iter_documents(inputs, "text", stats, **caps)), [s.documents for s in stats]
+
+    assert read(max_documents=4) == (["a0", "a1", "a2", "a3"], [4])  # b is never opened
+    assert read(max_per_input=2) == (["a0", "a1", "b0", "b1"], [2, 2])  # usable documents, per input
+    assert read(max_documents=3, max_per_input=2) == (["a0", "a1", "b0"], [2, 1])
+    with pytest.raises(CptError, match="max_documents_per_input must be positive"):
+        from cpt.data.tokenizer import train_tokenizer
+
+        train_tokenizer([a], tmp_path / "tok", max_documents_per_input=0)
+
+
 # ---------------------------------------------------------------- prepare: packing
 
 

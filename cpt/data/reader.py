@@ -105,10 +105,12 @@ def iter_documents(
     stats: list[InputStats],
     max_documents: int | None = None,
     cache_dir: str | Path | None = None,
+    max_per_input: int | None = None,
 ) -> Iterator[str]:
     """Yield document texts in input order; append one InputStats per input read to ``stats``.
 
-    Stops after ``max_documents`` usable documents (inputs not reached are not read). Raises
+    Stops after ``max_documents`` usable documents in all (inputs not reached are not read) and
+    reads at most ``max_per_input`` usable documents of each input (a sample of every corpus). Raises
     CptError for an empty input, an input with no usable document, or a field found in no record.
     """
     remaining = max_documents
@@ -133,6 +135,8 @@ def iter_documents(
                 remaining -= 1
                 if remaining <= 0:
                     break
+            if max_per_input is not None and st.documents >= max_per_input:
+                break
         _check_input(st, text_field)
 
 

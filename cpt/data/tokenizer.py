@@ -25,12 +25,15 @@ def train_tokenizer(
     min_frequency: int = 2,
     max_documents: int | None = None,
     overwrite: bool = False,
+    max_documents_per_input: int | None = None,
 ) -> Path:
     """Train a byte-level BPE tokenizer on the documents of ``inputs`` and save it to ``out_dir``.
 
     ``<|endoftext|>`` is the only special token; it serves as eos, bos, unk and pad. The result
     is a ``transformers`` tokenizer directory that ``AutoTokenizer.from_pretrained(out_dir)`` loads.
     Inputs are read exactly as ``cpt prepare`` reads them (see :mod:`cpt.data.reader`).
+    ``max_documents`` caps the documents of all inputs together (the first inputs may use it up);
+    ``max_documents_per_input`` takes the first N of each input, so every corpus is in the sample.
     """
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -39,8 +42,9 @@ def train_tokenizer(
         raise CptError(
             f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 257 (256 bytes + eos)"
         )
-    if max_documents is not None and max_documents <= 0:
-        raise CptError(f"max_documents must be positive, got {max_documents}")
+    for name, cap in (("max_documents", max_documents), ("max_documents_per_input", max_documents_per_input)):
+        if cap is not None and cap <= 0:
+            raise CptError(f"{name} must be positive, got {cap}")
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise CptError(
@@ -51,7 +55,8 @@ def train_tokenizer(
     stats: list[InputStats] = []
     bpe = ByteLevelBPETokenizer()
     with tempfile.TemporaryDirectory(prefix="cpt-tok-") as cache:
-        docs = iter_documents(resolved, text_field, stats, max_documents=max_documents, cache_dir=cache)
+        docs = iter_documents(resolved, text_field, stats, max_documents=max_documents, cache_dir=cache,
+                              max_per_input=max_documents_per_input)
         bpe.train_from_iterator(
             docs,
             vocab_size=vocab_size,
