@@ -4,7 +4,8 @@
     python scripts/reproduce.py              # the full suite, about an hour
 
 Runs the recipes of recipes/paper/ (tiny Llama, the shared English / German / code corpora) through
-`cpt train` with smaller or larger budgets, then writes docs/reproductions.md: a table per experiment
+`cpt train` with smaller or larger budgets, then writes docs/reproductions.md (full mode) or
+docs/reproductions-quick.md (--quick), with the plots in docs/repro/ or docs/repro-quick/: a table per experiment
 with the measured numbers, the plots of `cpt compare`, the exact commands, seeds and wall time. Every
 number in the report is read from the runs' metrics.jsonl; the verdict lines compare measured numbers
 with the papers' claims, and say "not reproduced" when they disagree. Finished runs are reused when the
@@ -39,13 +40,15 @@ class Budget:
     lr_scales: list[float]
     seeds: list[int]
     wsd_main: int
+    long_seeds: int | None = None  # seeds for experiments 3 and 4 (the longest runs): the first N; None = all
 
 
 QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0.5, 1.0, 2.0], seeds=[1234],
                wsd_main=512 * K)
-FULL = Budget(pretrain=2048 * K, cpt=1024 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
-              seeds=[1234, 7, 42], wsd_main=2048 * K)
+FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
+              seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=1)
 BASE_LR = 2.0e-3
+PLOTS = "repro"  # docs/<PLOTS>/<experiment>/*.png; set by the mode
 
 
 @dataclass
@@ -112,8 +115,8 @@ def rise(run_dir: Path, domain: str, stage: str | None = None) -> tuple[float, f
     return max(values) - base, values[-1] - base
 
 
-def fmt(x: float) -> str:
-    return f"{x:+.3f}" if x < 0 or x > 0 else "0.000"
+def mean_sd(vals: list[float]) -> str:
+    return f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
 
 
 def table(header: list[str], rows: list[list]) -> str:
@@ -126,11 +129,11 @@ def table(header: list[str], rows: list[list]) -> str:
 def plots(out: Path, docs: Path, name: str, run_dirs: list[Path]) -> str:
     from cpt.compare import compare
 
-    dest = docs / "repro" / name
+    dest = docs / PLOTS / name
     compare(run_dirs, dest)
     (dest / "index.html").unlink()  # the report embeds the PNGs; the page would only duplicate them
     pngs = sorted(p.name for p in dest.glob("*.png"))
-    return "\n".join(f"![{name} {p}](repro/{name}/{p})" for p in pngs)
+    return "\n".join(f"![{name} {p}]({PLOTS}/{name}/{p})" for p in pngs)
 
 
 def main() -> None:
@@ -139,12 +142,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="runs folder (default runs/repro/{quick,full})")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     ap.add_argument("--seeds", type=int, default=None,
-                    help="seeds for experiments 2 and 3 (default: 1 in quick mode, 3 in full)")
+                    help="seeds for experiments 2-5 (default: 1 in quick mode, 3 in full)")
     args = ap.parse_args()
     b = QUICK if args.quick else FULL
     if args.seeds is not None:
         b.seeds = [1234, 7, 42, 3, 11][: args.seeds]
     mode = "quick" if args.quick else "full"
+    global PLOTS
+    PLOTS = "repro" if mode == "full" else "repro-quick"
     out = args.out or ROOT / "runs" / "repro" / mode
     t_start = time.time()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_shared.py")], check=True, cwd=ROOT)
@@ -224,6 +229,9 @@ def main() -> None:
         f"- Re-warm + re-decay + 25% replay vs retraining on the union, mean of both domains: {gap25:+.3f} nats "
         f"({'matches retraining within 0.05' if abs(gap25) <= 0.05 else 'does not match retraining within 0.05'}).",
     ]
+    if (args.docs / "replay_gap.md").is_file():
+        verdict.append("- Why it does or does not match at this scale (stage length, re-warm LR, replay share, the "
+                       "regime): [replay_gap.md](replay_gap.md), measured by `python scripts/replay_gap.py`.")
     sections.append(f"## 2. Re-warm + re-decay + replay vs retraining (Ibrahim et al. 2024)\n\nFrom the English "
                     f"model, {b.cpt // K}K tokens of German with each strategy; retraining = from scratch on "
                     f"English ∪ German with the same total tokens ({(b.pretrain + b.cpt) // K}K). Seeds: "
@@ -235,7 +243,8 @@ def main() -> None:
     stage_tok = [f"stages.{i}.tokens={b.cpt}" for i in range(3)]
     cols = {}
     first: dict[str, Path] = {}
-    for seed in b.seeds:
+    long_seeds = b.seeds[: b.long_seeds] if b.long_seeds else b.seeds
+    for seed in long_seeds:
         inf = run(Run(f"infinite-3stages-s{seed}", "recipes/paper/infinite-3stages.yaml",
                       [*stage_tok, f"schedule.warmup={b.cpt // 16}", f"schedule.cooldown.length={b.cpt * 7 // 16}",
                        f"schedule.anneal.length={b.cpt // 4}", f"run.seed={seed}"]))
@@ -247,21 +256,18 @@ def main() -> None:
             cols.setdefault(label, []).append([en_code[0], en_code[1], en_de[1], code_de[0], code_de[1],
                                                final(d, "en"), final(d, "code"), final(d, "de")])
 
-    def mean_sd(vals: list[float]) -> str:
-        return f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
-
     rows = [[label] + [mean_sd([v[i] for v in vals]) for i in range(8)] for label, vals in cols.items()]
     means = {label: [statistics.mean(v[i] for v in vals) for i in range(8)] for label, vals in cols.items()}
     (li, lc) = list(means)
     per_seed = sum(a[3] < c[3] for a, c in zip(cols[li], cols[lc], strict=True))
     verdict = [f"- Forgetting of code during the German stage (worst): infinite {means[li][3]:+.3f} vs cosine "
-               f"{means[lc][3]:+.3f} (mean of {len(b.seeds)} seed(s); infinite lower in {per_seed} of {len(b.seeds)}): "
+               f"{means[lc][3]:+.3f} (mean of {len(long_seeds)} seed(s); infinite lower in {per_seed} of {len(long_seeds)}): "
                f"{'less with infinite (reproduced)' if means[li][3] < means[lc][3] else 'not less with infinite (not reproduced)'}.",
                f"- English forgetting during the code stage (worst): infinite {means[li][0]:+.3f} vs cosine {means[lc][0]:+.3f}.",
                f"- Final losses (en, code, de): infinite {means[li][5]:.3f}, {means[li][6]:.3f}, {means[li][7]:.3f}; "
                f"cosine {means[lc][5]:.3f}, {means[lc][6]:.3f}, {means[lc][7]:.3f}."]
     sections.append("## 3. Infinite schedule vs repeated cosine, English → code → German\n\n"
-                    f"Three stages of {b.cpt // K}K tokens; seeds {', '.join(map(str, b.seeds))} (mean ± std). "
+                    f"Three stages of {b.cpt // K}K tokens; seeds {', '.join(map(str, long_seeds))} (mean ± std). "
                     "Columns: worst and final rise of English loss during the code stage, final English rise "
                     "during the German stage, worst and final rise of code loss during the German stage, then "
                     "final losses.\n\n" + table(
@@ -271,48 +277,63 @@ def main() -> None:
 
     # ------------------------------------------------------------------ 4. WSD branches vs cosine
     steps = b.wsd_main // (8 * K)
-    main_run = run(Run("wsd-en", "recipes/paper/wsd-en.yaml",
-                       [f"train.tokens={b.wsd_main}", f"checkpoint.every={b.wsd_main // 4}", "checkpoint.keep_last=8"]))
-    rows, dirs = [], [main_run]
     decay = b.wsd_main // 10 // (8 * K) * (8 * K)
-    for q in (1, 2, 3):
-        at = steps * q // 4
-        ckpt = main_run / "checkpoints" / f"step-{at:08d}"
-        branch_dir = Path(f"{main_run}-decay-at-{at}")
-        run(Run(f"wsd-en-decay-at-{at}", "recipes/paper/wsd-en.yaml",
-                [f"train.tokens={b.wsd_main}", f"checkpoint.every={b.wsd_main // 4}", "checkpoint.keep_last=8",
-                 "run.name=wsd-en", f"run.output_dir={main_run}"],
-                ["--branch-from", str(ckpt), "--decay", f"{decay}"]))
-        total = at * 8 * K + decay
-        c = run(Run(f"cosine-en-{total // K}K", "recipes/paper/pretrain-en.yaml", [f"train.tokens={total}"]))
-        dirs += [branch_dir, c]
-        rows.append([f"{total // K}K", f"step {at} + {decay // K}K decay", final(branch_dir, "en"), final(c, "en"),
-                     final(branch_dir, "en") - final(c, "en")])
-    wins = sum(r[4] < 0 for r in rows)
+    diffs: dict[str, list[tuple[float, float]]] = {}
+    plot_dirs: list[Path] = []
+    for seed in long_seeds:
+        main_over = [f"train.tokens={b.wsd_main}", f"checkpoint.every={b.wsd_main // 4}", "checkpoint.keep_last=8",
+                     f"run.seed={seed}"]
+        main_run = run(Run(f"wsd-en-s{seed}", "recipes/paper/wsd-en.yaml", main_over))
+        plot_dirs += [main_run] if seed == b.seeds[0] else []
+        for q in (1, 2, 3):
+            at = steps * q // 4
+            ckpt = main_run / "checkpoints" / f"step-{at:08d}"
+            branch_dir = Path(f"{main_run}-decay-at-{at}")
+            run(Run(branch_dir.name, "recipes/paper/wsd-en.yaml",
+                    [*main_over, f"run.name={main_run.name}", f"run.output_dir={main_run}"],
+                    ["--branch-from", str(ckpt), "--decay", f"{decay}"]))
+            total = at * 8 * K + decay
+            c = run(Run(f"cosine-en-{total // K}K-s{seed}", "recipes/paper/pretrain-en.yaml",
+                        [f"train.tokens={total}", f"run.seed={seed}"]))
+            plot_dirs += [branch_dir, c] if seed == b.seeds[0] else []
+            diffs.setdefault(f"{total // K}K|step {at} + {decay // K}K decay", []).append(
+                (final(branch_dir, "en"), final(c, "en")))
+    rows = []
+    for key, vals in diffs.items():
+        tokens, branch = key.split("|")
+        w, c = [v[0] for v in vals], [v[1] for v in vals]
+        d = [x - y for x, y in vals]
+        rows.append([tokens, branch, mean_sd(w), mean_sd(c), mean_sd(d), f"{sum(x < 0 for x in d)} of {len(d)}"])
+    wins = sum(statistics.mean(x - y for x, y in vals) < 0 for vals in diffs.values())
     sections.append("## 4. WSD decay branches vs cosine at equal tokens\n\nOne WSD run on English "
-                    f"({b.wsd_main // K}K tokens), three branches decaying 10% of it (1-sqrt) from stable-phase "
-                    "checkpoints at 25/50/75%, each against a cosine run of the same total tokens.\n\n"
-                    + table(["tokens", "branch", "WSD branch en", "cosine en", "WSD − cosine"], rows)
-                    + f"\n\n- WSD branch below cosine in {wins} of 3 budgets (MiniCPM: WSD matches or beats "
-                    f"cosine): {'reproduced' if wins >= 2 else 'not reproduced'}.\n\n"
-                    + plots(out, args.docs, "wsd", dirs))
+                    f"({b.wsd_main // K}K tokens) per seed, three branches decaying 10% of it (1-sqrt) from "
+                    "stable-phase checkpoints at 25/50/75%, each against a cosine run of the same total tokens. "
+                    f"Seeds {', '.join(map(str, long_seeds))} (mean ± std).\n\n"
+                    + table(["tokens", "branch", "WSD branch en", "cosine en", "WSD − cosine", "WSD lower in"], rows)
+                    + f"\n\n- WSD branch below cosine on average in {wins} of 3 budgets (MiniCPM: WSD matches or "
+                    f"beats cosine): {'reproduced' if wins >= 2 else 'not reproduced'}.\n\n"
+                    + plots(out, args.docs, "wsd", plot_dirs))
 
     # ------------------------------------------------------------------ 5. stability gap
-    rows = []
-    for label, d in [("re-warm, 0% replay", out / f"replay-de-0-s{b.seeds[0]}"),
-                     ("re-warm, 25% replay", out / f"replay-de-25-s{b.seeds[0]}"),
-                     ("constant LR", out / f"constant-lr-de-s{b.seeds[0]}")]:
-        p = probes(d)
-        base = p[0]["probe/en/loss"]
-        worst = max(p, key=lambda r: r["probe/en/loss"])
-        rows.append([label, worst["probe/en/loss"] - base, worst["tokens"] // K, p[-1]["probe/en/loss"] - base,
-                     len(p)])
-    gap = [r for r in rows if r[1] > r[3] + 1e-3]
+    rows, gaps = [], 0
+    for label, stem in [("re-warm, 0% replay", "replay-de-0"), ("re-warm, 25% replay", "replay-de-25"),
+                        ("constant LR", "constant-lr-de")]:
+        worst, at, last = [], [], []
+        for seed in b.seeds:
+            p = probes(out / f"{stem}-s{seed}")
+            base = p[0]["probe/en/loss"]
+            top = max(p, key=lambda r: r["probe/en/loss"])
+            worst.append(top["probe/en/loss"] - base)
+            at.append(top["tokens"] // K)
+            last.append(p[-1]["probe/en/loss"] - base)
+        gaps += sum(w > f + 1e-3 for w, f in zip(worst, last, strict=True))
+        rows.append([label, mean_sd(worst), "/".join(map(str, at)), mean_sd(last), len(p)])
     sections.append("## 5. The stability gap: worst-case vs final forgetting\n\nEnglish held-out loss after the "
-                    "shift to German, probed every 16K tokens for the first 128K, then every 128K. The "
-                    "worst point is what end-of-stage evaluation hides.\n\n"
+                    "shift to German (the runs of experiment 2), probed every 16K tokens for the first 128K, then "
+                    "every 128K. The worst point is what end-of-stage evaluation hides. Seeds "
+                    f"{', '.join(map(str, b.seeds))} (mean ± std; 'at' per seed).\n\n"
                     + table(["run", "worst forgetting", "at (K tokens)", "final forgetting", "probes"], rows)
-                    + f"\n\n- Worst above final (a gap that recovers) in {len(gap)} of {len(rows)} runs.\n")
+                    + f"\n\n- Worst above final (a gap that recovers) in {gaps} of {len(rows) * len(b.seeds)} runs.\n")
 
     wall = time.time() - t_start
     flags = (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds is not None else "")
@@ -330,8 +351,9 @@ def main() -> None:
     cmds = "## Commands\n\n```\n" + "\n".join(dict.fromkeys(run.commands)).replace(f"{ROOT}/", "") + "\n```\n"
     doc = head + "\n" + "\n\n".join(sections) + "\n\n" + cmds
     args.docs.mkdir(parents=True, exist_ok=True)
-    (args.docs / "reproductions.md").write_text(doc)
-    print(f"wrote {args.docs / 'reproductions.md'} ({wall / 60:.1f} min)")
+    page = args.docs / ("reproductions.md" if mode == "full" else "reproductions-quick.md")
+    page.write_text(doc)
+    print(f"wrote {page} ({wall / 60:.1f} min)")
 
 
 if __name__ == "__main__":
