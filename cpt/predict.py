@@ -731,7 +731,7 @@ def run_predict(fit_runs: Sequence[str], recipes: Sequence[str] = (), overrides:
             res = search(f, cands, recipe.train.tokens, recipe.train.global_batch_tokens, recipe.data.seq_len)
             report["search"]["laws"][law] = [r.__dict__ for r in res]
             frag = out / f"best-schedule-{law}.yaml"
-            frag.write_text(_fragment(res, law, f, recipe))
+            frag.write_text(_fragment(res, law, f, recipe, Path(path), overrides))
             report["search"]["fragments"][law] = str(frag)
             echo(f"search ({law}): best {res[0].label}: predicted loss after the last step {res[0].final:.4f} "
                  f"[{res[0].low:.4f}, {res[0].high:.4f}] -> {frag}")
@@ -745,7 +745,9 @@ def run_predict(fit_runs: Sequence[str], recipes: Sequence[str] = (), overrides:
     return report
 
 
-def _fragment(results: list[SearchResult], law: str, f: Fit, recipe: Any) -> str:
+def _fragment(results: list[SearchResult], law: str, f: Fit, recipe: Any, template: Path,
+              overrides: Sequence[str]) -> str:
+    """The best schedule as a recipe that trains as it is: the template recipe with this schedule."""
     import yaml
 
     best = results[0]
@@ -757,8 +759,14 @@ def _fragment(results: list[SearchResult], law: str, f: Fit, recipe: Any) -> str
     if len(results) > 1:
         lines.append(f"# Runner-up: {results[1].label} at {results[1].final:.4f}; differences inside the interval "
                      f"are not resolved by the fit.")
-    lines.append("# Paste it into a recipe (it replaces the schedule: section):")
-    return "\n".join(lines) + "\n" + yaml.safe_dump({"schedule": best.schedule}, sort_keys=False)
+    lines.append("# The template recipe with this schedule: `cpt train` this file"
+                 + (f" with the template's overrides {' '.join(overrides)}" if overrides else "")
+                 + ", or paste the schedule: section into a recipe of your own.")
+    suffix = f"-searched-{law}"
+    body = {"extends": str(template.resolve()),
+            "run": {"name": recipe.run.name + suffix, "output_dir": str(recipe.run.output_dir) + suffix},
+            "schedule": best.schedule}
+    return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
 
 
 def render_predictions(report: dict[str, Any]) -> str:

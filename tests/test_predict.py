@@ -25,6 +25,7 @@ from cpt.predict import (
     search,
     smooth,
 )
+from cpt.recipe import load_recipe
 from cpt.schedules import ScheduleConfig
 
 T, W, TOP = 200, 10, 2e-3
@@ -221,6 +222,11 @@ def test_cli_predict_fits_predicts_compares_and_searches(fake_runs, tmp_path, ca
     assert (out / "curves.png").stat().st_size > 10_000 and "| wsd | anneal |" in (out / "report.md").read_text()
     fragment = yaml.safe_load((out / "best-schedule-anneal.yaml").read_text())
     TypeAdapter(ScheduleConfig).validate_python(fragment["schedule"])
+    # the fragment is the template recipe with the best schedule: it loads (and trains) as it is
+    searched = load_recipe(out / "best-schedule-anneal.yaml")
+    template = load_recipe(fake_runs["wsd"][0])
+    assert searched.schedule.model_dump() == TypeAdapter(ScheduleConfig).validate_python(fragment["schedule"]).model_dump()
+    assert searched.train == template.train and searched.run.name == template.run.name + "-searched-anneal"
     assert "search (anneal): best" in capsys.readouterr().out
 
 
