@@ -747,7 +747,10 @@ def run_predict(fit_runs: Sequence[str], recipes: Sequence[str] = (), overrides:
 
 def _fragment(results: list[SearchResult], law: str, f: Fit, recipe: Any, template: Path,
               overrides: Sequence[str]) -> str:
-    """The best schedule as a recipe that trains as it is: the template recipe with this schedule."""
+    """The best schedule as a recipe that trains as it is: the template recipe, resolved (its overrides
+    applied), with this schedule in place of its own and a run name and directory of its own. Resolved
+    rather than ``extends:``, since a merge would keep keys of the template's schedule (a WSD ``decay``
+    under a cosine)."""
     import yaml
 
     best = results[0]
@@ -759,13 +762,14 @@ def _fragment(results: list[SearchResult], law: str, f: Fit, recipe: Any, templa
     if len(results) > 1:
         lines.append(f"# Runner-up: {results[1].label} at {results[1].final:.4f}; differences inside the interval "
                      f"are not resolved by the fit.")
-    lines.append("# The template recipe with this schedule: `cpt train` this file"
-                 + (f" with the template's overrides {' '.join(overrides)}" if overrides else "")
-                 + ", or paste the schedule: section into a recipe of your own.")
+    lines.append(f"# The template recipe {template}" + (f" with {' '.join(overrides)}" if overrides else "")
+                 + ", resolved, with this schedule: `cpt train` this file, or paste the schedule: section into a "
+                 "recipe of your own.")
+    body = recipe.to_dict()
     suffix = f"-searched-{law}"
-    body = {"extends": str(template.resolve()),
-            "run": {"name": recipe.run.name + suffix, "output_dir": str(recipe.run.output_dir) + suffix},
-            "schedule": best.schedule}
+    body["run"]["name"] = recipe.run.name + suffix
+    body["run"]["output_dir"] = str(recipe.run.output_dir) + suffix
+    body["schedule"] = best.schedule
     return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
 
 

@@ -222,11 +222,19 @@ def test_cli_predict_fits_predicts_compares_and_searches(fake_runs, tmp_path, ca
     assert (out / "curves.png").stat().st_size > 10_000 and "| wsd | anneal |" in (out / "report.md").read_text()
     fragment = yaml.safe_load((out / "best-schedule-anneal.yaml").read_text())
     TypeAdapter(ScheduleConfig).validate_python(fragment["schedule"])
-    # the fragment is the template recipe with the best schedule: it loads (and trains) as it is
-    searched = load_recipe(out / "best-schedule-anneal.yaml")
+    # the fragment is the template recipe with the best schedule: it loads (and trains) as it is, also when
+    # the best schedule is of another kind than the template's (a WSD decay must not leak into a cosine)
     template = load_recipe(fake_runs["wsd"][0])
-    assert searched.schedule.model_dump() == TypeAdapter(ScheduleConfig).validate_python(fragment["schedule"]).model_dump()
-    assert searched.train == template.train and searched.run.name == template.run.name + "-searched-anneal"
+    for family in ("wsd", "cosine"):
+        rc = main(["predict", "--fit", str(fake_runs["constant"][1]), str(fake_runs["cosine"][1]),
+                   "--recipe", str(fake_runs["wsd"][0]), "--law", "anneal", "--bootstrap", "2", "--search", family,
+                   "--out", str(tmp_path / family)])
+        assert rc == 0
+        frag = yaml.safe_load((tmp_path / family / "best-schedule-anneal.yaml").read_text())
+        searched = load_recipe(tmp_path / family / "best-schedule-anneal.yaml")
+        assert searched.schedule.kind == family
+        assert searched.schedule == TypeAdapter(ScheduleConfig).validate_python(frag["schedule"])
+        assert searched.train == template.train and searched.run.name == template.run.name + "-searched-anneal"
     assert "search (anneal): best" in capsys.readouterr().out
 
 
