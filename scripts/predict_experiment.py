@@ -266,6 +266,18 @@ def weak(f: dict) -> list[str]:
             if abs(f["intervals"][k][1] - f["intervals"][k][0]) > abs(v)]
 
 
+def analysis(args: list[str], report: dict, params: bool = True, table: bool = True,
+             note: tuple[str, ...] = (), indent: str = "") -> list[str]:
+    """One analysis as the page shows it: its command, fitted parameters, predictions, a note, the verdict."""
+    lines = [f"`{shell(args)}`", ""]
+    if params:
+        lines += param_table(report) + [""]
+    if table:
+        lines += prediction_table(report) + [""]
+    lines += [*note, *verdict(report), ""]
+    return [indent + line if line else line for line in lines]
+
+
 def param_table(report: dict) -> list[str]:
     rows = []
     for law, f in report["fit"].items():
@@ -380,19 +392,11 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
     add("")
     add("### Fit on constant + cosine (train loss), predict the others")
     add("")
-    add(f"`{shell(cmds['pre'])}`")
-    add("")
-    L.extend(param_table(rep["pre"]))
-    add("")
-    L.extend(prediction_table(rep["pre"]))
-    add("")
-    add("Target: final-loss error <= 1% and smaller than the naive baseline's (the fitted run with the closest "
+    L.extend(analysis(cmds["pre"], rep["pre"], note=(
+        "Target: final-loss error <= 1% and smaller than the naive baseline's (the fitted run with the closest "
         "LR schedule, its real curve taken as the prediction). Curve MARE: mean |pred - real| / real after the "
         f"warmup, both curves smoothed by the same centred 9-step mean; final loss: mean of the last "
-        f"{setup.final_window} logged steps on both sides.")
-    add("")
-    L.extend(verdict(rep["pre"]))
-    add("")
+        f"{setup.final_window} logged steps on both sides.", "")))
     add("### Noise, the shared batches, the held-out probe, lambda")
     add("")
     add(f"- **Noise.** The step-to-step noise of log train loss is sigma = {sigma:.4f} ({100 * sigma:.1f}% per "
@@ -406,12 +410,7 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
     add("- **On the held-out probe** (64 fixed sequences, no batch noise), fitted and compared on "
         "`probe/english/loss` at the probed steps (final = the last probe):")
     add("")
-    add(f"  `{shell(cmds['pre_probe'])}`")
-    add("")
-    L.extend("  " + row for row in prediction_table(rep["pre_probe"]))
-    add("")
-    L.extend("  " + row for row in verdict(rep["pre_probe"]))
-    add("")
+    L.extend(analysis(cmds["pre_probe"], rep["pre_probe"], params=False, indent="  "))
     add("- **lambda** (anneal law, train loss, 20 bootstrap replicates): held-out final-loss error / curve MARE "
         "for the momentum factor:")
     add("")
@@ -427,10 +426,7 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
     add("")
     add("- **One run is enough?** Fitted on the cosine run alone:")
     add("")
-    add(f"  `{shell(cmds['pre_one'])}`")
-    add("")
-    L.extend("  " + row for row in verdict(rep["pre_one"]))
-    add("")
+    L.extend(analysis(cmds["pre_one"], rep["pre_one"], params=False, table=False, indent="  "))
     add("### Schedule search")
     add("")
     add("The `--search` of the first analysis minimises the predicted loss after the last update at the "
@@ -483,23 +479,11 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
         add(f"| {n} | {role} | {r['schedule']} | {r['train']:.4f} | {r['start_probe']:.3f} -> {r['probe']:.3f} "
             f"| {r['english'][0]:.3f} -> {r['english'][1]:.3f} | {r['seconds']:.0f} |")
     add("")
-    add(f"`{shell(cmds['cpt'])}`")
-    add("")
-    L.extend(param_table(rep["cpt"]))
-    add("")
-    L.extend(prediction_table(rep["cpt"]))
-    add("")
-    L.extend(verdict(rep["cpt"]))
-    add("")
+    L.extend(analysis(cmds["cpt"], rep["cpt"]))
     add(f"Train-loss noise in the stage: deviations from the 9-step mean {100 * noise_cpt['sd']:.2f}% per step, "
         f"correlated at r = {noise_cpt['corr']:.2f} between runs (same batches). On the German probe:")
     add("")
-    add(f"`{shell(cmds['cpt_probe'])}`")
-    add("")
-    L.extend(prediction_table(rep["cpt_probe"]))
-    add("")
-    L.extend(verdict(rep["cpt_probe"]))
-    add("")
+    L.extend(analysis(cmds["cpt_probe"], rep["cpt_probe"], params=False))
 
     S: list[str] = [f"**{setup.title}** (WSD-20 ends {pct(w20['probe'] / c['probe'] - 1)} from constant on "
                     "held-out loss):", ""]

@@ -49,7 +49,6 @@ QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0
 FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
               seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=1)
 BASE_LR = 2.0e-3
-PLOTS = "repro"  # docs/<PLOTS>/<experiment>/*.png; set by the mode
 
 
 @dataclass
@@ -127,14 +126,14 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def plots(out: Path, docs: Path, name: str, run_dirs: list[Path]) -> str:
+def plots(docs: Path, sub: str, name: str, run_dirs: list[Path]) -> str:
     from cpt.compare import compare
 
-    dest = docs / PLOTS / name
+    dest = docs / sub / name
     compare(run_dirs, dest)
     (dest / "index.html").unlink()  # the report embeds the PNGs; the page would only duplicate them
     pngs = sorted(p.name for p in dest.glob("*.png"))
-    return "\n".join(f"![{name} {p}]({PLOTS}/{name}/{p})" for p in pngs)
+    return "\n".join(f"![{name} {p}]({sub}/{name}/{p})" for p in pngs)
 
 
 def main() -> None:
@@ -151,8 +150,7 @@ def main() -> None:
     if args.seeds is not None:
         b.seeds = [1234, 7, 42, 3, 11][: args.seeds]
     mode = "quick" if args.quick else "full"
-    global PLOTS
-    PLOTS = "repro" if mode == "full" else "repro-quick"
+    figs = "repro" if mode == "full" else "repro-quick"  # docs/<figs>/<experiment>/*.png
     out = args.out or ROOT / "runs" / "repro" / mode
     t_start = time.time()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_shared.py")], check=True, cwd=ROOT)
@@ -194,7 +192,7 @@ def main() -> None:
                         "after the shift minus the stage-start baseline (dense probes), 'forgetting' = final minus "
                         "baseline.\n\n" + table(
                             ["warmup", "max LR", "en rise", "de rise", "de final", "en final", "en forgetting"], rows)
-                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(out, args.docs, "rewarm", dirs))
+                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(args.docs, figs, "rewarm", dirs))
 
     # ------------------------------------------------------------------ 2. replay vs retraining (Ibrahim et al.)
     if 2 in args.experiments:
@@ -243,7 +241,7 @@ def main() -> None:
                         f"English ∪ German with the same total tokens ({(b.pretrain + b.cpt) // K}K). Seeds: "
                         f"{', '.join(map(str, b.seeds))} (mean ± std over seeds). Final held-out loss; Δ = minus "
                         f"retraining.\n\n" + table(["strategy", "en final", "de final", "Δ en", "Δ de", "Δ mean"], rows)
-                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(out, args.docs, "replay", dirs))
+                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(args.docs, figs, "replay", dirs))
 
     # ------------------------------------------------------------------ 3. infinite vs repeated cosine
     if 3 in args.experiments:
@@ -279,7 +277,7 @@ def main() -> None:
                         "final losses.\n\n" + table(
                             ["schedule", "en worst (code st.)", "en final (code st.)", "en final (de st.)",
                              "code worst (de st.)", "code final (de st.)", "en", "code", "de"], rows)
-                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(out, args.docs, "infinite", list(first.values())))
+                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(args.docs, figs, "infinite", list(first.values())))
 
     # ------------------------------------------------------------------ 4. WSD branches vs cosine
     if 4 in args.experiments:
@@ -319,7 +317,7 @@ def main() -> None:
                         + table(["tokens", "branch", "WSD branch en", "cosine en", "WSD − cosine", "WSD lower in"], rows)
                         + f"\n\n- WSD branch below cosine on average in {wins} of 3 budgets (MiniCPM: WSD matches or "
                         f"beats cosine): {'reproduced' if wins >= 2 else 'not reproduced'}.\n\n"
-                        + plots(out, args.docs, "wsd", plot_dirs))
+                        + plots(args.docs, figs, "wsd", plot_dirs))
 
     # ------------------------------------------------------------------ 5. stability gap
     if 5 in args.experiments:
