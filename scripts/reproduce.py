@@ -1,7 +1,8 @@
 """Reproduce the continual pre-training findings of ../shared/SCIENCE.md at tiny scale: one command, one report.
 
     python scripts/reproduce.py --quick      # about 10-15 minutes on 2 CPU cores
-    python scripts/reproduce.py              # the full suite: ~40M tokens in 55 runs, over an hour on 2 cores
+    python scripts/reproduce.py              # the full suite: ~35M tokens in 49 runs, ~3 h on 2 busy cores
+    python scripts/reproduce.py --seeds 1    # the full budgets, one seed: ~20M tokens
     python scripts/reproduce.py --experiments 1 2 5   # a subset (5 reads the runs of 2)
 
 Runs the recipes of recipes/paper/ (tiny Llama, the shared English / German / code corpora) through
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,7 @@ class Budget:
 QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0.5, 1.0, 2.0], seeds=[1234],
                wsd_main=512 * K)
 FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
-              seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=1)
+              seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=2)
 BASE_LR = 2.0e-3
 
 
@@ -69,9 +71,13 @@ class Runner:
         self.commands: list[str] = []
         self.wall: dict[str, float] = {}
         self.untimed: list[str] = []  # reused runs with no recorded wall time
+        self.used: list[str] = []      # every run the report reads, trained now or reused
+        self.trained = 0               # runs trained by this invocation
 
     def __call__(self, run: Run) -> Path:
         run_dir = self.out / run.name
+        if run.name not in self.used:
+            self.used.append(run.name)
         cmd = run.command(self.out)
         if run.extra and run.extra[0] == "--branch-from":  # a branch names its own run dir
             cmd = ["cpt", "train", run.recipe, *run.overrides, "tracking.progress=false", *run.extra]
@@ -90,8 +96,15 @@ class Runner:
         if res.returncode != 0:
             raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
         self.wall[run.name] = time.time() - t0
+        self.trained += 1
         (run_dir / "repro_wall_s").write_text(f"{self.wall[run.name]:.1f}")
         return run_dir
+
+
+def tokens_trained(run_dir: Path) -> int:
+    """Tokens this run trained (a branch counts from its checkpoint): its logged steps x tokens per step."""
+    steps = [r for r in metrics(run_dir) if "train/loss" in r]
+    return len(steps) * steps[0]["tokens"] // steps[0]["step"]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -165,16 +178,17 @@ def main() -> None:
 
     # ------------------------------------------------------------------ 1. re-warming (Gupta et al.)
     if 1 in args.experiments:
-        rows, dirs = [], []
-        for w in b.warmups:
-            for scale in b.lr_scales:
-                lr = BASE_LR * scale
-                d = run(Run(f"rewarm-w{w.replace('%', 'pct')}-lr{scale:g}x", "recipes/paper/rewarm-de.yaml",
-                            [*init, *tok, f"schedule.warmup={w}", f"schedule.max_lr={lr}", f"schedule.min_lr={lr / 10}"]))
-                dirs.append(d)
-                en_rise, en_final = rise(d, "en")
-                de_rise, _ = rise(d, "de")
-                rows.append([w, f"{scale:g}x ({lr:.0e})", en_rise, de_rise, final(d, "de"), final(d, "en"), en_final])
+        def rewarm(domain: str, prefix: str, w: str, scale: float) -> tuple[Path, list]:
+            """One re-warmed continuation on ``domain``: its run dir and its table row."""
+            lr = BASE_LR * scale
+            d = run(Run(f"{prefix}-w{w.replace('%', 'pct')}-lr{scale:g}x", f"recipes/paper/rewarm-{domain}.yaml",
+                        [*init, *tok, f"schedule.warmup={w}", f"schedule.max_lr={lr}", f"schedule.min_lr={lr / 10}"]))
+            en_rise, en_final = rise(d, "en")
+            return d, [w, f"{scale:g}x ({lr:.0e})", en_rise, rise(d, domain)[0], final(d, domain), final(d, "en"),
+                       en_final]
+
+        dirs, rows = map(list, zip(*[rewarm("de", "rewarm", w, s) for w in b.warmups for s in b.lr_scales],
+                                   strict=True))
         by_lr = {s: statistics.mean(r[6] for r in rows if r[1].startswith(f"{s:g}x")) for s in b.lr_scales}
         by_lr_de = {s: statistics.mean(r[4] for r in rows if r[1].startswith(f"{s:g}x")) for s in b.lr_scales}
         lo, hi = min(b.lr_scales), max(b.lr_scales)
@@ -187,12 +201,41 @@ def main() -> None:
             f"- Warmup length matters little: final German loss spans {min(by_w.values()):.3f}..{max(by_w.values()):.3f} "
             f"across warmups {', '.join(b.warmups)} (spread {max(by_w.values()) - min(by_w.values()):.3f}).",
         ]
+        # the same re-warm on the other new domain, code, at one warmup across the max LRs
+        w = b.warmups[-1]
+        code_dirs, code_rows = map(list, zip(*[rewarm("code", "rewarm-code", w, s) for s in b.lr_scales], strict=True))
+        de_forget = {r[1]: r[6] for r in rows if r[0] == w}
+
+        def trend(col: int, up: bool) -> str:
+            """Whether a column moves one way with the max LR over every step of the sweep, or where it turns."""
+            vals = [r[col] for r in code_rows]
+            steps = [vals[i + 1] - vals[i] for i in range(len(vals) - 1)]
+            if all((d > 0) == up for d in steps):
+                return "reproduced"
+            best = (max if up else min)(range(len(vals)), key=vals.__getitem__)
+            return f"not monotone: {'highest' if up else 'lowest'} at {b.lr_scales[best]:g}x, not reproduced past it"
+
+        def along(col: int, fmt: str) -> str:
+            return " / ".join(format(r[col], fmt) for r in code_rows) + " at " + "/".join(f"{x:g}x" for x in b.lr_scales)
+
+        code_verdict = [
+            f"- Higher max LR forgets more: English forgetting {along(6, '+.3f')}: {trend(6, True)}.",
+            f"- Higher max LR adapts more: final code loss {along(4, '.3f')}: {trend(4, False)}.",
+            "- Code vs German at the same warmup: English forgetting " + ", ".join(
+                f"{r[6]:+.3f} vs {de_forget[r[1]]:+.3f} at {r[1].split()[0]}" for r in code_rows) + ".",
+        ]
         sections.append("## 1. Re-warming (Gupta et al. 2023)\n\nPre-train on English, continue on German with the LR "
                         "re-warmed from 0 and re-decayed (cosine to max/10). 'rise' = the highest held-out loss "
                         "after the shift minus the stage-start baseline (dense probes), 'forgetting' = final minus "
                         "baseline.\n\n" + table(
                             ["warmup", "max LR", "en rise", "de rise", "de final", "en final", "en forgetting"], rows)
-                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(args.docs, figs, "rewarm", dirs))
+                        + "\n\n" + "\n".join(verdict) + "\n\n" + plots(args.docs, figs, "rewarm", dirs)
+                        + f"\n\n### Continuing on code instead of German\n\nThe same re-warm and re-decay on "
+                        f"Python code (`recipes/paper/rewarm-code.yaml`, warmup {w}), {b.cpt // K}K tokens.\n\n"
+                        + table(["warmup", "max LR", "en rise", "code rise", "code final", "en final",
+                                 "en forgetting"], code_rows)
+                        + "\n\n" + "\n".join(code_verdict) + "\n\n"
+                        + plots(args.docs, figs, "rewarm-code", code_dirs))
 
     # ------------------------------------------------------------------ 2. replay vs retraining (Ibrahim et al.)
     if 2 in args.experiments:
@@ -346,11 +389,19 @@ def main() -> None:
     if args.experiments != [1, 2, 3, 4, 5]:
         flags += " --experiments " + " ".join(map(str, args.experiments))
     runs_s = sum(run.wall.values())
+    tokens = {n: tokens_trained(out / n) for n in run.used}
+    first_seed = sum(t for n, t in tokens.items() if not re.search(r"-s\d+(-|$)", n) or f"-s{b.seeds[0]}" in n)
+    timed = sum(tokens[n] for n in run.wall)
     head = (f"# Reproductions at tiny scale ({mode} mode)\n\nMeasured by `python scripts/reproduce.py{flags}` "
-            f"on this machine (2 CPU cores, no GPU). Wall time: this invocation {wall / 60:.1f} min; "
+            f"on this machine (2 CPU cores, no GPU). Wall time: this invocation {wall / 60:.1f} min"
+            + ("" if run.trained else " (it trained nothing: every run was reused)") + "; "
             f"{runs_s / 60:.1f} min summed over the {len(run.wall)} runs with a recorded time"
             + (f", plus {len(run.untimed)} runs reused from an earlier invocation that recorded none"
                if run.untimed else "")
+            + f". Tokens trained: {sum(tokens.values()) / 2**20:.1f}M in {len(tokens)} runs"
+            + (f" ({first_seed / 2**20:.1f}M of them in the runs of seed {b.seeds[0]} and the seed-free ones)"
+               if len(b.seeds) > 1 else "")
+            + (f"; {timed / runs_s:.0f} tokens/s over the timed runs" if runs_s else "")
             + ". " + ("" if args.experiments == [1, 2, 3, 4, 5] else
                       f"Only experiments {', '.join(map(str, args.experiments))} are in this page. ")
             + "Other jobs shared the cores during parts of it, so times are upper bounds. Model: tiny Llama (hidden 128, 2 layers, 1.5M "
