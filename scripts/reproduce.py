@@ -1,6 +1,6 @@
 """Reproduce the continual pre-training findings of ../shared/SCIENCE.md at tiny scale: one command, one report.
 
-    python scripts/reproduce.py --quick      # about 10-15 minutes on 2 CPU cores
+    python scripts/reproduce.py --quick      # ~8.5M tokens in 24 runs: 15-20 minutes on 2 CPU cores
     python scripts/reproduce.py              # the full suite: ~35M tokens in 49 runs, ~3 h on 2 busy cores
     python scripts/reproduce.py --seeds 1    # the full budgets, one seed: ~20M tokens
     python scripts/reproduce.py --experiments 1 2 5   # a subset (5 reads the runs of 2)
@@ -151,7 +151,7 @@ def plots(docs: Path, sub: str, name: str, run_dirs: list[Path]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="reproduce the papers' CPT findings at tiny scale")
-    ap.add_argument("--quick", action="store_true", help="small budgets, one seed (~10-15 min)")
+    ap.add_argument("--quick", action="store_true", help="small budgets, one seed (~8.5M tokens, 15-20 min)")
     ap.add_argument("--out", type=Path, default=None, help="runs folder (default runs/repro/{quick,full})")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     ap.add_argument("--experiments", type=int, nargs="+", default=[1, 2, 3, 4, 5], choices=[1, 2, 3, 4, 5],
