@@ -341,7 +341,7 @@ def analyses(setup: Setup) -> tuple[dict[str, list[str]], dict[str, dict]]:
         "pre_probe": predict_cmd(setup, "pretrain-probe", PRETRAIN_FIT, PRE_RECIPES, "--metric",
                                  "probe/english/loss", *probe_opts),
         "pre_one": predict_cmd(setup, "pretrain-cosine-only", ["cosine"], PRE_RECIPES, *win),
-        "cpt": predict_cmd(setup, "cpt", CPT_FIT, CPT_RECIPES, *win),
+        "cpt": predict_cmd(setup, "cpt", CPT_FIT, CPT_RECIPES, *win, *fams),
         "cpt_probe": predict_cmd(setup, "cpt-probe", CPT_FIT, CPT_RECIPES, "--metric", "probe/german/loss", *probe_opts),
     }
     if setup.key == SEED_SETUP:
@@ -356,22 +356,56 @@ def analyses(setup: Setup) -> tuple[dict[str, list[str]], dict[str, dict]]:
                                         "anneal", "--lam", str(lam), "--bootstrap", "20", *win)
     reps = {k: run_analysis(v) for k, v in cmds.items()}
     # train the schedule each law's search found best (once per distinct schedule), then score the law on it
-    trained: dict[str, str] = {}
-    for law, frag in reps["pre"]["search"]["fragments"].items():
-        recipe = yaml.safe_load((ROOT / frag).read_text())
-        key = json.dumps(recipe["schedule"], sort_keys=True)
-        run_dir = Path(recipe["run"]["output_dir"])
-        if key not in trained:
-            if not (ROOT / run_dir / "final" / "model.safetensors").is_file():
-                cpt("train", frag, "tracking.progress=false", log=ROOT / f"{run_dir}.log")
-            trained[key] = str(run_dir)
-        cmds[f"searched_{law}"] = ["predict", "--fit", *[str(setup.run(f)) for f in PRETRAIN_FIT], "--recipe", frag,
-                                   "--runs", trained[key], "--law", law, *win, "--out", str(setup.out(f"searched-{law}"))]
-        reps[f"searched_{law}"] = run_analysis(cmds[f"searched_{law}"])
+    for src, fit_names in (("pre", PRETRAIN_FIT), ("cpt", CPT_FIT)):
+        trained: dict[str, str] = {}
+        for law, frag in reps[src]["search"]["fragments"].items():
+            recipe = yaml.safe_load((ROOT / frag).read_text())
+            key = json.dumps(recipe["schedule"], sort_keys=True)
+            run_dir = Path(recipe["run"]["output_dir"])
+            if key not in trained:
+                if not (ROOT / run_dir / "final" / "model.safetensors").is_file():
+                    cpt("train", frag, "tracking.progress=false", log=ROOT / f"{run_dir}.log")
+                trained[key] = str(run_dir)
+            name = searched_key(src, law)
+            cmds[name] = ["predict", "--fit", *[str(setup.run(f)) for f in fit_names], "--recipe", frag, "--runs",
+                          trained[key], "--law", law, *win, "--out", str(setup.out(name.replace("_", "-")))]
+            reps[name] = run_analysis(cmds[name])
     return cmds, reps
 
 
 LAMS = [0.99, 0.9, 0.0]
+
+
+def searched_key(src: str, law: str) -> str:
+    """The analysis key of a searched schedule's run: searched_<law> (pre-training), cpt_searched_<law>."""
+    return ("" if src == "pre" else f"{src}_") + f"searched_{law}"
+
+
+def search_best(rep: dict[str, dict], src: str) -> list[str]:
+    """The search's best schedule per law, with its top 5."""
+    L = []
+    for law, res in rep[src]["search"]["laws"].items():
+        top = ", ".join(f"{r['label']} {r['final']:.4f}" for r in res[:5])
+        L.append(f"- **{law}**: best `{res[0]['label']}`, predicted {res[0]['final']:.4f} "
+                 f"[{res[0]['low']:.4f}, {res[0]['high']:.4f}] (`{rep[src]['search']['fragments'][law]}`); top 5: {top}.")
+    return L + [""]
+
+
+def search_trained(rep: dict[str, dict], src: str, probe: str, runs: dict[str, dict], what: str) -> list[str]:
+    """Each law's best schedule trained and scored like a held-out run, against the best trained one."""
+    L = ["**Training the searched schedules.** Each law's best schedule (the `best-schedule-<law>.yaml` above, "
+         "the template recipe with that schedule) was then trained and scored like a held-out run:", "",
+         "| law | searched schedule | predicted final (95% interval) | real final train loss | final-loss error "
+         f"| real final held-out loss | vs the best trained of the {what} (held-out) |", "|---|---|---|---|---|---|---|"]
+    best = min(r["probe"] for r in runs.values())
+    for law in rep[src]["fit"]:
+        p = rep[searched_key(src, law)]["predictions"][0]
+        e = p["laws"][law]
+        last = [x[probe] for x in _records(ROOT / p["real_run"]) if probe in x][-1]
+        L.append(f"| {law} | {rep[src]['search']['laws'][law][0]['label']} | {e['final']:.4f} ({e['final_low']:.4f}-"
+                 f"{e['final_high']:.4f}) | {e['final_real']:.4f} | {pct(e['final_err'])} | {last:.4f} "
+                 f"| {pct(last / best - 1)} |")
+    return L + [""]
 
 
 def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict]) -> tuple[list[str], list[str]]:
@@ -465,11 +499,7 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
         "5-80%, linear / cosine / 1-sqrt, to 0), cosine and linear (min LR 0-0.5x), and infinite schedules "
         "(constant 0.25-0.75x after a 10% or 25% cooldown, linear anneal to 0 over 10-30%):")
     add("")
-    for law, res in rep["pre"]["search"]["laws"].items():
-        top = ", ".join(f"{r['label']} {r['final']:.4f}" for r in res[:5])
-        add(f"- **{law}**: best `{res[0]['label']}`, predicted {res[0]['final']:.4f} "
-            f"[{res[0]['low']:.4f}, {res[0]['high']:.4f}] (`{rep['pre']['search']['fragments'][law]}`); top 5: {top}.")
-    add("")
+    L.extend(search_best(rep, "pre"))
     add("Besides training the best schedules (below), the ranking of the five trained schedules checks the "
         "search, measured against predicted:")
     add("")
@@ -479,22 +509,7 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
         pred = {p["real_run"].split("/")[-1]: p["laws"][law]["final"] for p in rep["pre"]["predictions"] if p["real_run"]}
         add(f"- predicted by {law}: {', '.join(sorted(pred, key=pred.get))}")
     add("")
-    add("**Training the searched schedules.** Each law's best schedule (the `best-schedule-<law>.yaml` above, "
-        "the template recipe with that schedule) was then trained and scored like a held-out run:")
-    add("")
-    add("| law | searched schedule | predicted final (95% interval) | real final train loss | final-loss error "
-        "| real final held-out loss | vs the best trained of the five (held-out) |")
-    add("|---|---|---|---|---|---|---|")
-    best_five = min(r["probe"] for r in runs.values())
-    for law in rep["pre"]["fit"]:
-        sr = rep[f"searched_{law}"]
-        p = sr["predictions"][0]
-        e = p["laws"][law]
-        probe = [x["probe/english/loss"] for x in _records(ROOT / p["real_run"]) if "probe/english/loss" in x][-1]
-        add(f"| {law} | {rep['pre']['search']['laws'][law][0]['label']} | {e['final']:.4f} ({e['final_low']:.4f}-"
-            f"{e['final_high']:.4f}) | {e['final_real']:.4f} | {pct(e['final_err'])} | {probe:.4f} "
-            f"| {pct(probe / best_five - 1)} |")
-    add("")
+    L.extend(search_trained(rep, "pre", "probe/english/loss", runs, "five"))
     seed_summary = []
     if "seed" in rep:
         body, seed_summary = seed_section(setup, cmds, rep, runs)
@@ -519,6 +534,12 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
         f"correlated at r = {noise_cpt['corr']:.2f} between runs (same batches). On the German probe:")
     add("")
     L.extend(analysis(cmds["cpt_probe"], rep["cpt_probe"], params=False))
+    add("**Schedule search within the stage.** The first analysis of the stage also searched the same families "
+        f"at the stage's budget (template cpt-de-wsd-20.yaml: 512K tokens from the pre-trained model, re-warm to "
+        f"1e-3 over {setup.cpt_warmup} steps), fitted on the stage's constant and cosine runs:")
+    add("")
+    L.extend(search_best(rep, "cpt"))
+    L.extend(search_trained(rep, "cpt", "probe/german/loss", cpts, "four"))
 
     S: list[str] = [f"**{setup.title}** (WSD-20 ends {pct(w20['probe'] / c['probe'] - 1)} from constant on "
                     "held-out loss):", ""]
@@ -693,7 +714,7 @@ def stage_report() -> None:
         for k in ("pre", "pre_probe", "pre_one", "lam0.99", "seed", "seed_probe", "cpt", "cpt_probe"):
             if k in cmds:
                 add(shell(cmds[k]))
-        for k in [k for k in cmds if k.startswith("searched_")]:
+        for k in [k for k in cmds if "searched_" in k]:
             add(shell(["train", cmds[k][cmds[k].index("--recipe") + 1]]))
             add(shell(cmds[k]))
     add("```")
@@ -715,7 +736,6 @@ def stage_report() -> None:
         f"batch sizes, one seed for the fitted runs (a second, {OTHER_SEED}, for setup B's held-out runs only): the "
         "laws' parameters belong to each setup. The laws count optimizer steps; "
         "`cpt predict` refuses to carry a fit to another tokens-per-step.")
-    add("- The searched schedules were trained in pre-training only, not in the continual stage.")
     add("- Across the domain shift the laws were fitted within the continual stage (S1 from the re-warm). A "
         "pre-training fit was not carried into the stage: the stage starts from another loss level on another "
         "domain, which the laws have no term for; compare the two stages' fitted parameters above.")
