@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -154,21 +155,15 @@ def planned_runs() -> list[tuple[Setup, str, str, list[str]]]:
     return plan + [(st, seed_name(n), st.recipe(n), seed_overrides(st, n)) for n in PRETRAIN_HELD_OUT]
 
 
-def stage_runs() -> dict[str, float]:
-    """Train every run not yet finished; returns wall seconds per run trained now."""
-    seconds = {}
+def stage_runs() -> None:
+    """Train every run not yet finished (a half-finished one from an interrupted experiment starts over)."""
     for setup, name, recipe, overrides in planned_runs():
         if run_done(setup, name):
             continue
-        if (ROOT / setup.run(name)).exists():  # a half-finished run from an interrupted experiment
-            import shutil
-
-            shutil.rmtree(ROOT / setup.run(name))
+        shutil.rmtree(ROOT / setup.run(name), ignore_errors=True)
         t0 = time.time()
         cpt("train", recipe, *overrides, "tracking.progress=false", log=ROOT / f"{setup.run(name)}.log")
-        seconds[str(setup.run(name))] = time.time() - t0
         print(f"  {setup.run(name)}: {time.time() - t0:.0f} s", flush=True)
-    return seconds
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -200,8 +195,9 @@ def records(setup: Setup, name: str) -> list[dict]:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    from cpt.tracking import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def run_summary(setup: Setup, name: str, probe: str) -> dict:

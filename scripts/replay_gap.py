@@ -29,13 +29,15 @@ from reproduce import BASE_LR, ROOT, K, Run, Runner, final, probes, table  # noq
 PRETRAIN = 1024 * K
 
 
-def unigram(path: Path, vocab: int) -> np.ndarray:
+def unigram(path: Path) -> np.ndarray:
+    """Token counts of a prepared folder (vocabulary-sized)."""
     from cpt.data.source import TokenSource
 
     src = TokenSource(path)  # checks the shards against the manifest
-    counts = np.zeros(vocab, dtype=np.float64)
+    v = src.vocab_size
+    counts = np.zeros(v, dtype=np.float64)
     for shard in src.manifest["shards"]:
-        counts += np.bincount(np.fromfile(src.path / shard["file"], dtype=src.dtype), minlength=vocab)[:vocab]
+        counts += np.bincount(np.fromfile(src.path / shard["file"], dtype=src.dtype), minlength=v)[:v]
     return counts
 
 
@@ -139,11 +141,8 @@ def main() -> None:
                                 f"retraining on the same tokens." for r in rows))
 
     # ---------------------------------------------------------------- E. the regime: the unigram share of the loss
-    from cpt.data.source import TokenSource
-
-    vocab = int(TokenSource(ROOT / "data/shared/prepared/en/validation").manifest.get("vocab_size", 4096))
-    tr = {d: unigram(ROOT / f"data/shared/prepared/{d}/train", vocab) for d in ("en", "de")}
-    va = {d: unigram(ROOT / f"data/shared/prepared/{d}/validation", vocab) for d in ("en", "de")}
+    tr = {d: unigram(ROOT / f"data/shared/prepared/{d}/train") for d in ("en", "de")}
+    va = {d: unigram(ROOT / f"data/shared/prepared/{d}/validation") for d in ("en", "de")}
     freq = {d: tr[d] / tr[d].sum() for d in tr}
     rows = []
     for label, w_en in [("English only (pre-training)", 1.0), ("25% en / 75% de (the 25%-replay stage)", 0.25),

@@ -17,7 +17,6 @@ script runs again (delete runs/repro/ to start over).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -108,8 +107,9 @@ def tokens_trained(run_dir: Path) -> int:
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
+    from cpt.tracking import read_metrics
+
+    return read_metrics(run_dir / "metrics.jsonl")
 
 
 def probes(run_dir: Path, stage: str | None = None) -> list[dict]:
