@@ -151,12 +151,8 @@ def load_optimizer_state(optimizer, ckpt: str | Path) -> None:
     torch only checks group sizes; the shapes are checked here so that moments of another
     architecture are refused instead of silently broadcast."""
     import torch
-    from accelerate.utils import DeepSpeedOptimizerWrapper
 
-    if isinstance(optimizer, DeepSpeedOptimizerWrapper):
-        raise CptError("not supported under DeepSpeed (train.deepspeed): DeepSpeed keeps the optimizer state "
-                       "partitioned in its own format; set init_from.load.optimizer: false, or train without "
-                       "DeepSpeed")
+    # Under train.deepspeed the recipe refuses init_from.load.optimizer, so no DeepSpeed type is needed here.
     if (Path(ckpt) / ADAPTER_DIR).is_dir():
         raise CptError(f"{ckpt} is a LoRA checkpoint: init_from merges its adapter into the weights (a recipe "
                        f"with peft then starts a fresh adapter), so its optimizer moments belong to no parameter "

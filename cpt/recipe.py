@@ -268,6 +268,10 @@ class Recipe(_Strict):
             raise ValueError("model.preset: required when no weights are loaded (init_from.load.weights)")
         if self.model.tokenizer is None and self.init_from is None:
             raise ValueError("model.tokenizer: required with model.preset (the vocabulary comes from it)")
+        if self.train.deepspeed is not None and self.init_from is not None and self.init_from.load.optimizer:
+            raise ValueError("init_from.load.optimizer: not supported with train.deepspeed (DeepSpeed keeps the "
+                             "optimizer state partitioned in its own format); set it to false, or train without "
+                             "DeepSpeed")
 
         L, G = self.data.seq_len, self.train.global_batch_tokens
         if G % L:

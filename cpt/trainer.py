@@ -158,8 +158,11 @@ def unlink_deepspeed_shm(rank: int) -> None:
 def deepspeed_plugin(path: str):
     """accelerate's DeepSpeed plugin from a DeepSpeed JSON config (train.deepspeed). Only runs that set
     it get here, so only they import DeepSpeed (accelerate does, when the Accelerator is created)."""
+    import importlib.util
     import json
 
+    if importlib.util.find_spec("deepspeed") is None:
+        raise CptError('train.deepspeed needs the deepspeed package: pip install -e ".[deepspeed]"')
     from accelerate.utils import DeepSpeedPlugin
 
     try:

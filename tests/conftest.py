@@ -1,4 +1,4 @@
-"""Shared fixtures: real text from ../shared/data, a small trained tokenizer, prepared token shards.
+"""Shared fixtures: real text from the repository itself, a small trained tokenizer, prepared token shards.
 
 Session-scoped so that every test module (data, trainer, probes, CLI) reuses one tokenizer and one
 set of prepared shards. Without the offline switches a hub id takes ~50 s to fail, so they are set
@@ -20,60 +20,60 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-DOMAINS = {"en": "en_kernel_docs", "de": "de_libreoffice_help", "code": "code_python_stdlib"}
+DATA = Path(__file__).resolve().parent / "data"
 TOKENIZER_DOCS = 300  # per domain, train split
 PREPARED_SEQ_LEN = 128
 PREPARED_DOCS = {"train": 400, "validation": 60}
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``/work/shared/data``: the repo's sibling ``shared/data`` with the three real-text domains."""
-    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-    if not path.is_dir():
-        raise RuntimeError(
-            f"test data not found at {path}: the tests expect ../shared/data beside the repo "
-            "(en_kernel_docs, de_libreoffice_help, code_python_stdlib; see shared/DATA.md)"
-        )
-    missing = [d for d in DOMAINS.values() if not (path / d / "train.jsonl.gz").is_file()]
-    if missing:
-        raise RuntimeError(f"test data at {path} lacks {', '.join(missing)}")
-    return path
+def corpora(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """``{"en"|"de"|"code": {"train"|"validation": Path}}``: three real-text domains, JSONL files.
+
+    English prose and Python code are built from the running interpreter's standard library (as the
+    demo builds them); German is the MPL-2.0 LibreOffice help sample in ``tests/data`` (see its
+    README). Nothing outside the repository is read.
+    """
+    from scripts.demo_corpora import build
+
+    raw = tmp_path_factory.mktemp("corpora")
+    build(raw)
+    german = DATA / "de_libreoffice_help"
+    return {
+        "en": {s: raw / "english" / f"{s}.jsonl" for s in ("train", "validation")},
+        "de": {s: german / f"{s}.jsonl.gz" for s in ("train", "validation")},
+        "code": {s: raw / "code" / f"{s}.jsonl" for s in ("train", "validation")},
+    }
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(shared_data: Path, tmp_path_factory) -> Path:
+def tokenizer_dir(corpora, tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 2048, eos ``<|endoftext|>``) trained on the three domains."""
     from cpt.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer") / "bpe-2048"
-    inputs = [shared_data / d / "train.jsonl.gz" for d in DOMAINS.values()]
+    inputs = [splits["train"] for splits in corpora.values()]
     return train_tokenizer(inputs, out, vocab_size=2048, max_documents_per_input=TOKENIZER_DOCS)
 
 
 @pytest.fixture(scope="session")
-def prepared(shared_data: Path, tokenizer_dir: Path, tmp_path_factory) -> dict[str, dict[str, Path]]:
+def prepared(corpora, tokenizer_dir: Path, tmp_path_factory) -> dict[str, dict[str, Path]]:
     """``{"en"|"de"|"code": {"train"|"validation": Path}}``: token shards at seq_len 128.
 
-    Train splits hold the first 400 documents of each domain, validation splits the first 60.
+    Train splits hold the first 400 documents of each domain, validation splits the first 60 (or all
+    the domain has, if fewer).
     """
     from cpt.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("prepared")
     out: dict[str, dict[str, Path]] = {}
-    for short, domain in DOMAINS.items():
-        out[short] = {}
+    for domain, splits in corpora.items():
+        out[domain] = {}
         for split, n_docs in PREPARED_DOCS.items():
-            path = root / short / split
-            prepare(
-                [shared_data / domain / f"{split}.jsonl.gz"],
-                tokenizer_dir,
-                path,
-                seq_len=PREPARED_SEQ_LEN,
-                max_documents=n_docs,
-                progress=False,
-            )
-            out[short][split] = path
+            path = root / domain / split
+            prepare([splits[split]], tokenizer_dir, path, seq_len=PREPARED_SEQ_LEN, max_documents=n_docs,
+                    progress=False)
+            out[domain][split] = path
     return out
 
 

@@ -62,11 +62,11 @@ def test_tokenizer_round_trip(tokenizer_dir):
         assert max(ids) < 2048
         assert tok.decode(ids) == text  # byte-level: lossless on any UTF-8
     # trained on real text: common words of each domain are single tokens or close to it
-    assert len(tok(" the kernel", add_special_tokens=False)["input_ids"]) <= 3
+    assert len(tok(" the function", add_special_tokens=False)["input_ids"]) <= 3
     assert tokenizer_hash(tokenizer_dir) == tokenizer_hash(tokenizer_dir / "tokenizer.json")
 
 
-def test_tokenizer_hash_survives_resave_and_differs_between_tokenizers(tokenizer_dir, tmp_path, shared_data):
+def test_tokenizer_hash_survives_resave_and_differs_between_tokenizers(tokenizer_dir, tmp_path):
     from cpt.data.tokenizer import train_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
@@ -156,7 +156,7 @@ def test_packing_across_batches_and_writes(tmp_path, tokenizer_dir, monkeypatch)
     assert [s["sequences"] for s in writer.shards] == [10] * 15 + [6]
 
 
-def test_prepare_real_text_round_trip(prepared, shared_data, tokenizer_dir):
+def test_prepare_real_text_round_trip(prepared, corpora, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     path = prepared["en"]["train"]
     src = TokenSource(path)
@@ -166,7 +166,7 @@ def test_prepare_real_text_round_trip(prepared, shared_data, tokenizer_dir):
     assert m["tokens"] == sum(s["sequences"] for s in m["shards"]) * 128 == len(flat_tokens(path))
     assert 0 <= m["tokens_dropped_tail"] < 128
     # the first sequence decodes to the start of the first document
-    with gzip.open(shared_data / "en_kernel_docs" / "train.jsonl.gz", "rt", encoding="utf-8") as f:
+    with open(corpora["en"]["train"], encoding="utf-8") as f:
         first, second = (json.loads(next(f))["text"] for _ in range(2))
     text = tok.decode(src.get(0).tolist())
     assert first.startswith(text[:200]) and len(text) > 200
@@ -192,8 +192,8 @@ def test_prepared_fixture_shape(prepared):
     assert len(hashes) == 1
 
 
-def test_prepare_num_proc_gives_identical_shards(tmp_path, tokenizer_dir, shared_data):
-    inp = [shared_data / "de_libreoffice_help" / "validation.jsonl.gz"]
+def test_prepare_num_proc_gives_identical_shards(tmp_path, tokenizer_dir, corpora):
+    inp = [corpora["de"]["validation"]]
     a = prepare(inp, tokenizer_dir, tmp_path / "a", seq_len=64, num_proc=1, progress=False)
     b = prepare(inp, tokenizer_dir, tmp_path / "b", seq_len=64, num_proc=2, progress=False)
     assert a["sequences"] == b["sequences"] and a["documents"] == b["documents"]

@@ -202,13 +202,19 @@ class Bigram(torch.nn.Module):
 
 def test_downstream_forced_model_gets_everything_right(tok):
     items = [
-        {"context": "The scheduler picks", "choices": [" a banana", " the next task", " purple"], "answer": 1},
+        {"context": "The interpreter reads", "choices": [" a banana", " the next line", " purple"], "answer": 1},
         {"context": "import", "choices": [" sys", " Tabelle"], "answer": 0},
-        {"context": "Memory is", "target": " allocated in pages"},
+        {"context": "Memory is", "target": " allocated in blocks"},
     ]
     known = [[tok.bos_token_id] + tok(it["context"] + (it["choices"][it["answer"]] if "choices" in it
                                                         else it["target"]), add_special_tokens=False)["input_ids"]
              for it in items]
+    # the premise: past the BOS no token is followed by two different tokens, so the table is certain
+    successors = {}
+    for seq in known:
+        for a, b in zip(seq[1:], seq[2:], strict=False):
+            successors.setdefault(a, set()).add(b)
+    assert all(len(s) == 1 for s in successors.values()), "pick items whose tokens do not collide"
     out = ds.score(Bigram(len(tok), known), tok, items)
     assert out["acc"] == 1.0 and out["acc_norm"] == 1.0
     assert out["correct_logprob_per_token"] > -1e-3 and out["cloze_logprob_per_token"] > -1e-3

@@ -173,12 +173,10 @@ def test_shipped_deepspeed_configs(tmp_path):
         deepspeed_plugin("nowhere.json")
 
 
-def test_optimizer_state_not_loaded_under_deepspeed(tmp_path):
-    from accelerate.utils import DeepSpeedOptimizerWrapper
-
-    wrapped = object.__new__(DeepSpeedOptimizerWrapper)  # the type is all the guard looks at
-    with pytest.raises(CptError, match="not supported under DeepSpeed"):
-        ckpt_lib.load_optimizer_state(wrapped, tmp_path)
+def test_optimizer_state_not_loaded_under_deepspeed(tmp_path, make_recipe):
+    with pytest.raises(CptError, match="init_from.load.optimizer: not supported with train.deepspeed"):
+        make_recipe(model__preset=None, model__config={}, train__deepspeed="recipes/deepspeed/zero2.json",
+                    init_from={"path": str(tmp_path), "load": {"weights": True, "optimizer": True}})
     (tmp_path / "pytorch_model").mkdir()  # a checkpoint written under DeepSpeed, loaded without it
     with pytest.raises(CptError, match="written under DeepSpeed"):
         ckpt_lib.load_optimizer_state(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))]), tmp_path)
