@@ -52,10 +52,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str, Any], recipe_yaml: str,
                     keep_last: int, model=None, tokenizer=None) -> Path:
-    """Save model, optimizer, RNG (all ranks) and trainer state; prune untagged ones to ``keep_last``."""
+    """Save model, optimizer, RNG (all ranks) and trainer state; prune untagged ones to ``keep_last``.
+
+    A write that fails (disk full, quota, a vanished mount) removes its temporary dir and is one line
+    that says the earlier checkpoints are intact: the rename below is the commit, so nothing partial
+    can be taken for a checkpoint."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}"
+    try:
+        return _save_checkpoint(accelerator, run_dir, root, final, tmp, state, recipe_yaml, keep_last, model,
+                                tokenizer)
+    except Exception as e:  # OSError from open(), RuntimeError from torch.save, SafetensorError, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CptError(f"checkpoint {final} could not be written ({_why(e)}); nothing partial was kept and the "
+                       f"earlier checkpoints are intact: free space, then --resume") from None
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, state, recipe_yaml, keep_last,
+                     model, tokenizer) -> Path:
     if accelerator.is_main_process:
         for stale in root.glob(".tmp-*") if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save
@@ -112,13 +132,43 @@ def _shards_weights(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
+_RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
+
+
+def safe_torch_load(f: Path, mmap: bool = False):
+    """``torch.load`` that runs no code: tensors, containers, numbers and the numpy RNG-state types only
+    (``weights_only``). A file that needs more (a planted payload) or is not a torch file at all is a
+    CptError naming it. ``mmap`` maps the tensors instead of reading them: a cheap check of the file."""
+    import torch
+    from accelerate.utils.other import TORCH_SAFE_GLOBALS  # numpy arrays and dtypes of accelerate's RNG file
+
+    try:
+        with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+            return torch.load(f, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # UnpicklingError, a zip error from a truncated file, EOFError, ...
+        raise CptError(f"{f}: refused: not a plain tensor file, or truncated ({_why(e)})") from None
+
+
 def load_checkpoint(accelerator, ckpt: str | Path) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states in place; return the trainer state."""
+    """Restore model, optimizer and RNG states in place; return the trainer state.
+
+    accelerate's loader swallows a bad RNG file (the run would go on with other random numbers) and
+    raises raw errors for the rest, so every pickle-based file of this rank is checked first, by mapping
+    it without running code; then any failure of the load itself names the checkpoint."""
     state = read_trainer_state(ckpt)
+    ckpt = Path(ckpt)
+    rng = ckpt / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.is_file():
+        raise CptError(f"{ckpt}: no {rng.name}: the checkpoint is incomplete")
+    states = safe_torch_load(rng)
+    if not isinstance(states, dict) or any(k not in states for k in _RNG_KEYS):
+        raise CptError(f"{rng}: not an RNG state file (expected keys {', '.join(_RNG_KEYS)})")
+    for f in sorted(ckpt.glob("optimizer*.bin")):
+        safe_torch_load(f, mmap=True)
     try:
         accelerator.load_state(str(ckpt))
-    except (FileNotFoundError, RuntimeError, KeyError) as e:
-        raise CptError(f"{ckpt}: cannot restore the training state ({e})") from None
+    except Exception as e:  # safetensors / torch / shape errors of a damaged file
+        raise CptError(f"{ckpt}: cannot restore the training state ({_why(e)})") from None
     return state
 
 
@@ -150,7 +200,6 @@ def load_optimizer_state(optimizer, ckpt: str | Path) -> None:
 
     torch only checks group sizes; the shapes are checked here so that moments of another
     architecture are refused instead of silently broadcast."""
-    import torch
 
     # Under train.deepspeed the recipe refuses init_from.load.optimizer, so no DeepSpeed type is needed here.
     if (Path(ckpt) / ADAPTER_DIR).is_dir():
@@ -164,7 +213,9 @@ def load_optimizer_state(optimizer, ckpt: str | Path) -> None:
             raise CptError(f"{ckpt} was written under DeepSpeed: its optimizer state is in DeepSpeed's "
                            f"partitioned format, which init_from cannot load; set init_from.load.optimizer: false")
         raise CptError(f"{ckpt}: no optimizer state (optimizer.bin)")
-    saved = torch.load(f, map_location="cpu", weights_only=False)
+    saved = safe_torch_load(f)  # init_from may name a checkpoint someone else wrote: no code runs
+    if not isinstance(saved, dict) or not {"state", "param_groups"} <= set(saved):
+        raise CptError(f"{f}: not an optimizer state (expected 'state' and 'param_groups')")
     groups = optimizer.param_groups
     if len(saved["param_groups"]) != len(groups):
         raise CptError(f"{ckpt}: optimizer state has {len(saved['param_groups'])} parameter groups, "
@@ -191,12 +242,17 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        if is_peft(unwrapped):
-            unwrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict)
-            merged_copy(unwrapped, state_dict).save_pretrained(tmp, safe_serialization=True)
-        else:
-            unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        try:
+            if is_peft(unwrapped):
+                unwrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict)
+                merged_copy(unwrapped, state_dict).save_pretrained(tmp, safe_serialization=True)
+            else:
+                unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        except Exception as e:  # see save_checkpoint
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CptError(f"{out} could not be written ({_why(e)}); the run's last checkpoint holds the same "
+                           f"weights: free space, then --resume exports it") from None
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -31,14 +31,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
     elif ns.decay is not None or ns.decay_shape is not None:
         raise CptError("--decay and --decay-shape go with --branch-from CHECKPOINT")
     if ns.dry_run:
+        from cpt.trainer import check_recipe
+
         print(recipe.to_yaml(), end="")
+        print(f"# {check_recipe(recipe, resume=ns.resume, allow_changes=tuple(ns.allow_change))}")
         return 0
     from cpt.trainer import train
 
     result = train(recipe, resume=ns.resume, allow_changes=tuple(ns.allow_change), max_steps=ns.max_steps)
     if result.completed and result.is_main:
         print(f"cpt: done: {result.step} steps, {result.tokens} tokens; model exported to {result.run_dir / 'final'}")
-    return 0
+    # stopped by SIGINT/SIGTERM (checkpointed): 128 + signal, as shells expect, so `cpt train a && b` stops
+    return 128 + result.signum if result.signum is not None else 0
 
 
 def cmd_schedule(ns: argparse.Namespace) -> int:
@@ -138,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: a recipe key (or section) allowed to differ from the checkpoint's")
     t.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps (checkpointed; continue with --resume)")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved recipe and exit")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved recipe, check everything that can be checked without training "
+                        "(paths, data vs tokenizer and seq_len, batch layout, position limit) and exit")
     t.add_argument("--branch-from", metavar="CHECKPOINT", default=None,
                    help="decay branch (WSD / infinite): from this stable-phase checkpoint of the RECIPE's run, "
                         "decay to min LR; a new run dir RUN-decay-at-STEP")
@@ -222,12 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # `cpt train R.yaml --resume train.tokens=32K`: argparse leaves what follows a flag over
+        if getattr(ns, "args", None) is None or any("=" not in a or a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.args += extra
     try:
         return ns.func(ns)
     except CptError as e:
         print(f"cpt: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("cpt: interrupted", file=sys.stderr)
         return 130

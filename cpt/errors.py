@@ -1,5 +1,14 @@
-"""The one exception type users see: a one-line message, printed by the CLI without a traceback."""
+"""The exceptions users see: a one-line message, printed by the CLI without a traceback."""
 
 
 class CptError(Exception):
     """A user-facing error: bad recipe, bad data, bad checkpoint. The message names what is wrong."""
+
+    exit_code = 2
+
+
+class DivergedError(CptError):
+    """Training stopped on a non-finite loss or grad norm (train.on_nonfinite); nothing was saved after
+    the last good checkpoint. Its own exit code, so a job script can tell it from bad input."""
+
+    exit_code = 3

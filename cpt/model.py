@@ -26,11 +26,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_config(cfg: ModelConfig, tokenizer):
+    """The LlamaConfig of ``model.preset`` with the tokenizer's vocabulary and ``model.config`` overrides."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(PRESETS[cfg.preset])  # type: ignore[index]
+    kwargs.update(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(cfg.config)
+    try:
+        config = LlamaConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CptError(f"model.config: {e}") from None
+    config._attn_implementation = cfg.attn_implementation
+    return config
+
+
 def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path | None = None):
     """The model to train, in fp32 (autocast handles bf16): loaded from ``weights_from`` (any HF causal
     LM dir, or a cpt checkpoint, which is one) or built from ``cfg.preset`` with a seeded init."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     if weights_from is not None and is_peft_checkpoint(weights_from):
         model = _load_merged_peft_checkpoint(Path(weights_from), cfg)
@@ -45,30 +66,44 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path
         except (OSError, ValueError) as e:
             raise CptError(f"init_from.path: cannot load a causal LM from {weights_from} ({e})") from None
     else:
-        kwargs = dict(PRESETS[cfg.preset])  # type: ignore[index]
-        kwargs.update(
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        kwargs.update(cfg.config)
-        try:
-            config = LlamaConfig(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise CptError(f"model.config: {e}") from None
-        config._attn_implementation = cfg.attn_implementation
+        config = preset_config(cfg, tokenizer)
         # Seed only the init, so that the data order and everything downstream stay independent of it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if weights_from is not None:
+        # A diverged run's checkpoint (or a corrupt download) would train to NaN from its first step.
+        bad = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise CptError(f"init_from.path: {weights_from}: parameter {bad} holds NaN or inf values; "
+                           f"refusing to train from it (start from an earlier checkpoint)")
     if len(tokenizer) > model.config.vocab_size:
         raise CptError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
             f"{model.config.vocab_size}: they do not belong together"
         )
     return model
+
+
+# Where architectures keep their longest position: Llama, Qwen, Gemma, ... | GPT-2 | Bloom-style configs.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def position_limit(config) -> int | None:
+    """The longest sequence a model config declares (None when it declares none)."""
+    for key in _POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seq_len(config, seq_len: int, where: str) -> None:
+    """Refuse a data.seq_len past the model's positions at start, not as an IndexError mid-run."""
+    limit = position_limit(config)
+    if limit is not None and seq_len > limit:
+        raise CptError(f"data.seq_len = {seq_len} is longer than the model's position limit ({limit}, "
+                       f"{where}): prepare the data with --seq-len {limit} or less")
 
 
 def num_params(model) -> int:

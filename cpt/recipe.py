@@ -158,6 +158,23 @@ class TrainConfig(_Strict):
         "this recipe (write \"auto\" for them); precision from train.precision. null = plain DDP."
     )
 
+    on_nonfinite: Literal["halt", "skip"] = Field(
+        "halt", description="A step whose loss or grad norm is NaN/inf never updates the weights. halt = stop "
+        "at once, save nothing, name the step and the last good checkpoint (exit code 3); skip = drop that "
+        "step's update (its data is consumed, the LR schedule goes on), count it in train/skipped_steps, "
+        "and halt after train.max_skipped_steps in a row. Not with train.deepspeed (DeepSpeed steps inside "
+        "backward): there only halt."
+    )
+    max_skipped_steps: int = Field(
+        8, gt=0, description="With on_nonfinite: skip, halt after this many non-finite steps in a row."
+    )
+    spike_factor: float | None = Field(
+        2.0, gt=1, description="Log a loss_spike event (and print it) when a step's loss exceeds this "
+        "factor times the median of the last spike_window steps; null = off. Spikes only inform: the "
+        "step is taken."
+    )
+    spike_window: int = Field(64, ge=8, description="Steps in the running median of spike_factor.")
+
     @field_validator("grad_clip")
     @classmethod
     def _positive_clip(cls, v: float | None) -> float | None:
@@ -268,6 +285,9 @@ class Recipe(_Strict):
             raise ValueError("model.preset: required when no weights are loaded (init_from.load.weights)")
         if self.model.tokenizer is None and self.init_from is None:
             raise ValueError("model.tokenizer: required with model.preset (the vocabulary comes from it)")
+        if self.train.deepspeed is not None and self.train.on_nonfinite == "skip":
+            raise ValueError("train.on_nonfinite: skip is not possible with train.deepspeed (DeepSpeed applies "
+                             "the update inside backward, before the loss can be checked); use halt")
         if self.train.deepspeed is not None and self.init_from is not None and self.init_from.load.optimizer:
             raise ValueError("init_from.load.optimizer: not supported with train.deepspeed (DeepSpeed keeps the "
                              "optimizer state partitioned in its own format); set it to false, or train without "

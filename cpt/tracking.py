@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cpt.errors import CptError
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All complete records of a metrics file (a torn last line from a kill is ignored)."""
@@ -58,12 +60,22 @@ class MetricsLog:
             os.replace(tmp, self.path)
             self.count = len(kept)
         elif self.path.exists():
-            self.count = len(read_metrics(self.path))
+            # a fresh start where a run died before its first checkpoint: its records describe another
+            # history, so they are set aside (metrics.jsonl.1, .2, ...), never appended to or deleted
+            n = 1
+            while self.path.with_name(f"{self.path.name}.{n}").exists():
+                n += 1
+            kept = self.path.rename(self.path.with_name(f"{self.path.name}.{n}"))
+            print(f"cpt: note: {self.path} of an earlier start (no checkpoint) moved to {kept.name}")
         self._f = open(self.path, "a", buffering=1)  # line-buffered: a kill loses at most one record
 
     def log(self, record: dict[str, Any]) -> None:
         if self._f is not None:
-            self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            try:
+                self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            except OSError as e:  # e.g. disk full: say which file, not a traceback from deep in the loop
+                raise CptError(f"{self.path} could not be written ({e.strerror or e}); the run's checkpoints "
+                               f"are intact: free space, then --resume") from None
             self.count += 1
 
     def close(self) -> None:

@@ -25,8 +25,18 @@ from cpt import checkpoint as ckpt_lib
 from cpt.data.mixture import MixtureSampler, read_batch
 from cpt.data.source import SubsetSource, TokenSource
 from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
-from cpt.errors import CptError
-from cpt.model import build_model, flops_per_token, matmul_params, num_params, peak_flops, wrap_peft
+from cpt.errors import CptError, DivergedError
+from cpt.guard import StepGuard
+from cpt.model import (
+    build_model,
+    check_seq_len,
+    flops_per_token,
+    matmul_params,
+    num_params,
+    peak_flops,
+    preset_config,
+    wrap_peft,
+)
 from cpt.probes import ForgettingTracker, HeldOutLoss, probe_due, probe_losses
 from cpt.recipe import Recipe, recipe_diff
 from cpt.stages import Origin, StagePlan, describe_origin, plan_stages, resolve_init
@@ -68,6 +78,7 @@ class TrainResult:
     tokens: int
     completed: bool
     is_main: bool = True
+    signum: int | None = None  # the signal that stopped the run early (checkpointed), if one did
 
 
 class _StopFlag:
@@ -235,25 +246,72 @@ def open_keyed(key: str, opener, *args, **kwargs):
         raise CptError(f"{key}: {e}") from None
 
 
-def open_sources(recipe: Recipe, tok_hash: str | None) -> dict[str, TokenSource | SubsetSource]:
+def check_source(key: str, path: str, seq_len: int, tok_hash: str) -> TokenSource:
+    """A prepared dir the recipe names (training source or probe set), checked against the run."""
+    src = open_keyed(key, TokenSource, path)
+    if src.seq_len != seq_len:
+        raise CptError(f"{key}: {path} was prepared with seq_len {src.seq_len}, but data.seq_len is {seq_len} "
+                       f"(re-run cpt prepare with --seq-len {seq_len})")
+    if not src.tokenizer_hash:
+        raise CptError(f"{key}: {path}: its manifest records no tokenizer hash, so nothing says which "
+                       f"tokenizer wrote it (re-run cpt prepare)")
+    if src.tokenizer_hash != tok_hash:
+        raise CptError(f"{key}: {path} was tokenized with another tokenizer than the model's "
+                       f"(hash {src.tokenizer_hash[:12]} vs {tok_hash[:12]})")
+    return src
+
+
+def open_sources(recipe: Recipe, tok_hash: str) -> dict[str, TokenSource | SubsetSource]:
     sources: dict[str, TokenSource | SubsetSource] = {}
     for name, path in recipe.data.sources.items():
-        src = open_keyed(f"data.sources.{name}", TokenSource, path)
-        if src.seq_len != recipe.data.seq_len:
-            raise CptError(
-                f"data.sources.{name}: {path} was prepared with seq_len {src.seq_len}, but data.seq_len is "
-                f"{recipe.data.seq_len} (re-run cpt prepare with --seq-len {recipe.data.seq_len})"
-            )
-        if tok_hash and src.tokenizer_hash and src.tokenizer_hash != tok_hash:
-            raise CptError(
-                f"data.sources.{name}: {path} was tokenized with another tokenizer than the model's "
-                f"(hash {src.tokenizer_hash[:12]} vs {tok_hash[:12]})"
-            )
+        src = check_source(f"data.sources.{name}", path, recipe.data.seq_len, tok_hash)
         if name in recipe.data.replay_buffer:
             size = recipe.data.replay_buffer[name] // recipe.data.seq_len
             src = open_keyed(f"data.replay_buffer.{name}", SubsetSource, src, size, recipe.run.seed, name)
         sources[name] = src
     return sources
+
+
+def open_data(recipe: Recipe, model_dir: str | Path | None):
+    """The tokenizer (model.tokenizer, else the model dir's) and the training sources, every source and
+    probe set checked against it."""
+    tok_path = recipe.model.tokenizer or str(model_dir)
+    tok_key = "model.tokenizer" if recipe.model.tokenizer else "init_from.path"
+    tokenizer = open_keyed(tok_key, load_tokenizer, tok_path)
+    tok_hash = open_keyed(tok_key, tokenizer_hash, tok_path)
+    sources = open_sources(recipe, tok_hash)
+    for name, path in recipe.probes.sets.items():
+        check_source(f"probes.sets.{name}", path, recipe.data.seq_len, tok_hash)
+    return tokenizer, sources
+
+
+def check_recipe(recipe: Recipe, resume: bool = False, allow_changes: tuple[str, ...] = ()) -> str:
+    """Everything ``cpt train --dry-run`` can check without training: the checkpoint to resume or start
+    from, the stage plan, the batch layout at this launch's world size, the tokenizer, every source and
+    probe set (exists, seq_len, tokenizer), the model's position limit and a DeepSpeed config. Returns
+    a one-line summary; raises CptError naming the first problem."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = Layout.from_recipe(recipe, world)
+    resume_from = _start_or_resume(recipe, Path(recipe.run.output_dir), resume, allow_changes)
+    origin = resolve_init(recipe)
+    stages = plan_stages(recipe, origin, recipe.train.global_batch_tokens, layout.sequences_per_step)
+    tokenizer, sources = open_data(recipe, resume_from or origin.path)
+    if recipe.init_from is not None and recipe.init_from.load.weights:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(origin.path)
+        except (OSError, ValueError) as e:
+            raise CptError(f"init_from.path: cannot read the model config of {origin.path} ({e})") from None
+        where = f"config of {origin.path}"
+    else:
+        config, where = preset_config(recipe.model, tokenizer), f"model.preset {recipe.model.preset}"
+    check_seq_len(config, recipe.data.seq_len, where)
+    if recipe.train.deepspeed is not None:
+        deepspeed_plugin(recipe.train.deepspeed)
+    return (f"recipe checks passed: {len(stages)} stage(s) to token {stages[-1].end}, {len(sources)} source(s), "
+            f"{len(recipe.probes.sets)} probe set(s), {world} process(es) x grad accum {layout.grad_accum}"
+            f"{f', resuming {resume_from.name}' if resume_from else ''}")
 
 
 def _start_or_resume(recipe: Recipe, run_dir: Path, resume: bool, allow_changes: tuple[str, ...]) -> Path | None:
@@ -268,7 +326,12 @@ def _start_or_resume(recipe: Recipe, run_dir: Path, resume: bool, allow_changes:
         return None
     if latest is None:
         raise CptError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
-    saved = yaml.safe_load((latest / "recipe.yaml").read_text())
+    try:
+        saved = yaml.safe_load((latest / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CptError(f"--resume: {latest / 'recipe.yaml'} cannot be read ({type(e).__name__})") from None
+    if not isinstance(saved, dict):
+        raise CptError(f"--resume: {latest / 'recipe.yaml'} is not a recipe")
     changed = {
         k: v for k, v in recipe_diff(saved, recipe.to_dict()).items()
         if not any(k == a or k.startswith(a + ".") for a in allow_changes)
@@ -313,13 +376,13 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     weights_from = origin.path if recipe.init_from and recipe.init_from.load.weights else None
     if resume_from is not None and weights_from is not None:
         weights_from = str(resume_from)
-    tok_path = recipe.model.tokenizer or str(resume_from or origin.path)
-    tok_key = "model.tokenizer" if recipe.model.tokenizer else "init_from.path"
-    tokenizer = open_keyed(tok_key, load_tokenizer, tok_path)
-    sources = open_sources(recipe, open_keyed(tok_key, tokenizer_hash, tok_path))
+    tokenizer, sources = open_data(recipe, resume_from or origin.path)
     sizes = {n: s.num_sequences for n, s in sources.items()}
 
     model = build_model(recipe.model, tokenizer, recipe.run.seed, weights_from)
+    check_seq_len(model.config, recipe.data.seq_len,
+                  f"config of {weights_from}" if weights_from else f"model.preset {recipe.model.preset}")
+    vocab = model.get_input_embeddings().num_embeddings  # ids past it would fail deep inside the forward
     if recipe.peft is not None:  # frozen base + adapters; make_optimizer takes only what requires grad
         model = wrap_peft(model, recipe.peft, verbose=main)
     n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters
@@ -334,9 +397,15 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
         open_keyed("init_from.load.optimizer", ckpt_lib.load_optimizer_state, optimizer, origin.path)
 
     step, tokens = (saved["step"], saved["tokens"]) if saved else (origin.step, origin.tokens)
+
+    def stage_at(t: int) -> StagePlan:
+        return next((st for st in stages if st.start <= t < st.end), stages[-1])
     elapsed = saved["elapsed_s"] if saved else 0.0
     consumed = saved["data_consumed"] if saved else dict(origin.consumed)
     end_tokens = stages[-1].end
+    guard = StepGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, recipe.train.spike_factor,
+                      recipe.train.spike_window, check_grad_norm=recipe.train.precision != "fp16")
+    guard.load_state_dict(saved.get("guard") if saved else None)
     tracker = Tracker(run_dir, recipe.to_dict(), enabled=main, resume_step=step if saved else None,
                       wandb_cfg=recipe.tracking.wandb, keep_records=saved.get("metrics_records") if saved else None)
     if main:
@@ -344,6 +413,16 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
         print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "
               f"{len(stages)} stage(s), {(end_tokens - tokens) // tps} steps x {tps} tokens to go, "
               f"{accelerator.num_processes} process(es), grad accum {layout.grad_accum}; {how}")
+    if saved and saved.get("next_lr") is not None and tokens < end_tokens:
+        lr_now = stage_at(tokens).lr(tokens)
+        if not math.isclose(lr_now, saved["next_lr"], rel_tol=1e-9, abs_tol=1e-15):
+            # e.g. train.tokens raised with --allow-change: a horizon-dependent schedule moves
+            tracker.log({"step": step, "tokens": tokens, "event": "schedule_change", "schedule_change/lr_was":
+                         saved["next_lr"], "schedule_change/lr": lr_now, "schedule_change/end_tokens": end_tokens})
+            if main:
+                print(f"cpt: note: the recipe's schedule differs from the checkpoint's: the LR at token {tokens} "
+                      f"goes from {saved['next_lr']:.3e} to {lr_now:.3e}; the run now ends at token {end_tokens} "
+                      f"({(end_tokens - tokens) // tps} more steps)")
     if not saved:
         loaded, reset = describe_origin(recipe, origin)
         if main:
@@ -357,17 +436,12 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
             print(f"cpt: note: the LR goes from {origin.next_lr:.3e} (where the checkpoint's schedule was going) "
                   f"to {lr0:.3e} at token {tokens}; lengths given as fractions refer to the whole horizon")
 
-    def stage_at(t: int) -> StagePlan:
-        return next((st for st in stages if st.start <= t < st.end), stages[-1])
-
-    def save(stage: StagePlan, sampler: MixtureSampler, forgetting: ForgettingTracker | None,
-             tags: list[str]) -> None:
+    def save(stage: StagePlan, sampler: MixtureSampler, probe_state: dict | None, tags: list[str]) -> None:
         state = {"step": step, "tokens": tokens, "stage": stage.name, "sampler": sampler.state_dict(),
                  "data_consumed": sampler.consumed(), "mixture": stage.mixture,
                  "lr": optimizer.param_groups[0]["lr"], "next_lr": stage_at(tokens).lr(tokens),
-                 "elapsed_s": elapsed, "tags": tags, "origin": origin.to_dict(),
-                 "probe_state": forgetting.state_dict() if forgetting else None,
-                 "metrics_records": tracker.metrics.count}
+                 "elapsed_s": elapsed, "tags": tags, "origin": origin.to_dict(), "probe_state": probe_state,
+                 "guard": guard.state_dict(), "metrics_records": tracker.metrics.count}
         ckpt_lib.save_checkpoint(accelerator, run_dir, step, state, recipe.to_yaml(), recipe.checkpoint.keep_last,
                                  model=model, tokenizer=tokenizer)
 
@@ -407,6 +481,9 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                     tracker.log({**tag, **baseline, **forgetting.update(tokens, probe_losses(baseline))})
             elif forgetting is not None and saved.get("probe_state"):
                 forgetting.load_state_dict(saved["probe_state"])
+                if forgetting.stage_start is None:  # saved after the stage closed (an older checkpoint)
+                    raise CptError(f"--resume: {resume_from} was saved after stage {stage.name!r} ended, "
+                                   f"so its forgetting baseline is gone; the stage cannot be extended from it")
 
             while tokens < stage.end:
                 t0 = time.perf_counter()
@@ -417,27 +494,50 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                 picks = sampler.draw(layout.sequences_per_step)  # the same global batch on every rank
                 loss_sum = torch.zeros((), device=accelerator.device)
                 for micro in layout.my_micro_batches(picks, rank):
-                    ids = read_batch(sources, micro).to(accelerator.device, non_blocking=True)
+                    ids = read_batch(sources, micro, vocab_size=vocab).to(accelerator.device, non_blocking=True)
                     with accelerator.accumulate(model):
                         loss = model(input_ids=ids, labels=ids).loss
                         accelerator.backward(loss)
                     loss_sum += loss.detach()
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), recipe.train.grad_clip or math.inf)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-
                 loss = accelerator.reduce(loss_sum / layout.grad_accum, reduction="mean").item()
+                norm = float(grad_norm) if grad_norm is not None else None
+                verdict = guard.check(loss, norm)  # the same reduced numbers on every rank: one decision
+                if verdict == "halt":
+                    optimizer.zero_grad(set_to_none=True)
+                    tracker.log({"step": step + 1, "tokens": tokens + tps, "stage": stage.name, "event": "nonfinite",
+                                 "train/loss": loss, "train/grad_norm": norm, "lr": lr})
+                    last_good = ckpt_lib.latest_checkpoint(run_dir)
+                    raise DivergedError(
+                        f"step {step + 1} (tokens {tokens}-{tokens + tps}): loss {loss:.4g}, grad norm {norm}: not "
+                        f"finite{f' ({guard.in_a_row} such steps in a row)' if guard.in_a_row else ''}; the "
+                        f"weights were not updated and nothing was saved after it. Last good checkpoint: "
+                        f"{last_good or 'none'} (continue with --resume, e.g. with a lower schedule.max_lr "
+                        f"and --allow-change schedule.max_lr; train.on_nonfinite: skip drops such steps)")
+                if verdict == "step":
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
                 step, before, tokens = step + 1, tokens, tokens + tps
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 epochs = sampler.repeats()
                 last = {"step": step, "tokens": tokens, "stage": stage.name, "train/loss": loss,
                         "lr": optimizer.param_groups[0]["lr"],
-                        "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "train/grad_norm": norm,
+                        **({"train/skipped_steps": guard.skipped} if guard.skipped else {}),
                         "train/tokens_per_s": tps / dt, "time/elapsed_s": elapsed,
                         **({"train/mfu": tps / dt * mfu_per_token_s} if mfu_per_token_s else {}),
                         **{f"data/{n}/epochs": e for n, e in epochs.items() if stage.mixture.get(n, 0) > 0}}
                 tracker.log(last)
+                if verdict == "skip" and main:
+                    tqdm.write(f"cpt: warning: step {step}: loss {loss:.4g}, grad norm {norm}: not finite; update "
+                               f"skipped ({guard.in_a_row} in a row, {guard.skipped} in all)")
+                if (median := guard.spike(loss)) is not None:
+                    tracker.log({"step": step, "tokens": tokens, "stage": stage.name, "event": "loss_spike",
+                                 "train/loss": loss, "loss_spike/median": median})
+                    if main:
+                        tqdm.write(f"cpt: loss spike at step {step}: {loss:.4f} vs a median of {median:.4f} "
+                                   f"over the last {len(guard.recent) - 1} steps")
                 for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in warned]:
                     warned.add(name)
                     if main:
@@ -456,6 +556,9 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                     measured = probes(model, accelerator)
                     tracker.log({**tag, **measured, **forgetting.update(tokens, probe_losses(measured))})
                 tags = []
+                # saved as it stands before end_stage closes it: a run extended past this stage's old
+                # end (train.tokens raised on --resume) goes on with the same baseline
+                probe_state = forgetting.state_dict() if forgetting else None
                 if stage_done:
                     if forgetting is not None:
                         tracker.log({**tag, "event": "stage_end", **forgetting.end_stage()})
@@ -464,7 +567,7 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                     tags.append("pre_anneal")
                 halted = stop.signum is not None or (max_steps is not None and step - origin.step >= max_steps)
                 if tags or halted or tokens == end_tokens or crossed(recipe.checkpoint.every, before, tokens):
-                    save(stage, sampler, forgetting, tags)
+                    save(stage, sampler, probe_state, tags)
                 if halted and tokens < end_tokens:
                     if main:
                         why = f"signal {stop.signum}" if stop.signum is not None else f"--max-steps {max_steps}"
@@ -481,4 +584,4 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
         stop.restore()
     accelerator.end_training()
     done = tokens == end_tokens
-    return TrainResult(run_dir, step, tokens, done, main)
+    return TrainResult(run_dir, step, tokens, done, main, None if done else stop.signum)

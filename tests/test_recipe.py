@@ -134,8 +134,11 @@ def test_cli_bad_recipe_is_one_line_without_traceback(tmp_path):
 def test_cli_dry_run_prints_resolved_recipe(tmp_path):
     p = write(tmp_path, "r.yaml", BASE)
     out = subprocess.run([sys.executable, "-m", "cpt.cli", "train", str(p), "train.tokens=1M", "--dry-run"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, cwd=tmp_path)
     assert yaml.safe_load(out.stdout)["train"]["tokens"] == "1M"
+    # then it checks what training would open: here the tokenizer dir does not exist
+    assert out.returncode == 2 and out.stderr.startswith("cpt: error: model.tokenizer: ")
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
 
 
 def test_every_shipped_recipe_validates():

@@ -218,10 +218,12 @@ class MixtureSampler:
         self.position = int(position)
 
 
-def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]]):
+def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]], vocab_size: int | None = None):
     """Read ``picks`` from ``{name: TokenSource}`` into a LongTensor ``[len(picks), seq_len]``, in order.
 
-    Reads are grouped per source (one vectorised memmap gather each).
+    Reads are grouped per source (one vectorised memmap gather each). With ``vocab_size``, an id outside
+    ``[0, vocab_size)`` (a corrupt shard, or one tokenized for a larger vocabulary) is a CptError naming
+    the source and sequence, instead of an IndexError deep in the model's embedding.
     """
     import torch
 
@@ -243,4 +245,10 @@ def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]]):
     out = np.empty((len(picks), seq_len), dtype=np.int64)
     for name, (rows, idx) in groups.items():
         out[rows] = sources[name].batch(idx)
+    if vocab_size is not None and len(picks) and (out.min() < 0 or out.max() >= vocab_size):
+        row = int(np.flatnonzero((out < 0).any(1) | (out >= vocab_size).any(1))[0])
+        name, idx = picks[row]
+        bad = int(out[row][(out[row] < 0) | (out[row] >= vocab_size)][0])
+        raise CptError(f"data source {name!r}: sequence {idx} holds token id {bad}, outside the model's "
+                       f"vocabulary of {vocab_size}: the shard is corrupt or was tokenized for another model")
     return torch.from_numpy(out)
