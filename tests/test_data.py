@@ -126,17 +126,16 @@ def test_prepare_exact_packing(tmp_path, tokenizer_dir):
     assert src_.batch(order).dtype == np.int64
     assert np.array_equal(src_.get(5), rows[5])
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == m
-    assert not (tmp_path / "out.tmp").exists()
+    assert not any(tmp_path.glob("out.tmp*"))
 
 
 def test_packing_across_batches_and_writes(tmp_path, tokenizer_dir, monkeypatch):
-    """One document per map row and random write sizes give the same bytes as one big batch."""
+    """One piece per tokenizer batch and random write sizes give the same bytes as one big batch."""
     import cpt.data.prepare as prep
 
     src = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCS * 3])
     whole = prepare([src], tokenizer_dir, tmp_path / "whole", seq_len=5, shard_sequences=4, progress=False)
-    monkeypatch.setattr(prep, "_MAP_BATCH", 1)
-    monkeypatch.setattr(prep, "_ENCODE_CHARS", 1)
+    monkeypatch.setattr(prep, "_BATCH_CHARS", 1)
     split = prepare([src], tokenizer_dir, tmp_path / "split", seq_len=5, shard_sequences=4, progress=False)
     assert split["shards"] == whole["shards"] and split["tokens_dropped_tail"] == whole["tokens_dropped_tail"]
     assert np.array_equal(flat_tokens(tmp_path / "split"), flat_tokens(tmp_path / "whole"))
@@ -296,7 +295,7 @@ def test_missing_field_everywhere_names_field_and_fields_seen(tmp_path, tokenize
     msg = str(e.value)
     assert "x.jsonl" in msg and "no field 'text' in any record" in msg
     assert "fields seen: body, id" in msg and "--text-field" in msg and "\n" not in msg
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    assert not (tmp_path / "out").exists() and not any(tmp_path.glob("out.tmp*"))
 
 
 def test_empty_file_unusable_file_and_missing_path(tmp_path, tokenizer_dir):
@@ -328,7 +327,7 @@ def test_zero_sequences_is_an_error(tmp_path, tokenizer_dir):
     path = write_jsonl(tmp_path / "short.jsonl", [{"text": "tiny"}])
     with pytest.raises(CptError, match=r"short\.jsonl yields \d+ tokens, fewer than one sequence of 2048"):
         prepare([path], tokenizer_dir, tmp_path / "out", seq_len=2048, progress=False)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+    assert not (tmp_path / "out").exists() and not any(tmp_path.glob("out.tmp*"))
 
 
 # ---------------------------------------------------------------- TokenSource

@@ -1,9 +1,12 @@
 """Tokenize once into memory-mapped token shards: ``cpt prepare``.
 
-Pipeline: raw files -> documents (:mod:`cpt.data.reader`, bad records counted) -> an Arrow text
-column (``Dataset.from_generator``) -> ``Dataset.map(batched, num_proc)`` with the fast tokenizer,
-where each batch of documents becomes ONE row holding its ids with EOS after every document ->
-streamed in order into fixed-length sequences written as flat numpy arrays.
+Pipeline: raw files -> documents in pieces (:mod:`cpt.data.reader`, bad records counted; a long
+document is cut where its tokens do not change) -> batches of ``_BATCH_CHARS``
+characters -> the fast tokenizer, here or in ``num_proc`` worker processes, each batch becoming ONE
+numpy array of ids with EOS after the last piece of every document -> streamed in order into
+fixed-length sequences written as flat numpy arrays. Memory is bounded by the batch size and
+``num_proc``, not by the size of a document or of the corpus; the order of the tokens does not
+depend on ``num_proc``.
 
 Layout of the output folder::
 
@@ -13,26 +16,31 @@ Layout of the output folder::
 
 Documents are joined as ``doc0 EOS doc1 EOS ...`` (no BOS) and cut every ``seq_len`` tokens, so a
 sequence may start inside a document; the tail that does not fill a last sequence is dropped and
-counted. Because each map batch is one row, the token stream never exists as Python lists of the
-whole corpus, and its order does not depend on ``num_proc``.
+counted. The folder is built as ``<out>.tmp-<pid>@<host>``, its manifest written last, and renamed
+into place when whole: a killed prepare leaves no output, only a temporary that the next prepare
+into the same ``out`` removes.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import datetime as _dt
-import gc
 import itertools
 import json
+import multiprocessing
 import os
+import re
 import shutil
+import signal
+import socket
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cpt import __version__
-from cpt.data.reader import InputStats, iter_documents, resolve_inputs
+from cpt.data.reader import InputStats, iter_pieces, resolve_inputs
 from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
 from cpt.errors import CptError
 
@@ -41,8 +49,16 @@ MANIFEST_FORMAT = "cpt-tokens"
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "tokens-{:05d}.bin"
 
-_MAP_BATCH = 1000  # documents per map call, and so per Arrow row of ids
-_ENCODE_CHARS = 8_000_000  # characters per tokenizer call, to bound the Python ints alive at once
+# Documents longer than this many characters are tokenized in pieces (cut as reader.split_text
+# says). While it encodes a text the Rust tokenizer holds ~100-140 bytes per character (alignments,
+# offsets, token strings): one 25 MB document took 4 GB. A piece of 256K characters costs ~30 MB
+# per tokenizer thread, and cuts stay rare enough (one per 256K characters) that a long document
+# keeps its whole-text tokens.
+_CHUNK_CHARS = 1 << 18
+# Characters per tokenizer call: the encodings of a batch (~30 bytes per character) are alive at
+# once. 2M characters: ~60 MB, and 8 long pieces or thousands of short documents for its threads.
+# Measured on a 30 MiB .txt, 2 cores: peak RSS 425 MB (250 MB of it imports), 6.7 s; with 4M, 498 MB.
+_BATCH_CHARS = 1 << 21
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -50,37 +66,79 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
-class _Tokenize:
-    """Batched map function: a batch of documents -> one row of ids, EOS after each document.
+def _batches(pieces):
+    """Group ``(text, last)`` pieces into ``(texts, lasts)`` of about ``_BATCH_CHARS`` characters."""
+    texts, lasts, chars = [], [], 0
+    for text, last in pieces:
+        texts.append(text)
+        lasts.append(last)
+        chars += len(text)
+        if chars >= _BATCH_CHARS:
+            yield texts, lasts
+            texts, lasts, chars = [], [], 0
+    if texts:
+        yield texts, lasts
 
-    A class (not a closure) so that ``datasets`` can pickle it into ``num_proc`` workers. The fast
-    tokenizer returns Python lists of ints; they are turned into a numpy array every
-    ``_ENCODE_CHARS`` characters, so a batch of very long documents never holds more than a few
-    million Python ints at once.
-    """
 
-    def __init__(self, backend, eos_id: int, dtype: str):
-        self.backend = backend
-        self.eos_id = eos_id
-        self.dtype = dtype
+def _encode(backend, eos_id: int, dtype: str, batch) -> tuple[np.ndarray, int]:
+    """One batch of pieces -> (ids with EOS after each document's last piece, documents ended)."""
+    texts, lasts = batch
+    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in encodings]
+    del encodings  # most of the memory (offsets, token strings): keep only the ids
+    eos = (eos_id,)
+    n = sum(map(len, ids)) + sum(lasts)
+    stream = itertools.chain.from_iterable(
+        itertools.chain(i, eos) if last else i for i, last in zip(ids, lasts, strict=True)
+    )
+    return np.fromiter(stream, dtype=dtype, count=n), sum(lasts)
 
-    def __call__(self, batch: dict) -> dict:
-        texts = batch["text"]
-        pieces, start, chars = [], 0, 0
-        for i, text in enumerate(texts):
-            chars += len(text)
-            if chars >= _ENCODE_CHARS or i == len(texts) - 1:
-                pieces.append(self._encode(texts[start : i + 1]))
-                start, chars = i + 1, 0
-        ids = np.concatenate(pieces) if len(pieces) > 1 else pieces[0] if pieces else np.empty(0, self.dtype)
-        return {"ids": [ids], "documents": [len(texts)]}
 
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        encs = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        eos = (self.eos_id,)
-        n = sum(len(e.ids) for e in encs) + len(encs)
-        stream = itertools.chain.from_iterable(itertools.chain(e.ids, eos) for e in encs)
-        return np.fromiter(stream, dtype=self.dtype, count=n)
+_worker: tuple | None = None  # (backend, eos_id, dtype) in a worker process
+
+
+def _init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+    global _worker
+    from tokenizers import Tokenizer
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one core
+    _worker = (Tokenizer.from_str(tokenizer_json), eos_id, dtype)
+
+
+def _encode_in_worker(batch) -> tuple[np.ndarray, int]:
+    return _encode(*_worker, batch)
+
+
+def _encoded(batches, backend, eos_id: int, dtype: str, num_proc: int):
+    """``_encode`` of each batch, in order: in this process, or in ``num_proc`` workers."""
+    if num_proc == 1:
+        for batch in batches:
+            yield _encode(backend, eos_id, dtype, batch)
+        return
+    # spawn, not fork: the parent may hold threads (the tokenizer's, torch's) that fork would break
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_proc, _init_worker, (backend.to_str(), eos_id, dtype)) as pool:  # exit: terminate
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) > 2 * num_proc:  # reading runs ahead of the workers by a few batches only
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _cuts_keep_tokens(backend) -> bool:
+    """Whether cutting a text as reader.split_text does leaves its tokens as they were: true of
+    byte-level BPE; false where every text gets a prefix space (SentencePiece-style Metaspace), which
+    would add a space at each cut, so such tokenizers get whole documents."""
+
+    def ids(text: str) -> list[int]:
+        return backend.encode(text, add_special_tokens=False).ids
+
+    cuts = [("The first line", "\n    indented(x) = 1\n"), ("ends with a dot.\n", "Next line"),
+            ("Between", " words")]
+    return all(ids(a + b) == ids(a) + ids(b) for a, b in cuts)
 
 
 class _ShardWriter:
@@ -96,9 +154,10 @@ class _ShardWriter:
         self.carry = np.empty(0, dtype=dtype)  # < seq_len tokens waiting for the next batch
         self.shards: list[dict] = []
         self.file = None
+        self.max_id = -1  # the largest id written, for checks against a model's embedding size
 
     def add(self, ids: np.ndarray) -> None:
-        """Append tokens; write every completed sequence. ``ids`` may be a view of mapped memory."""
+        """Append tokens; write every completed sequence."""
         if len(self.carry):
             need = self.seq_len - len(self.carry)
             if len(ids) < need:
@@ -118,6 +177,7 @@ class _ShardWriter:
             part, seqs = seqs[:room], seqs[room:]
             part.tofile(self.file)
             self.shards[-1]["sequences"] += len(part)
+            self.max_id = max(self.max_id, int(part.max()))
 
     def _next_shard(self) -> None:
         self._close_file()
@@ -138,20 +198,6 @@ class _ShardWriter:
         return len(self.carry)
 
 
-@dataclass
-class _ReadJob:
-    inputs: list[tuple[Path, str]]
-    text_field: str
-    stats: list[InputStats]  # filled while the generator runs (in this process)
-    max_documents: int | None
-    cache_dir: Path
-
-
-def _text_rows(job: _ReadJob):
-    for text in iter_documents(job.inputs, job.text_field, job.stats, job.max_documents, job.cache_dir):
-        yield {"text": text}
-
-
 def prepare(
     inputs: list[str | Path] | str | Path,
     tokenizer: str | Path,
@@ -167,10 +213,13 @@ def prepare(
     """Tokenize ``inputs`` with ``tokenizer``, pack into ``seq_len`` sequences, write to ``out_dir``.
 
     Returns the manifest (also written as ``out_dir/manifest.json``). ``max_documents`` caps the
-    usable documents read, over all inputs in order. The folder is built as ``<out_dir>.tmp`` and
-    renamed when complete; an existing ``out_dir`` is replaced only with ``overwrite=True``.
+    usable documents read, over all inputs in order. ``num_proc`` > 1 tokenizes in that many spawned
+    worker processes (a script calling this then needs the usual ``if __name__ == "__main__":``);
+    1 tokenizes here, on the tokenizer's own threads. An existing ``out_dir`` is replaced only with
+    ``overwrite=True``, and only once the new one is whole. A full disk or an unwritable ``out_dir``
+    is a one-line CptError; on any failure or Ctrl-C nothing of this run is left behind.
     """
-    import datasets
+    from tqdm import tqdm
 
     if seq_len < 1:
         raise CptError(f"seq_len must be positive, got {seq_len}")
@@ -191,51 +240,26 @@ def prepare(
     tok_hash = tokenizer_hash(tokenizer)
     vocab_size = len(tok)
     dtype = token_dtype(vocab_size)
+    backend = tok.backend_tokenizer
+    chunk_chars = _CHUNK_CHARS if _cuts_keep_tokens(backend) else None
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed run
-    tmp.mkdir(parents=True)
-    cache = tmp / ".cache"  # a fresh datasets cache: nothing stale is reused, nothing left behind
-    bars_were_off = datasets.are_progress_bars_disabled()
-    if not progress:
-        datasets.disable_progress_bars()
+    tmp = _temporary(out_dir, "tmp")
     try:
+        _remove_stale(out_dir)
+        tmp.mkdir(parents=True)
+        cache = tmp / ".cache"  # parquet inputs are converted to Arrow here, and removed with it
         stats: list[InputStats] = []
-        try:
-            texts = datasets.Dataset.from_generator(
-                _text_rows,
-                features=datasets.Features({"text": datasets.Value("large_string")}),
-                cache_dir=str(cache),
-                # one object, not lists: datasets would read lists in gen_kwargs as shards
-                gen_kwargs={"job": _ReadJob(resolved, text_field, stats, max_documents, cache)},
-            )
-        except datasets.exceptions.DatasetGenerationError as e:
-            if isinstance(e.__cause__, CptError):
-                raise e.__cause__ from None
-            raise
-        ids = texts.map(
-            _Tokenize(tok.backend_tokenizer, eos_id, dtype.name),
-            batched=True,
-            batch_size=_MAP_BATCH,
-            writer_batch_size=16,  # rows are whole batches of documents: keep Arrow chunks small
-            num_proc=num_proc if num_proc > 1 else None,
-            remove_columns=["text"],
-            features=datasets.Features(
-                {"ids": datasets.LargeList(datasets.Value(dtype.name)), "documents": datasets.Value("int64")}
-            ),
-            new_fingerprint=f"cpt-tokenize-{os.getpid()}-{id(texts)}",
-            desc="tokenizing",
-        )
-
+        pieces = iter_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars=chunk_chars)
         writer = _ShardWriter(tmp, seq_len, shard_sequences, dtype)
         documents = 0
-        for table in ids.with_format("arrow").iter(batch_size=64):
-            documents += int(np.asarray(table.column("documents")).sum()) if table.num_rows else 0
-            for chunk in table.column("ids").chunks:
-                writer.add(chunk.flatten().to_numpy(zero_copy_only=True))
+        encoded = _encoded(_batches(pieces), backend, eos_id, dtype.name, num_proc)
+        with contextlib.closing(encoded), tqdm(desc="tokenizing", unit=" tokens", unit_scale=True,
+                                               disable=not progress) as bar:
+            for ids, ended in encoded:
+                writer.add(ids)
+                documents += ended
+                bar.update(len(ids))
         tail = writer.close()
-        del texts, ids  # release the memory-mapped Arrow files before their folder goes
-        gc.collect()
         shutil.rmtree(cache, ignore_errors=True)
 
         sequences = sum(s["sequences"] for s in writer.shards)
@@ -253,10 +277,12 @@ def prepare(
             "seq_len": seq_len,
             "dtype": dtype.name,
             "vocab_size": vocab_size,
+            "max_token_id": writer.max_id,
             "eos_token_id": int(eos_id),
             "tokenizer": str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else str(tokenizer),
             "tokenizer_hash": tok_hash,
             "text_field": text_field,
+            "chunk_chars": chunk_chars,
             "inputs": [st.to_json() for st in stats],
             "max_documents": max_documents,
             "documents": documents,
@@ -269,17 +295,55 @@ def prepare(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cpt_version": __version__,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with open(tmp / MANIFEST, "w") as f:  # last, and on disk before the rename commits the folder
+            f.write(json.dumps(manifest, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(tmp, out_dir)
         return manifest
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, no permission: one line naming the output
+            raise CptError(f"cannot write {out_dir}: {e.strerror or e}") from None
         raise
-    finally:
-        if not progress and not bars_were_off:
-            datasets.enable_progress_bars()
+
+
+def _temporary(out_dir: Path, kind: str) -> Path:
+    """``<out>.<kind>-<pid>@<host>``: a later prepare can tell it is ours and whether it was left."""
+    return out_dir.with_name(f"{out_dir.name}.{kind}-{os.getpid()}@{socket.gethostname()}")
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Remove what killed prepares into ``out_dir`` left: temporaries whose process on this host is
+    gone, and ``<out>.tmp``, the name earlier versions used. A prepare still running keeps its own."""
+    if not out_dir.parent.is_dir():
+        return
+    ours = re.compile(re.escape(out_dir.name) + r"\.(?:tmp|old)-(\d+)@(.+)")
+    host = socket.gethostname()
+    for path in out_dir.parent.iterdir():
+        m = ours.fullmatch(path.name)
+        if path.name == out_dir.name + ".tmp" or (m and m[2] == host and not _alive(int(m[1]))):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    """Put the finished folder in place by renames: readers see the old output or the new, whole."""
+    old = _temporary(out_dir, "old") if out_dir.exists() else None
+    if old is not None:
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def _describe(resolved: list[tuple[Path, str]]) -> str:

@@ -2,27 +2,33 @@
 
 Formats, chosen by the path:
   * ``.jsonl`` / ``.jsonl.gz``: one JSON object per line; the text lives in ``text_field``.
-  * ``.json`` / ``.json.gz``: a JSON array of objects, or JSON lines (as ``datasets``' json loader).
+  * ``.json`` / ``.json.gz``: a JSON array of objects, or JSON lines (as ``datasets``' json loader); an
+    array is parsed whole, so big corpora belong in JSON lines.
   * ``.parquet``: a column named ``text_field``.
   * ``.txt``: the whole file is ONE document. A folder of ``.txt`` files (books, manuals, web pages)
     is then a corpus with one document per file; splitting on blank lines would cut documents into
-    paragraphs and lose the long-range context continual pre-training is meant to teach.
+    paragraphs and lose the long-range context continual pre-training is meant to teach. ``cpt prepare``
+    reads it in pieces (:func:`split_text`), so a file of any size is never whole in memory.
   * a folder written by ``datasets.Dataset.save_to_disk``.
   * any other folder: every supported file below it, in sorted order.
 
 JSON inputs are parsed line by line here (not by ``datasets``) so that one bad line is a counted
-skip instead of a failed run. Reasons: ``blank_line``, ``invalid_utf8``, ``invalid_json``,
-``not_an_object``, ``missing_field``, ``null_text``, ``not_a_string``, ``empty_text`` (empty or whitespace only).
-An input that yields no document at all is an error, never a silent zero.
+skip instead of a failed run, the first line as any other. Reasons: ``blank_line``, ``invalid_utf8``,
+``invalid_json``, ``not_an_object``, ``missing_field``, ``null_text``, ``not_a_string``, ``empty_text``
+(empty or whitespace only), and ``empty_file`` for an input with nothing in it (a .txt of whitespace
+too), so that one empty file does not stop a folder. An input whose records are all unusable, and a
+run in which no input has a document, are errors, never a silent zero.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
+import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,11 +113,28 @@ def iter_documents(
     cache_dir: str | Path | None = None,
     max_per_input: int | None = None,
 ) -> Iterator[str]:
-    """Yield document texts in input order; append one InputStats per input read to ``stats``.
+    """Yield whole document texts in input order: :func:`iter_pieces` with no cutting."""
+    for text, _ in iter_pieces(inputs, text_field, stats, max_documents, cache_dir, max_per_input):
+        yield text
 
-    Stops after ``max_documents`` usable documents in all (inputs not reached are not read) and
-    reads at most ``max_per_input`` usable documents of each input (a sample of every corpus). Raises
-    CptError for an empty input, an input with no usable document, or a field found in no record.
+
+def iter_pieces(
+    inputs: list[tuple[Path, str]],
+    text_field: str,
+    stats: list[InputStats],
+    max_documents: int | None = None,
+    cache_dir: str | Path | None = None,
+    max_per_input: int | None = None,
+    chunk_chars: int | None = None,
+) -> Iterator[tuple[str, bool]]:
+    """Yield ``(text, last)``: the documents in input order, each in pieces of at most ``chunk_chars``
+    characters (:func:`split_text`; ``None``: whole), ``last`` on its final piece.
+
+    Appends one InputStats per input read to ``stats``. Stops after ``max_documents`` usable
+    documents in all (inputs not reached are not read) and reads at most ``max_per_input`` usable
+    documents of each input (a sample of every corpus). An empty input is counted as skipped
+    (``empty_file``); raises CptError for an input with no usable record, a field found in no record,
+    or when no input has a document at all.
     """
     remaining = max_documents
     for path, fmt in inputs:
@@ -119,18 +142,9 @@ def iter_documents(
             return
         st = InputStats(str(path), fmt)
         stats.append(st)
-        if fmt in ("jsonl", "json"):
-            records = _json_records(path, st)
-        elif fmt == "txt":
-            records = _txt_records(path, st)
-        else:
-            records = _table_records(path, fmt, text_field, st, cache_dir)
-        for record in records:
-            text = _text_of(record, text_field, st)
-            if text is None:
-                continue
+        for blocks in _documents(path, fmt, text_field, st, cache_dir, chunk_chars):
             st.documents += 1
-            yield text
+            yield from split_text(blocks, chunk_chars)
             if remaining is not None:
                 remaining -= 1
                 if remaining <= 0:
@@ -138,6 +152,68 @@ def iter_documents(
             if max_per_input is not None and st.documents >= max_per_input:
                 break
         _check_input(st, text_field)
+    if stats and not any(st.documents for st in stats):
+        if len(stats) == 1:
+            raise CptError(f"input {stats[0].path} is empty")
+        raise CptError(f"all {len(stats)} inputs are empty ({stats[0].path}, ...)")
+
+
+def split_text(blocks: Iterable[str], size: int | None) -> Iterator[tuple[str, bool]]:
+    """Re-cut one document, given as consecutive blocks of text, into ``(piece, last)`` of at most
+    ``size`` characters (``None``: one piece); ``"".join`` of the pieces is the document.
+
+    A cut goes where byte-level BPE tokenizers (GPT-2, Llama 3, Qwen, cpt's own) give the same tokens
+    as for the uncut text (``_CLEAN_CUT``), as late in the piece as one is found. Text with none in
+    the last half of a piece (a table of symbols, one long run of digits) is cut at its last newline,
+    else at ``size``: still lossless, but the tokens next to that cut may differ from the whole text's.
+    """
+    if size is None:
+        yield "".join(blocks), True
+        return
+    buf, start = "", 0
+    for block in blocks:
+        buf, start = buf[start:] + block, 0
+        while len(buf) - start > size:  # more text follows this piece
+            cut = _cut(buf, start, start + size)
+            yield buf[start:cut], False
+            start = cut
+    yield buf[start:], True
+
+
+# Where the pre-tokenizer regexes of GPT-2 and of Llama 3 / cl100k both end a pre-token whatever
+# text follows and start the next one whatever came before: before a newline that ends a word or
+# number, after a newline between two non-space characters, before the space between two words.
+_CLEAN_CUT = re.compile(r"(?<=[^\W_])(?=\n)|(?<=\S\n)(?=\S)|(?<=[^\W\d_])(?= [^\W\d_])")
+
+
+def _cut(text: str, lo: int, hi: int) -> int:
+    """Where a piece starting at ``lo`` ends, at most at ``hi`` (< len(text)); see split_text."""
+    for floor in (max(lo, hi - 4096), lo + (hi - lo) // 2):  # the short search nearly always finds one
+        found = [m.start() for m in _CLEAN_CUT.finditer(text, floor, hi)]
+        if found and found[-1] > lo:
+            return found[-1]
+    i = text.rfind("\n", lo, hi)
+    return i + 1 if i >= lo else hi
+
+
+def _documents(
+    path: Path, fmt: str, text_field: str, st: InputStats, cache_dir: str | Path | None,
+    chunk_chars: int | None,
+) -> Iterator[Iterable[str]]:
+    """Each usable document of one input as blocks of text; unusable records are counted in ``st``."""
+    if fmt == "txt":
+        blocks = _txt_blocks(path, st, chunk_chars)
+        if blocks is not None:
+            yield blocks
+        return
+    if fmt in ("jsonl", "json"):
+        records = _json_records(path, fmt, st)
+    else:
+        records = _table_records(path, fmt, text_field, st, cache_dir)
+    for record in records:
+        text = _text_of(record, text_field, st)
+        if text is not None:
+            yield (text,)
 
 
 def _check_input(st: InputStats, text_field: str) -> None:
@@ -148,8 +224,9 @@ def _check_input(st: InputStats, text_field: str) -> None:
         raise CptError(
             f"input {st.path}: no field '{text_field}' in any record (fields seen: {seen}); set --text-field"
         )
-    if not st.skipped:
-        raise CptError(f"input {st.path} is empty")
+    if not st.skipped:  # nothing in it: counted, the other inputs go on
+        st.skipped["empty_file"] = 1
+        return
     why = ", ".join(f"{reason} {n}" for reason, n in sorted(st.skipped.items()))
     raise CptError(f"input {st.path} has no usable document (skipped: {why})")
 
@@ -187,13 +264,11 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
-def _json_records(path: Path, st: InputStats) -> Iterator[object]:
-    """Records of a JSON-lines file (or a JSON array); bad lines are counted and yield _MISSING."""
+def _json_records(path: Path, fmt: str, st: InputStats) -> Iterator[object]:
+    """Records of a JSON-lines file (or a .json array); bad lines are counted and yield _MISSING."""
     try:
         with _open_bytes(path) as f:
-            first = _first_non_space(f)
-            f.seek(0)
-            if first == b"[":  # one JSON array of records
+            if fmt == "json" and _is_array(f):
                 try:
                     records = json.loads(f.read().decode("utf-8"))
                 except UnicodeDecodeError:
@@ -208,18 +283,38 @@ def _json_records(path: Path, st: InputStats) -> Iterator[object]:
                     yield _MISSING
                     continue
                 try:
-                    text = line.decode("utf-8")
+                    record = json.loads(line.decode("utf-8"))
                 except UnicodeDecodeError:
                     st.skipped["invalid_utf8"] += 1
                     yield _MISSING
                     continue
-                try:
-                    yield json.loads(text)
                 except json.JSONDecodeError:
                     st.skipped["invalid_json"] += 1
                     yield _MISSING
+                    continue
+                line = None  # a record may be huge: hold it once, not also as bytes
+                yield record
     except (OSError, EOFError, zlib.error) as e:  # truncated or corrupt gzip, unreadable file
         raise CptError(f"input {path} cannot be read: {e}") from None
+
+
+def _is_array(f) -> bool:
+    """Whether a .json file is one JSON array, rather than JSON lines whose first value is an array
+    (a whole JSON value on the first line, more after it). Leaves ``f`` at its start."""
+    first = _first_non_space(f)
+    f.seek(0)
+    if first != b"[":
+        return False
+    line = f.readline()
+    more = _first_non_space(f)
+    f.seek(0)
+    if not more:  # the array is the whole file, on one line
+        return True
+    try:
+        json.loads(line.decode("utf-8"))
+    except ValueError:  # "[" alone or an unfinished array: a pretty-printed array
+        return True
+    return False
 
 
 def _first_non_space(f) -> bytes:
@@ -229,14 +324,32 @@ def _first_non_space(f) -> bytes:
             return c
 
 
-def _txt_records(path: Path, st: InputStats) -> Iterator[object]:
-    data = path.read_bytes()
-    if not data:
-        return
+def _txt_blocks(path: Path, st: InputStats, size: int | None) -> Iterator[str] | None:
+    """The one document of a .txt file as blocks of ``size`` characters (``None``: all at once), or
+    None if it is skipped. A first pass checks all of it, so that a file with a bad byte is skipped
+    whole (``invalid_utf8``), never after its first pieces were used."""
+    decoder, blank = codecs.getincrementaldecoder("utf-8")(), True
     try:
-        yield {"text": data.decode("utf-8")}
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                text = decoder.decode(block)
+                blank = blank and not text.strip()
+            decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         st.skipped["invalid_utf8"] += 1
+        return None
+    except OSError as e:
+        raise CptError(f"input {path} cannot be read: {e}") from None
+    return None if blank else _txt_read(path, size)
+
+
+def _txt_read(path: Path, size: int | None) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": CRLF stays as in the file
+            while block := f.read(size or -1):
+                yield block
+    except OSError as e:
+        raise CptError(f"input {path} cannot be read: {e}") from None
 
 
 def _table_records(
@@ -260,6 +373,6 @@ def _table_records(
         st.fields_seen.update(ds.column_names)
         return
     column = ds.select_columns([text_field])
-    for batch in column.iter(batch_size=1000):
+    for batch in column.iter(batch_size=100):  # rows may be whole books: few at a time
         for text in batch[text_field]:
             yield {text_field: text}

@@ -41,6 +41,8 @@ class TokenSource:
         self.tokenizer_hash: str = m["tokenizer_hash"]
         self.eos_token_id: int = int(m["eos_token_id"])
         self.vocab_size: int = int(m["vocab_size"])
+        # the largest id in the shards, to check against a model's embedding size; None: older manifests
+        self.max_token_id: int | None = m.get("max_token_id")
         counts = []
         for shard in m["shards"]:
             file = self.path / shard["file"]
@@ -152,6 +154,7 @@ class SubsetSource:
         self.path = source.path
         self.seq_len = source.seq_len
         self.tokenizer_hash = source.tokenizer_hash
+        self.max_token_id = source.max_token_id
         self.manifest = source.manifest
         self.num_sequences = size
         self.indices = permute(np.arange(size), source.num_sequences, permutation_keys(seed, f"{name}/buffer", 0))

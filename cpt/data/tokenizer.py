@@ -7,6 +7,7 @@ tokenizers with the same hash turn the same text into the same ids.
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -82,12 +83,16 @@ def load_tokenizer(tokenizer: str | Path):
     """``AutoTokenizer.from_pretrained`` with a one-line CptError, requiring a fast tokenizer."""
     from transformers import AutoTokenizer
 
+    path = _local(tokenizer)
+    if path is not None and path.is_file():
+        raise CptError(f"cannot load tokenizer: {path} is a file; pass the tokenizer dir that holds it")
     try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        tok = AutoTokenizer.from_pretrained(str(path or tokenizer))
     except Exception as e:
-        raise CptError(
-            f"cannot load tokenizer {tokenizer}: {type(e).__name__}: {str(e).splitlines()[0]}"
-        ) from None
+        if path is None:
+            raise CptError(f"cannot load tokenizer: {tokenizer} is not a local folder, and as a hub id: "
+                           f"{_first_line(e)}") from None
+        raise CptError(f"cannot load tokenizer {tokenizer}: {type(e).__name__}: {_first_line(e)}") from None
     if getattr(tok, "backend_tokenizer", None) is None:
         raise CptError(
             f"tokenizer {tokenizer} is not a fast (Rust `tokenizers`) tokenizer; it has no tokenizer.json"
@@ -97,10 +102,10 @@ def load_tokenizer(tokenizer: str | Path):
 
 def tokenizer_json(tokenizer: str | Path) -> Path:
     """The tokenizer.json file of a tokenizer folder (or file, or a hub id already in the local cache)."""
-    path = Path(tokenizer)
-    if path.is_file():
+    path = _local(tokenizer)
+    if path is not None and path.is_file():
         return path
-    if path.is_dir():
+    if path is not None:
         if not (path / "tokenizer.json").is_file():
             raise CptError(f"tokenizer {path} has no tokenizer.json (a fast tokenizer is needed)")
         return path / "tokenizer.json"
@@ -109,10 +114,36 @@ def tokenizer_json(tokenizer: str | Path) -> Path:
     try:
         found = cached_file(str(tokenizer), "tokenizer.json")
     except Exception as e:
-        raise CptError(f"cannot find tokenizer.json for {tokenizer}: {str(e).splitlines()[0]}") from None
+        raise CptError(f"cannot find tokenizer.json for {tokenizer}: {_first_line(e)}") from None
     if found is None:
         raise CptError(f"cannot find tokenizer.json for {tokenizer}")
     return Path(found)
+
+
+def _local(tokenizer: str | Path) -> Path | None:
+    """The tokenizer's folder or file on disk, or None for a hub id (``gpt2``, ``org/name``).
+
+    A name that cannot be a hub id (``/nope``, ``./tok``, ``a/b/c``) must exist: transformers would
+    answer "Repo id must be in the form ..." where the user needs "<path> does not exist"."""
+    path = Path(tokenizer).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise CptError(f"cannot load tokenizer: {path} is not a tokenizer dir: "
+                           "no tokenizer.json/tokenizer_config.json")
+        return path
+    if path.exists():
+        return path
+    if not _HUB_ID.fullmatch(str(tokenizer)):
+        raise CptError(f"cannot load tokenizer: {tokenizer} does not exist")
+    return None
+
+
+# "name" or "namespace/name", as the hub's repo ids (parts do not start or end with "." or "-")
+_HUB_ID = re.compile(r"(?:\w(?:[\w.-]*\w)?/)?\w(?:[\w.-]*\w)?")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 def tokenizer_hash(tokenizer: str | Path) -> str:
