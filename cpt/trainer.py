@@ -383,6 +383,10 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     check_seq_len(model.config, recipe.data.seq_len,
                   f"config of {weights_from}" if weights_from else f"model.preset {recipe.model.preset}")
     vocab = model.get_input_embeddings().num_embeddings  # ids past it would fail deep inside the forward
+    for name, src in sources.items():  # what the manifest says, at start; read_batch checks the ids read
+        if src.max_token_id is not None and src.max_token_id >= vocab:
+            raise CptError(f"data.sources.{name}: {recipe.data.sources[name]} holds token ids up to "
+                           f"{src.max_token_id}, but the model has {vocab} embeddings")
     if recipe.peft is not None:  # frozen base + adapters; make_optimizer takes only what requires grad
         model = wrap_peft(model, recipe.peft, verbose=main)
     n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters

@@ -279,6 +279,11 @@ def test_token_ids_outside_the_vocabulary_are_one_line(make_recipe, prepared, tm
     with pytest.raises(CptError, match=r"data source 'en': sequence \d+ holds token id 4000, outside the "
                                        r"model's vocabulary of 2048"):
         train(r)
+    manifest["max_token_id"] = 4000  # a manifest that says so is refused before any step
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CptError, match=r"data.sources.en: .*en-bad holds token ids up to 4000, but the model "
+                                       r"has 2048 embeddings"):
+        train(r)
     manifest["tokenizer_hash"] = ""
     (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CptError, match=r"data.sources.en: .*en-bad: its manifest records no tokenizer hash"):
