@@ -27,13 +27,13 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 from cpt.errors import CptError
 from cpt.model import ADAPTER_DIR, is_peft, merged_copy
+from cpt.train.backend import weights_sharded
+from cpt.train.state import STATE_FILE, TrainerState
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-STATE_FILE = "trainer_state.json"
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -50,7 +50,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: dict[str, Any], recipe_yaml: str,
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: TrainerState, recipe_yaml: str,
                     keep_last: int, model=None, tokenizer=None) -> Path:
     """Save model, optimizer, RNG (all ranks) and trainer state; prune untagged ones to ``keep_last``.
 
@@ -83,7 +83,7 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
     peft = model is not None and is_peft(accelerator.unwrap_model(model))
-    sharded = model is not None and _shards_weights(accelerator)
+    sharded = model is not None and weights_sharded(accelerator)
     # every rank takes part: gathers ZeRO-3 / FSDP shards (cheap references otherwise)
     state_dict = accelerator.get_state_dict(model) if peft or sharded else None
     accelerator.wait_for_everyone()
@@ -99,7 +99,7 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
                 unwrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=1))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         if final.exists():  # the same step saved again after a resume: replace it
             old = root / f".old-{final.name}"
@@ -108,28 +108,21 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        untagged = [d for d in checkpoint_dirs(run_dir) if not read_trainer_state(d).get("tags")]
+        untagged = [d for d in checkpoint_dirs(run_dir) if not read_trainer_state(d).tags]
         for old in untagged[:-keep_last]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 
 
-def read_trainer_state(ckpt: str | Path) -> dict[str, Any]:
+def read_trainer_state(ckpt: str | Path) -> TrainerState:
     f = Path(ckpt) / STATE_FILE
     if not f.is_file():
         raise CptError(f"{ckpt}: not a cpt checkpoint (no {STATE_FILE})")
     try:
-        return json.loads(f.read_text())
+        return TrainerState.from_json(json.loads(f.read_text()), str(f))
     except json.JSONDecodeError as e:
         raise CptError(f"{f}: corrupt trainer state ({e})") from None
-
-
-def _shards_weights(accelerator) -> bool:
-    """Whether save_state writes the model in a sharded format of its own instead of model.safetensors."""
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 _RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
@@ -149,7 +142,7 @@ def safe_torch_load(f: Path, mmap: bool = False):
         raise CptError(f"{f}: refused: not a plain tensor file, or truncated ({_why(e)})") from None
 
 
-def load_checkpoint(accelerator, ckpt: str | Path) -> dict[str, Any]:
+def load_checkpoint(accelerator, ckpt: str | Path) -> TrainerState:
     """Restore model, optimizer and RNG states in place; return the trainer state.
 
     accelerate's loader swallows a bad RNG file (the run would go on with other random numbers) and
@@ -188,9 +181,9 @@ def find_checkpoint(path: str | Path, selector: str = "latest") -> Path:
             return path / "checkpoints" / selector
         raise CptError(f"{path}: no checkpoint {selector} (have {', '.join(d.name for d in dirs)})")
     tag = selector if selector == "pre_anneal" else f"stage_end:{selector}"
-    tagged = [d for d in dirs if tag in read_trainer_state(d).get("tags", [])]
+    tagged = [d for d in dirs if tag in read_trainer_state(d).tags]
     if not tagged:
-        have = sorted({t for d in dirs for t in read_trainer_state(d).get("tags", [])})
+        have = sorted({t for d in dirs for t in read_trainer_state(d).tags})
         raise CptError(f"{path}: no checkpoint tagged {tag} (tags: {', '.join(have) or 'none'})")
     return tagged[-1]
 

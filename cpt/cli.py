@@ -31,12 +31,12 @@ def cmd_train(ns: argparse.Namespace) -> int:
     elif ns.decay is not None or ns.decay_shape is not None:
         raise CptError("--decay and --decay-shape go with --branch-from CHECKPOINT")
     if ns.dry_run:
-        from cpt.trainer import check_recipe
+        from cpt.train.setup import check_recipe
 
         print(recipe.to_yaml(), end="")
         print(f"# {check_recipe(recipe, resume=ns.resume, allow_changes=tuple(ns.allow_change))}")
         return 0
-    from cpt.trainer import train
+    from cpt.train.loop import train
 
     result = train(recipe, resume=ns.resume, allow_changes=tuple(ns.allow_change), max_steps=ns.max_steps)
     if result.completed and result.is_main:
@@ -46,9 +46,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_schedule(ns: argparse.Namespace) -> int:
+    from cpt.compare import plot_schedules
     from cpt.recipe import load_recipe
-    from cpt.schedules import describe, plot_schedules
-    from cpt.stages import Origin, plan_stages, resolve_init, staged_schedule
+    from cpt.schedules import describe
+    from cpt.stages import plan_run, staged_schedule
 
     recipes, overrides = _split(ns.args)
     if not recipes:
@@ -56,18 +57,15 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
     schedules = {}
     for path in recipes:
         r = load_recipe(path, overrides)
-        origin = Origin()
-        if r.init_from is not None and Path(r.init_from.path).exists():
-            origin = resolve_init(r)  # a continued counter or a re-warm from the checkpoint's last LR
-        elif r.init_from is not None:
-            print(f"{path}: init_from.path {r.init_from.path} does not exist yet: counting from token 0")
-        tps = r.train.global_batch_tokens
-        plans = plan_stages(r, origin, tps, tps // r.data.seq_len)
-        s = staged_schedule(plans)
+        plan = plan_run(r, allow_missing_init=True)  # a re-warm from the checkpoint's last LR where it exists
+        if plan.note:
+            print(f"{path}: {plan.note}")
+        step_tokens = r.train.global_batch_tokens
+        s = staged_schedule(plan.stages)
         label = r.run.name if r.run.name not in schedules else f"{r.run.name} ({path})"
         schedules[label] = s
-        print(f"{label}: {len(plans)} stage(s), tokens {origin.tokens} -> {s.total_tokens}, "
-              f"{(s.total_tokens - origin.tokens) // tps} steps")
+        print(f"{label}: {len(plan.stages)} stage(s), tokens {plan.origin.tokens} -> {s.total_tokens}, "
+              f"{(s.total_tokens - plan.origin.tokens) // step_tokens} steps")
         print(describe(s))
     plot_schedules(schedules, ns.out)
     print(f"plot: {ns.out}")

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from cpt.errors import CptError
+from cpt.schedules import Schedule
 from cpt.tracking import read_metrics
 
 
@@ -337,3 +338,35 @@ def _num(v: Any) -> float | None:
     if isinstance(v, str) and v.lower() in ("nan", "inf", "-inf", "infinity", "-infinity"):
         return float(v)
     return None
+
+
+def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str | None = None) -> Path:
+    """Plot LR against tokens for several schedules on one axis, phase boundaries faint; save a PNG."""
+    # Imported here so that training never pays for matplotlib; a Figure on an Agg canvas (no
+    # pyplot) renders headless and leaves the process-wide backend alone.
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (label, sched) in enumerate(schedules.items()):
+        color = f"C{i % 10}"
+        edges = sorted({p.start for p in sched.phases} | {p.end for p in sched.phases})
+        # The edges are sampled exactly so corners (end of warmup, start of decay) stay sharp.
+        xs = np.union1d(np.linspace(0, sched.total_tokens, 1001), edges)
+        ax.plot(xs, [sched(x) for x in xs], color=color, label=label)
+        for e in edges:
+            if 0 < e < sched.total_tokens:
+                ax.axvline(e, color=color, alpha=0.25, linewidth=0.8, linestyle=":")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("learning rate")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

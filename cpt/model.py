@@ -47,24 +47,66 @@ def preset_config(cfg: ModelConfig, tokenizer):
     return config
 
 
+def load_causal_lm(path: str | Path, attn_implementation: str = "sdpa"):
+    """The one loader of a model from disk, in fp32 on the CPU: a Hugging Face causal-LM dir, or a cpt
+    checkpoint (itself an HF dir; a LoRA checkpoint with its adapter merged in; an older checkpoint
+    without config.json takes the config of its run's ``final/``). Errors name the path; callers put
+    the recipe key or flag that named it in front."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from cpt.train.state import STATE_FILE
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CptError(f"{path}: no such directory (a Hugging Face model dir or a cpt checkpoint is expected)")
+    if is_peft_checkpoint(path):
+        return _load_merged_peft_checkpoint(path, attn_implementation)
+    final = path.parent.parent / "final"  # RUN/checkpoints/step-N -> RUN/final
+    try:
+        if (path / "config.json").is_file():
+            return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                        attn_implementation=attn_implementation)
+        if (path / STATE_FILE).is_file() and (final / "config.json").is_file():
+            from safetensors.torch import load_file
+
+            weights = path / "model.safetensors"
+            if not weights.is_file():
+                raise CptError(f"{path}: no model.safetensors (sharded FSDP/DeepSpeed states are not read "
+                               f"here; use the run's exported final/ dir instead)")
+            config = AutoConfig.from_pretrained(final)
+            config._attn_implementation = attn_implementation
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            load_weights(model, load_file(weights), str(weights))
+            return model
+    except (OSError, ValueError) as e:
+        raise CptError(f"cannot load a causal LM from {path} ({str(e).splitlines()[0]})") from None
+    where = f" (nor has {final}, its run's export)" if (path / STATE_FILE).is_file() else ""
+    raise CptError(f"{path} has no config.json{where} (a Hugging Face model dir or a cpt checkpoint is expected)")
+
+
+def load_weights(model, state_dict: dict, source: str) -> None:
+    """Load a full state dict, refusing any mismatch except keys tied to a loaded tensor (tied embeddings)."""
+    result = model.load_state_dict(state_dict, strict=False)
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state_dict}
+    params = model.state_dict()
+    missing = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise CptError(f"{source} does not match the model's config: missing {missing[:5]}, "
+                       f"unexpected {result.unexpected_keys[:5]}")
+
+
 def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path | None = None):
     """The model to train, in fp32 (autocast handles bf16): loaded from ``weights_from`` (any HF causal
     LM dir, or a cpt checkpoint, which is one) or built from ``cfg.preset`` with a seeded init."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if weights_from is not None and is_peft_checkpoint(weights_from):
-        model = _load_merged_peft_checkpoint(Path(weights_from), cfg)
-    elif weights_from is not None:
-        if not (Path(weights_from) / "config.json").is_file():
-            raise CptError(f"init_from.path: {weights_from} has no config.json (a Hugging Face model dir "
-                           f"or a cpt checkpoint is expected)")
+    if weights_from is not None:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(weights_from), dtype=torch.float32, attn_implementation=cfg.attn_implementation
-            )
-        except (OSError, ValueError) as e:
-            raise CptError(f"init_from.path: cannot load a causal LM from {weights_from} ({e})") from None
+            model = load_causal_lm(weights_from, cfg.attn_implementation)
+        except CptError as e:
+            raise CptError(f"init_from.path: {e}") from None
     else:
         config = preset_config(cfg, tokenizer)
         # Seed only the init, so that the data order and everything downstream stay independent of it.
@@ -151,7 +193,7 @@ def is_peft_checkpoint(path: str | Path) -> bool:
         return any(k.startswith(_PEFT_PREFIX) for k in f.keys())
 
 
-def _load_merged_peft_checkpoint(path: Path, cfg: ModelConfig):
+def _load_merged_peft_checkpoint(path: Path, attn_implementation: str):
     """The model of a LoRA checkpoint with its adapter merged in: a plain causal LM. Used for init_from
     (a new stage starts from the merged weights; a recipe with peft then adds a fresh adapter) and for
     --resume (where load_state then restores the adapter-wrapped state exactly)."""
@@ -162,13 +204,13 @@ def _load_merged_peft_checkpoint(path: Path, cfg: ModelConfig):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(path)
-    config._attn_implementation = cfg.attn_implementation
+    config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the RNG stream untouched
         base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model = get_peft_model(base, HfPeftConfig.from_pretrained(path / ADAPTER_DIR))
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise CptError(f"init_from.path: {path}: the LoRA checkpoint does not match its adapter config "
+        raise CptError(f"{path}: the LoRA checkpoint does not match its adapter config "
                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     # peft froze the base weights; the merged model is a plain model again (wrap_peft re-freezes it)
     return model.merge_and_unload().requires_grad_(True)
@@ -189,55 +231,3 @@ def merged_copy(model, state_dict: dict):
     clone = get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
     clone.load_state_dict({k: v.to("cpu", torch.float32) for k, v in state_dict.items()}, strict=True)
     return clone.merge_and_unload()
-
-
-# ------------------------------------------------------------------------------------------- FLOPs/MFU
-
-# Dense (no sparsity) bf16 tensor-core peak per GPU, from NVIDIA's data sheets. Matched in order
-# against torch.cuda.get_device_name(), so the PCIe variants come before the SXM ones.
-PEAK_BF16_FLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),   # SXM
-    ("H200", 989e12),   # SXM; same tensor cores as H100 SXM, more memory
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10", 125e12),    # A10 / A10G
-    ("L4", 121e12),
-]
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU named like torch.cuda.get_device_name(); None if unknown."""
-    return next((peak for key, peak in PEAK_BF16_FLOPS if key in device_name), None)
-
-
-def matmul_params(model) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts that take part in matrix multiplies: every parameter except
-    the input embedding table (a lookup, not a matmul; when tied to the LM head it is counted once, as
-    the head). Call before the model is sharded (ZeRO-3/FSDP report 0 elements per parameter after)."""
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    tied = out is not None and out.weight is emb
-    trainable = frozen = 0
-    for p in model.parameters():
-        if p is emb and not tied:
-            continue
-        if p.requires_grad:
-            trainable += p.numel()
-        else:
-            frozen += p.numel()
-    return trainable, frozen
-
-
-def flops_per_token(config, seq_len: int, trainable: int, frozen: int = 0) -> float:
-    """Model FLOPs to train on one token (PaLM, Chowdhery et al. 2022, appendix B; nanoGPT's MFU):
-
-    - 6 per trainable matmul parameter: 2 forward + 4 backward (input and weight gradients);
-      4 per frozen one (LoRA's base weights: forward + input gradient, no weight gradient);
-    - attention scores and the weighted sum: 12 · layers · (heads · head_dim) · seq_len, counting the
-      full seq_len × seq_len matrix (no causal halving, as in PaLM).
-    Not counted: norms, activations, softmax, the loss (small against the matmuls).
-    """
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return 6 * trainable + 4 * frozen + 12 * config.num_hidden_layers * heads * head_dim * seq_len

@@ -135,14 +135,10 @@ def recipe_lrs(recipe: Any, stage: str | None = None) -> tuple[np.ndarray, int]:
     """The LR of every step of one stage of a recipe (by name; the last by default; a recipe without
     stages is one stage), and its tokens per step: the stages planned exactly as the trainer plans
     them (cpt.stages), from the recipe's init_from where it exists."""
-    from cpt.stages import Origin, plan_stages, resolve_init
+    from cpt.stages import plan_run
 
     tps = recipe.train.global_batch_tokens
-    try:
-        origin = resolve_init(recipe)
-    except CptError:
-        origin = Origin()  # not there yet; only `warmup_from: checkpoint` needs it, and says so
-    plans = plan_stages(recipe, origin, tps, tps // recipe.data.seq_len)
+    plans = plan_run(recipe, allow_missing_init=True).stages  # init_from not there yet: from token 0
     names = [p.name for p in plans]
     if stage is not None and stage not in names:
         raise CptError(f"@{stage}: no such stage (stages: {', '.join(names)})")

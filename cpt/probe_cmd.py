@@ -30,53 +30,20 @@ def parse_named(values: list[str], flag: str) -> dict[str, str]:
 
 
 def load_model(path: str | Path):
-    """(model in fp32 on CPU, eval mode, tokenizer) from an HF model dir or a cpt checkpoint dir.
-
-    A checkpoint that carries a ``config.json`` is itself an HF model dir (accelerate saves the
-    unwrapped model under HF parameter names). One without takes its architecture and tokenizer from
-    the run's exported ``final/`` and its weights from its own ``model.safetensors``.
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from cpt.checkpoint import STATE_FILE
+    """(model in fp32 on CPU, eval mode, tokenizer) from an HF model dir or a cpt checkpoint dir
+    (cpt.model.load_causal_lm); a checkpoint without its own tokenizer (older layout) takes its run's."""
     from cpt.data.tokenizer import load_tokenizer
+    from cpt.model import load_causal_lm
+    from cpt.train.state import STATE_FILE
 
     path = Path(path)
-    if not path.is_dir():
-        raise CptError(f"model {path}: no such directory (an HF model dir or a cpt checkpoint dir)")
-    is_ckpt = (path / STATE_FILE).is_file()
-    final = path.parent.parent / "final"  # RUN/checkpoints/step-N -> RUN/final
     try:
-        if (path / "config.json").is_file():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        elif is_ckpt and (final / "config.json").is_file():
-            from safetensors.torch import load_file
-
-            weights = path / "model.safetensors"
-            if not weights.is_file():
-                raise CptError(f"checkpoint {path}: no model.safetensors (sharded FSDP/DeepSpeed states are "
-                               f"not read here; probe the run's exported final/ dir instead)")
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final), dtype=torch.float32)
-            load_weights(model, load_file(weights), str(weights))
-        else:
-            where = f" (nor has {final}, its run's export)" if is_ckpt else ""
-            raise CptError(f"model {path}: no config.json{where}; an HF model dir or a cpt checkpoint is expected")
-    except (OSError, ValueError) as e:
-        raise CptError(f"model {path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
-    tok_dir = path if (path / "tokenizer.json").is_file() or not is_ckpt else final
+        model = load_causal_lm(path)
+    except CptError as e:
+        raise CptError(f"model {e}") from None
+    is_ckpt = (path / STATE_FILE).is_file()
+    tok_dir = path if (path / "tokenizer.json").is_file() or not is_ckpt else path.parent.parent / "final"
     return model.eval(), load_tokenizer(tok_dir)
-
-
-def load_weights(model, state_dict: dict[str, Any], source: str) -> None:
-    """Load a full state dict, refusing any mismatch except keys tied to a loaded tensor (tied embeddings)."""
-    result = model.load_state_dict(state_dict, strict=False)
-    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state_dict}
-    params = model.state_dict()
-    missing = [k for k in result.missing_keys if params[k].data_ptr() not in loaded]
-    if missing or result.unexpected_keys:
-        raise CptError(f"{source} does not match the model's config: missing {missing[:5]}, "
-                       f"unexpected {result.unexpected_keys[:5]}")
 
 
 def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str, str], *,
@@ -86,13 +53,11 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     Runs on every process of an ``accelerate launch`` (probe sequences and downstream batches are
     sharded, results reduced); the caller writes and prints on the main process only.
     """
-    import torch
-    from accelerate import Accelerator
-
     from cpt import downstream as ds
-    from cpt.data.source import TokenSource
+    from cpt.data.source import validate_source
     from cpt.data.tokenizer import tokenizer_hash
     from cpt.probes import HeldOutLoss
+    from cpt.train.backend import eval_accelerator
 
     if not sets and not downstream:
         raise CptError("cpt probe: nothing to measure; give --sets NAME=PREPARED_DIR and/or --downstream NAME=JSONL")
@@ -100,7 +65,7 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
         raise CptError(f"cpt probe: --max-sequences ({max_sequences}) and --micro-batch-size "
                        f"({micro_batch_size}) must be >= 1")
     t0 = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = eval_accelerator()
     model, tokenizer = load_model(model_path)
     model.to(accelerator.device)
     try:  # the fingerprint prepared data carries; a tokenizer without tokenizer.json cannot be checked
@@ -109,14 +74,9 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
         tok_hash = None
     result: dict[str, Any] = {"model": str(model_path), "sets": {}, "downstream": {}}
     for name, path in sets.items():
-        try:
-            src = TokenSource(path)
-        except CptError as e:
-            raise CptError(f"--sets {name}: {e}") from None
-        if tok_hash and src.tokenizer_hash and src.tokenizer_hash != tok_hash:
-            raise CptError(f"--sets {name}: {path} was tokenized with another tokenizer than the model's")
-        probe = HeldOutLoss({name: path}, src.seq_len, max_sequences, micro_batch_size,
-                            accelerator.process_index, accelerator.num_processes)
+        src = validate_source(f"--sets {name}", path, None, tok_hash)
+        probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
+                            accelerator.num_processes)
         out = probe(model, accelerator)
         result["sets"][name] = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
                                 "sequences": probe.counts[name]}

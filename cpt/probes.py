@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from cpt.data.mixture import read_batch
-from cpt.data.source import TokenSource
-from cpt.errors import CptError
+from cpt.data.source import TokenSource, read_batch
 
 
 class HeldOutLoss:
@@ -28,21 +26,13 @@ class HeldOutLoss:
     rows), because sharded models (ZeRO-3, FSDP) need all ranks in every forward.
     """
 
-    def __init__(self, sets: dict[str, str], seq_len: int, max_sequences: int, micro_batch_size: int,
+    def __init__(self, sources: Mapping[str, TokenSource], max_sequences: int, micro_batch_size: int,
                  rank: int = 0, world_size: int = 1):
+        """``sources``: probe sets already checked against the run (cpt.data.source.validate_source)."""
         self.sources: dict[str, TokenSource] = {}
         self.counts: dict[str, int] = {}  # sequences measured per set, all processes together
         self.shards: dict[str, tuple[list[int], list[float]]] = {}
-        for name, path in sets.items():
-            try:
-                src = TokenSource(path)
-            except CptError as e:
-                raise CptError(f"probes.sets.{name}: {e}") from None
-            if src.seq_len != seq_len:
-                raise CptError(
-                    f"probes.sets.{name}: {path} was prepared with seq_len {src.seq_len}, "
-                    f"the recipe trains at data.seq_len {seq_len}"
-                )
+        for name, src in sources.items():
             n = min(max_sequences, src.num_sequences)
             self.counts[name] = n
             per_rank = math.ceil(n / world_size)
@@ -89,6 +79,12 @@ class HeldOutLoss:
 # ------------------------------------------------------------------------------------------ cadence
 
 
+def crossed(before: int, after: int, every: int | None) -> bool:
+    """Whether going from ``before`` to ``after`` tokens passed a multiple of ``every`` (counted from 0):
+    ``before < k * every <= after``. The cadence of probes and checkpoints."""
+    return every is not None and after // every > before // every
+
+
 def probe_due(tokens_before: int, tokens_after: int, stage_start: int, every: int | None,
               dense_every: int | None, dense_for: int | None) -> bool:
     """Whether the step that took the run from ``tokens_before`` to ``tokens_after`` should end with a probe.
@@ -100,7 +96,7 @@ def probe_due(tokens_before: int, tokens_after: int, stage_start: int, every: in
     would miss it. "Crossed" means ``before < multiple <= after``: a step of many tokens that jumps
     over several multiples still yields one probe, and a step ending exactly on one counts.
     """
-    if every is not None and tokens_after // every > tokens_before // every:
+    if crossed(tokens_before, tokens_after, every):
         return True
     if dense_every is None or dense_for is None:
         return False

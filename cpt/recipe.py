@@ -22,20 +22,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cpt.errors import CptError
 from cpt.schedules import ScheduleConfig
 from cpt.tracking import WandbConfig
-from cpt.units import TokenCount
+from cpt.units import StrictModel, TokenCount
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class RunConfig(_Strict):
+class RunConfig(StrictModel):
     name: str = Field(description="Run name; used in logs and trackers.")
     output_dir: str = Field(description="Run directory: resolved recipe, metrics.jsonl, checkpoints, final model.")
     seed: int = Field(1234, description="Seed for model init, the mixture sampler and RNG states.")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     preset: Literal["tiny-llama", "small-llama", "llama-1b"] | None = Field(
         None, description="Build a fresh Llama-shaped model from a preset. Leave null when init_from "
         "loads the weights (any Hugging Face causal LM dir or a cpt checkpoint)."
@@ -57,7 +53,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class InitLoadConfig(_Strict):
+class InitLoadConfig(StrictModel):
     weights: bool = Field(True, description="Load the model weights (else build model.preset fresh).")
     optimizer: bool = Field(
         False, description="Load the optimizer state (AdamW moments); cpt checkpoints only. "
@@ -70,7 +66,7 @@ class InitLoadConfig(_Strict):
     )
 
 
-class InitFromConfig(_Strict):
+class InitFromConfig(StrictModel):
     path: str = Field(description="A Hugging Face model dir, a cpt checkpoint dir, or a cpt run dir.")
     checkpoint: str = Field(
         "latest", description="For a run dir: latest | pre_anneal | a stage name (its last checkpoint) "
@@ -85,7 +81,7 @@ class InitFromConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     seq_len: int = Field(gt=0, description="Tokens per sequence; must match the prepared sources.")
     sources: dict[str, str] = Field(
         min_length=1, description="Name -> prepared token dir (written by `cpt prepare`)."
@@ -124,7 +120,7 @@ def check_mixture(mixture: dict[str, float], sources: dict[str, str], key: str) 
         raise ValueError(f"{key}: weights sum to {total:g}, expected 1")
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictModel):
     name: Literal["adamw"] = Field("adamw", description="Optimizer; the LR comes from the schedule.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
@@ -134,7 +130,7 @@ class OptimizerConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     tokens: TokenCount | None = Field(
         None, description="Token budget of the run, e.g. 20M (K/M/G are powers of 2). With stages, the sum "
         "of the stages' budgets (leave it out)."
@@ -183,7 +179,7 @@ class TrainConfig(_Strict):
         return v
 
 
-class PeftConfig(_Strict):
+class PeftConfig(StrictModel):
     kind: Literal["lora"] = Field("lora", description="Adapter kind (peft): lora.")
     r: int = Field(16, gt=0, description="LoRA rank of the update B @ A.")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
@@ -199,14 +195,14 @@ class PeftConfig(_Strict):
     )
 
 
-class DenseProbesConfig(_Strict):
+class DenseProbesConfig(StrictModel):
     every: TokenCount = Field(description="Probe cadence right after each stage start.")
     for_: TokenCount = Field(alias="for", description="Length of the dense window after each stage start.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
 
-class ProbesConfig(_Strict):
+class ProbesConfig(StrictModel):
     sets: dict[str, str] = Field(
         default_factory=dict, description="Domain name -> prepared held-out token dir to measure loss on."
     )
@@ -225,12 +221,12 @@ class ProbesConfig(_Strict):
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward pass while probing.")
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(StrictModel):
     every: TokenCount | None = Field(None, description="Save every N tokens; null = only at the end.")
     keep_last: int = Field(3, ge=1, description="How many periodic checkpoints to keep.")
 
 
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     name: str = Field(description="Stage name, e.g. the domain it adds; logged with every record.")
     tokens: TokenCount = Field(description="Token budget of this stage.")
     mixture: dict[str, float] = Field(description="Name -> share of this stage's sequences (data.sources).")
@@ -243,14 +239,14 @@ class StageConfig(_Strict):
     new_domains: list[str] | None = Field(None, description="As probes.new_domains, for this stage.")
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     progress: bool = Field(True, description="Show a progress bar (tokens/s, ETA) on the main process.")
     wandb: WandbConfig | None = Field(
         None, description="Mirror metrics to Weights & Biases (offline by default); null = JSONL only."
     )
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     run: RunConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     peft: PeftConfig | None = Field(

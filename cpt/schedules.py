@@ -16,13 +16,12 @@ import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cpt.errors import CptError
-from cpt.units import Length, LengthField, format_count
+from cpt.units import Length, LengthField, StrictModel, format_count
 
 # --------------------------------------------------------------------------------------------------
 # Shapes: each maps progress p in [0, 1] through a phase to a factor going from 1 (lr_start) to
@@ -124,10 +123,6 @@ class Schedule:
         i = max(bisect.bisect_right(self._starts, tokens) - 1, 0)
         return self.phases[i].lr(tokens)
 
-    def lr_at_step(self, step: int, tokens_per_step: int) -> float:
-        """LR for optimizer step ``step`` (0-based), i.e. after ``step * tokens_per_step`` tokens."""
-        return self(step * tokens_per_step)
-
 
 # --------------------------------------------------------------------------------------------------
 # Recipe schema
@@ -136,11 +131,7 @@ class Schedule:
 DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DecayConfig(_Strict):
+class DecayConfig(StrictModel):
     """The final decay of ``wsd`` and ``power``."""
 
     length: LengthField = Field(
@@ -157,7 +148,7 @@ class DecayConfig(_Strict):
     )
 
 
-class CooldownConfig(_Strict):
+class CooldownConfig(StrictModel):
     """The cooldown of the ``infinite`` schedule, from max_lr to the constant LR."""
 
     length: LengthField = Field(description="Length of the cooldown: tokens, steps or a fraction.")
@@ -170,7 +161,7 @@ class CooldownConfig(_Strict):
     to: float = Field(gt=0, description="The constant LR the cooldown ends at and training continues at.")
 
 
-class AnnealConfig(_Strict):
+class AnnealConfig(StrictModel):
     """The optional final anneal of the ``infinite`` schedule, placed at the end of the budget."""
 
     length: LengthField = Field(description="Length of the anneal: tokens, steps or a fraction.")
@@ -184,7 +175,7 @@ class AnnealConfig(_Strict):
 WarmupFrom = Annotated[float, Field(ge=0)] | Literal["checkpoint"]
 
 
-class _ScheduleBase(_Strict):
+class _ScheduleBase(StrictModel):
     kind: str = Field(description="The schedule kind.")
     max_lr: float = Field(gt=0, description="Peak learning rate, reached at the end of the warmup.")
     warmup: LengthField = Field(
@@ -479,35 +470,3 @@ def describe(schedule: Schedule) -> str:
         lines.append(f"(LR held at {schedule.phases[-1].lr_end:.4g} from {format_count(after)} on)")
     lines.append(f"stage budget: {format_count(schedule.total_tokens)} tokens")
     return "\n".join(lines)
-
-
-def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str | None = None) -> Path:
-    """Plot LR against tokens for several schedules on one axis, phase boundaries faint; save a PNG."""
-    # Imported here so that training never pays for matplotlib; a Figure on an Agg canvas (no
-    # pyplot) renders headless and leaves the process-wide backend alone.
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, (label, sched) in enumerate(schedules.items()):
-        color = f"C{i % 10}"
-        edges = sorted({p.start for p in sched.phases} | {p.end for p in sched.phases})
-        # The edges are sampled exactly so corners (end of warmup, start of decay) stay sharp.
-        xs = np.union1d(np.linspace(0, sched.total_tokens, 1001), edges)
-        ax.plot(xs, [sched(x) for x in xs], color=color, label=label)
-        for e in edges:
-            if 0 < e < sched.total_tokens:
-                ax.axvline(e, color=color, alpha=0.25, linewidth=0.8, linestyle=":")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("learning rate")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    path = Path(path)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path

@@ -11,7 +11,7 @@ stages from the counters alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +21,8 @@ from cpt.checkpoint import STATE_FILE, find_checkpoint, read_trainer_state
 from cpt.errors import CptError
 from cpt.recipe import Recipe, validate_recipe
 from cpt.schedules import Phase, Schedule, build_schedule
+from cpt.train.state import Origin
 from cpt.units import parse_length
-
-
-@dataclass
-class Origin:
-    """Where a run's counters start; stored in every checkpoint so a resume re-plans identically."""
-
-    path: str | None = None          # the init_from checkpoint or HF dir (None: from scratch)
-    is_checkpoint: bool = False      # a cpt checkpoint (has optimizer + trainer state)
-    step: int = 0                    # counters the run starts at (non-zero with schedule_state)
-    tokens: int = 0
-    lr: float | None = None          # LR of the checkpoint's last step (warmup_from: checkpoint)
-    next_lr: float | None = None     # LR the checkpoint's own schedule would have applied next
-    mixture: dict[str, float] | None = None  # the checkpoint's last stage mixture (which domains are new)
-    consumed: dict[str, int] = field(default_factory=dict)   # draws per source so far (schedule_state)
-    sampler: dict[str, Any] | None = None  # the whole sampler state when the data goes on unchanged
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def resolve_init(recipe: Recipe) -> Origin:
@@ -63,15 +46,14 @@ def resolve_init(recipe: Recipe) -> Origin:
     ckpt = find_checkpoint(path, init.checkpoint)
     state = read_trainer_state(ckpt)
     saved = yaml.safe_load((ckpt / "recipe.yaml").read_text())
-    origin = Origin(path=str(ckpt), is_checkpoint=True, lr=state.get("lr"), next_lr=state.get("next_lr"),
-                    mixture=state.get("mixture"))
+    origin = Origin(path=str(ckpt), lr=state.lr, next_lr=state.next_lr, mixture=state.mixture)
     if init.load.schedule_state:
-        origin.step, origin.tokens = state["step"], state["tokens"]
-        origin.consumed = dict(state.get("data_consumed", {}))
+        origin.step, origin.tokens = state.step, state.tokens
+        origin.consumed = dict(state.data_consumed)
         same_data = saved.get("data", {}).get("sources") == recipe.data.sources
         first = recipe.stage_list()[0]
-        if same_data and state.get("mixture") == first.mixture and state.get("sampler"):
-            origin.sampler = state["sampler"]  # same sources, same weights: the data order goes on exactly
+        if same_data and state.mixture == first.mixture and state.sampler:
+            origin.sampler = state.sampler  # same sources, same weights: the data order goes on exactly
     return origin
 
 
@@ -92,7 +74,45 @@ class StagePlan:
         return self.schedule(tokens - self.offset)
 
 
-def plan_stages(recipe: Recipe, origin: Origin, tokens_per_step: int, batch_size: int) -> list[StagePlan]:
+@dataclass(frozen=True)
+class RunPlan:
+    """Where a run starts and the stages it runs: what train, `cpt schedule` and `cpt predict` all plan."""
+
+    origin: Origin
+    stages: list[StagePlan]
+    note: str | None = None  # said when init_from does not exist yet and the plan counts from token 0
+
+    def stage_at(self, tokens: int) -> StagePlan:
+        return stage_at(self.stages, tokens)
+
+    @property
+    def end(self) -> int:
+        return self.stages[-1].end
+
+
+def plan_run(recipe: Recipe, origin: Origin | None = None, *, allow_missing_init: bool = False) -> RunPlan:
+    """The one planner. ``origin`` is the resumed checkpoint's own record, else resolved from
+    ``init_from``. With ``allow_missing_init`` (planning ahead: `cpt schedule`, `cpt predict`) an
+    ``init_from.path`` that does not exist yet counts from token 0, and ``note`` says so; training
+    refuses it."""
+    note = None
+    if origin is None:
+        init = recipe.init_from
+        if allow_missing_init and init is not None and not Path(init.path).exists():
+            origin, note = Origin(), f"init_from.path {init.path} does not exist yet: counting from token 0"
+        else:
+            origin = resolve_init(recipe)
+    return RunPlan(origin, plan_stages(recipe, origin), note)
+
+
+def stage_at(stages: list[StagePlan], tokens: float) -> StagePlan:
+    """The stage holding ``tokens`` on the run's counter (the last one at and past the end)."""
+    return next((p for p in stages if p.start <= tokens < p.end), stages[-1])
+
+
+def plan_stages(recipe: Recipe, origin: Origin) -> list[StagePlan]:
+    tokens_per_step = recipe.train.global_batch_tokens
+    batch_size = tokens_per_step // recipe.data.seq_len  # sequences per step (the power schedule's unit)
     stages = recipe.stage_list()
     horizon = origin.tokens + sum(st.tokens for st in stages)
     run_schedule = None
@@ -129,8 +149,7 @@ class StagedSchedule:
     total_tokens: int
 
     def __call__(self, tokens: float) -> float:
-        plan = next((p for p in self.plans if p.start <= tokens < p.end), self.plans[-1])
-        return plan.lr(tokens)
+        return stage_at(list(self.plans), tokens).lr(tokens)
 
 
 def staged_schedule(plans: list[StagePlan]) -> StagedSchedule:
@@ -183,11 +202,11 @@ def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None
                        f"schedule is {kind})")
     ckpt = find_checkpoint(checkpoint)
     state = read_trainer_state(ckpt)
-    x, step = state["tokens"], state["step"]
-    tps = parent.train.global_batch_tokens
+    x, step = state.tokens, state.step
+    step_tokens = parent.train.global_batch_tokens
     budget = sum(st.tokens for st in parent.stage_list())
-    main = build_schedule(parent.schedule, total_tokens=budget, tokens_per_step=tps,
-                          batch_size=tps // parent.data.seq_len)
+    main = build_schedule(parent.schedule, total_tokens=budget, tokens_per_step=step_tokens,
+                          batch_size=step_tokens // parent.data.seq_len)
     phase = next((p.name for p in main.phases if p.start <= x < p.end), "end")
     if phase not in ("stable", "constant"):
         raise CptError(f"--branch-from: {ckpt} is at token {x}, in the {phase} phase; branch from the "
@@ -198,18 +217,18 @@ def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None
     for dotted in _LENGTHS[kind]:
         node, key = _node(sched, dotted)
         if node is not None and node.get(key) is not None:
-            node[key] = parse_length(node[key]).to_tokens(budget, tps)
+            node[key] = parse_length(node[key]).to_tokens(budget, step_tokens)
     block = "decay" if kind == "wsd" else "anneal"
     if kind == "infinite" and not sched.get("anneal"):
         raise CptError("--branch-from: the infinite schedule has no anneal block to branch with")
     if decay is not None:
-        sched[block]["length"] = parse_length(decay).to_tokens(budget, tps)
+        sched[block]["length"] = parse_length(decay).to_tokens(budget, step_tokens)
     if shape is not None:
         sched[block]["shape"] = shape
     d = sched[block]["length"]
     if kind == "wsd":
         sched["decay_at"] = x
-    stage = next(st for st in _plans_for(parent, tps) if st[0] <= x < st[1])
+    stage = stage_at(plan_stages(parent, Origin()), x)
     data["run"]["name"] = f"{parent.run.name}-decay-at-{step}"
     data["run"]["output_dir"] = output_dir or f"{parent.run.output_dir}-decay-at-{step}"
     data["init_from"] = {"path": str(ckpt), "checkpoint": "latest",
@@ -217,16 +236,8 @@ def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None
     data["model"] = {**data["model"], "preset": None, "config": {}}
     data["train"]["tokens"] = d
     data["stages"] = None
-    data["data"]["mixture"] = stage[2]
+    data["data"]["mixture"] = stage.mixture
     return validate_recipe(data, source=f"branch of {parent.run.name}")
-
-
-def _plans_for(recipe: Recipe, tps: int) -> list[tuple[int, int, dict[str, float]]]:
-    start, out = 0, []
-    for st in recipe.stage_list():
-        out.append((start, start + st.tokens, st.mixture))
-        start += st.tokens
-    return out
 
 
 def _node(tree: dict[str, Any], dotted: str) -> tuple[dict[str, Any] | None, str]:

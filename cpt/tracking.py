@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from cpt.errors import CptError
+from cpt.units import StrictModel
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -94,10 +95,8 @@ def _clean(v: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- W&B
 
 
-class WandbConfig(BaseModel):
+class WandbConfig(StrictModel):
     """``tracking.wandb``: mirror the metrics to Weights & Biases (one W&B run per cpt run)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     project: str = Field("cpt", description="W&B project.")
     group: str | None = Field(

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, WithJsonSchema
 
 _SUFFIX = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "B": 2**30, "T": 2**40}
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGBT]?)\s*$", re.IGNORECASE)
@@ -128,3 +128,9 @@ LengthField = Annotated[
     PlainSerializer(str, return_type=str),
     WithJsonSchema({"type": ["integer", "number", "string"], "description": "10%, 200 steps or 2M"}),
 ]
+
+
+class StrictModel(BaseModel):
+    """The base of every recipe section (recipe, schedules, tracking): unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())

@@ -86,9 +86,9 @@ def main() -> None:
     import datasets
     import transformers  # noqa: F401  (imports are not part of either pipeline's time)
 
-    from cpt.data.mixture import MixtureSampler, read_batch
+    from cpt.data.mixture import MixtureSampler
     from cpt.data.prepare import prepare
-    from cpt.data.source import TokenSource
+    from cpt.data.source import TokenSource, read_batch
     from cpt.data.tokenizer import train_tokenizer
 
     datasets.disable_progress_bars()
@@ -138,7 +138,7 @@ def main() -> None:
             f"(b) sources: en {len(sources['en']):,} and de {len(sources['de']):,} sequences of {args.seq_len}"
         )
         for batch in (8, 64, 512):
-            sampler = MixtureSampler.from_sources(sources, {"de": 0.75, "en": 0.25}, seed=0)
+            sampler = MixtureSampler({k: len(v) for k, v in sources.items()}, {"de": 0.75, "en": 0.25}, seed=0)
             read_batch(sources, sampler.draw(batch))
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < 2.0:

@@ -23,16 +23,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from cpt.data.mixture import MixtureSampler, read_batch  # noqa: E402
+from cpt.data.mixture import MixtureSampler  # noqa: E402
 from cpt.data.prepare import prepare  # noqa: E402
-from cpt.data.source import TokenSource  # noqa: E402
+from cpt.data.source import TokenSource, read_batch  # noqa: E402
 from cpt.data.tokenizer import (
     load_tokenizer,  # noqa: E402
     train_tokenizer,  # noqa: E402
 )
 from cpt.model import build_model  # noqa: E402
 from cpt.recipe import validate_recipe  # noqa: E402
-from cpt.trainer import make_optimizer, train  # noqa: E402
+from cpt.train.loop import train  # noqa: E402
+from cpt.train.step import make_optimizer  # noqa: E402
 
 SEQ, MICRO = 256, 8
 

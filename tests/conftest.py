@@ -99,14 +99,19 @@ def make_recipe(tmp_path, tokenizer_dir, prepared):
             "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 8},
             "tracking": {"progress": False},
         }
-        for key, value in over.items():
-            node = data
-            *parents, last = key.split("__")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
-        return validate_recipe(data)
+        return validate_recipe(with_overrides(data, over))
     return make
+
+
+def with_overrides(data: dict, over: dict) -> dict:
+    """Set ``a__b=value`` keyword overrides as nested keys of ``data`` (in place); returns ``data``."""
+    for key, value in over.items():
+        node = data
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return data
 
 
 def pytest_addoption(parser):

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cpt.data.mixture import MixtureSampler, permutation_keys, permute, read_batch
+from cpt.data.mixture import MixtureSampler, permutation_keys, permute
 from cpt.data.prepare import prepare
-from cpt.data.source import TokenSource
+from cpt.data.source import TokenSource, read_batch
 from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
 from cpt.errors import CptError
 
@@ -479,7 +479,7 @@ def test_sampler_rejects_bad_weights_and_foreign_state():
 
 def test_read_batch_returns_the_right_rows(prepared):
     sources = {k: TokenSource(v["validation"]) for k, v in prepared.items()}
-    s = MixtureSampler.from_sources(sources, {"en": 0.5, "de": 0.25, "code": 0.25}, seed=0)
+    s = MixtureSampler({k: len(v) for k, v in sources.items()}, {"en": 0.5, "de": 0.25, "code": 0.25}, seed=0)
     picks = s.draw(64)
     batch = read_batch(sources, picks)
     assert isinstance(batch, torch.Tensor) and batch.dtype == torch.long and batch.shape == (64, 128)
@@ -493,7 +493,7 @@ def test_draw_and_read_are_fast(prepared):
     import time
 
     sources = {k: TokenSource(v["train"]) for k, v in prepared.items()}
-    s = MixtureSampler.from_sources(sources, {"en": 0.5, "de": 0.25, "code": 0.25}, seed=0)
+    s = MixtureSampler({k: len(v) for k, v in sources.items()}, {"en": 0.5, "de": 0.25, "code": 0.25}, seed=0)
     read_batch(sources, s.draw(64))
     t0 = time.perf_counter()
     n = 0

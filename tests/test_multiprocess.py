@@ -8,7 +8,7 @@ import pytest
 from conftest import launch  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from cpt.tracking import read_metrics
-from cpt.trainer import train
+from cpt.train.loop import train
 
 pytestmark = pytest.mark.multiproc
 

@@ -247,7 +247,7 @@ def test_cpt_probe_matches_the_runs_last_probe(tmp_path, tokenizer_dir, prepared
     from cpt.cli import main
     from cpt.recipe import validate_recipe
     from cpt.tracking import read_metrics
-    from cpt.trainer import train
+    from cpt.train.loop import train
 
     run = tmp_path / "run"
     recipe = validate_recipe({

@@ -21,7 +21,7 @@ from cpt.cli import main as cli
 from cpt.errors import CptError, DivergedError
 from cpt.guard import StepGuard
 from cpt.tracking import read_metrics
-from cpt.trainer import train
+from cpt.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TPS = 1024  # tokens per step of the tiny recipes (8 sequences of 128 in 2 micro-batches)
@@ -40,7 +40,7 @@ def poison(monkeypatch, steps, factor=NAN, micro_batches_per_step=2):
     """Scale the logits of the given training steps (1-based, counted from this process's start) by
     ``factor``: NaN or a loss spike injected into the real forward, data untouched. Probes (no grad)
     are not counted."""
-    import cpt.trainer as trainer
+    import cpt.train.setup as trainer
 
     build = trainer.build_model
     calls = [0]
@@ -132,7 +132,7 @@ def test_skip_drops_the_update_counts_it_and_finishes(make_recipe, monkeypatch):
     assert all(torch.equal(before[k], after[k]) for k in before)  # the update was dropped
     assert not torch.equal(after["lm_head.weight"], weights(ck / "step-00000004")["lm_head.weight"])  # then on
     assert all_finite(load_file(str(run / "final" / "model.safetensors")))
-    assert ckpt_lib.read_trainer_state(ck / "step-00000006")["guard"]["skipped"] == 1
+    assert ckpt_lib.read_trainer_state(ck / "step-00000006").guard["skipped"] == 1
 
 
 def test_skip_halts_after_max_skipped_steps_in_a_row(make_recipe, monkeypatch):
@@ -306,7 +306,7 @@ def test_seq_len_beyond_the_position_limit_is_refused_at_start(make_recipe, toke
                     init_from={"path": str(gpt2)})
     with pytest.raises(CptError, match=r"position limit \(64, config of .*gpt2\)"):
         train(r)
-    from cpt.trainer import check_recipe
+    from cpt.train.setup import check_recipe
 
     with pytest.raises(CptError, match=r"position limit \(64, config of .*gpt2\)"):  # --dry-run sees it too
         check_recipe(r)

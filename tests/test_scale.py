@@ -19,7 +19,8 @@ from conftest import free_port, launch  # tests/ is on sys.path (pytest's rootdi
 from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
 from cpt.tracking import read_metrics
-from cpt.trainer import Layout, train
+from cpt.train.loop import train
+from cpt.train.step import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
@@ -133,7 +134,7 @@ def test_init_from_lora_checkpoint_merges_and_refuses_its_optimizer(make_recipe,
 
 
 def test_deepspeed_config_filled_from_the_recipe(make_recipe):
-    from cpt.trainer import fill_deepspeed_config
+    from cpt.train.backend import fill_deepspeed_config
 
     r = make_recipe()  # 1024 tokens / 128 = 8 sequences per step, micro-batch 4
     cfg = json.loads((ROOT / "recipes/deepspeed/zero2.json").read_text())
@@ -151,7 +152,7 @@ def test_deepspeed_config_filled_from_the_recipe(make_recipe):
 def test_shipped_deepspeed_configs(tmp_path):
     from accelerate.utils import DeepSpeedPlugin
 
-    from cpt.trainer import deepspeed_plugin
+    from cpt.train.backend import deepspeed_plugin
 
     for stage in (1, 2, 3):
         path = ROOT / f"recipes/deepspeed/zero{stage}.json"
@@ -183,7 +184,7 @@ def test_optimizer_state_not_loaded_under_deepspeed(tmp_path, make_recipe):
 
 
 def test_unlink_deepspeed_shm_removes_this_ranks_buffer(monkeypatch):
-    from cpt.trainer import unlink_deepspeed_shm
+    from cpt.train.backend import unlink_deepspeed_shm
 
     monkeypatch.setenv("MASTER_ADDR", "cpt-test-host")
     monkeypatch.setenv("MASTER_PORT", "1")
@@ -255,7 +256,7 @@ def test_slurm_launcher_command_line(tmp_path):
 def test_flops_per_token_by_hand():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from cpt.model import flops_per_token, matmul_params, peak_flops
+    from cpt.train.backend import flops_per_token, matmul_params, peak_flops
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, vocab_size=100, tie_word_embeddings=False)
@@ -273,16 +274,15 @@ def test_flops_per_token_by_hand():
 
 
 def test_mfu_scale_on_a_known_gpu(make_recipe, monkeypatch):
-    from cpt.model import flops_per_token, matmul_params
-    from cpt.trainer import _mfu_per_token_s
+    from cpt.train.backend import flops_per_token, matmul_params, mfu_per_token_s
 
     r = make_recipe()
     model = tiny_base(r)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     fake = SimpleNamespace(device=SimpleNamespace(type="cuda"), num_processes=2, is_main_process=True)
     want = flops_per_token(model.config, 128, *matmul_params(model)) / (2 * 989e12)
-    assert _mfu_per_token_s(model, r, fake) == pytest.approx(want, rel=1e-12)
-    assert _mfu_per_token_s(model, r, SimpleNamespace(device=SimpleNamespace(type="cpu"))) is None
+    assert mfu_per_token_s(model, r, fake) == pytest.approx(want, rel=1e-12)
+    assert mfu_per_token_s(model, r, SimpleNamespace(device=SimpleNamespace(type="cpu"))) is None
 
 
 # ------------------------------------------------------------------------------- 2 processes on CPU

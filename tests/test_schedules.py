@@ -5,6 +5,7 @@ import math
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
+from cpt.compare import plot_schedules
 from cpt.errors import CptError
 from cpt.schedules import (
     Phase,
@@ -12,7 +13,6 @@ from cpt.schedules import (
     ScheduleConfig,
     build_schedule,
     describe,
-    plot_schedules,
 )
 
 T = 1_000_000  # stage budget in tokens
@@ -149,10 +149,9 @@ def test_lengths_resolve(warmup, tokens):
     assert s.phases[0].end == tokens
 
 
-def test_lr_at_step():
-    s = build(kind="linear", max_lr=MAX, warmup="10 steps")
-    assert close(s.lr_at_step(5, TPS), MAX / 2)
-    assert s.lr_at_step(5, TPS) == s(5 * TPS)
+def test_warmup_in_steps_is_counted_in_tokens():
+    s = build(kind="linear", max_lr=MAX, warmup="10 steps")  # the LR of step k is s(k * tokens_per_step)
+    assert close(s(5 * TPS), MAX / 2) and close(s(10 * TPS), MAX)
 
 
 # --- agreement with transformers ---------------------------------------------------------------------
@@ -186,7 +185,7 @@ def test_wsd_matches_transformers(decay_type, min_lr_ratio):
         decay={"length": f"{decay} steps", "shape": decay_type},
     )
     for step in range(steps + 5):
-        assert close(ours.lr_at_step(step, tps), opt.param_groups[0]["lr"]), step
+        assert close(ours(step * tps), opt.param_groups[0]["lr"]), step
         opt.step()
         hf.step()
 
@@ -258,7 +257,7 @@ def test_decay_branch_equals_shorter_run(shape):
     branch = build(total=1000 * tps, tokens_per_step=tps, decay_at="300 steps", **recipe)
     short = build(total=at + length, tokens_per_step=tps, **recipe)
     for step in range(1000):
-        assert close(branch.lr_at_step(step, tps), short.lr_at_step(step, tps)), step
+        assert close(branch(step * tps), short(step * tps)), step
     assert branch.phases[-1].name == "hold" and branch(999 * tps) == MIN
 
 

@@ -11,7 +11,7 @@ from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
 from cpt.stages import make_branch
 from cpt.tracking import read_metrics
-from cpt.trainer import train
+from cpt.train.loop import train
 
 TPS = 1024  # tokens per step in the tiny recipes
 
@@ -145,7 +145,7 @@ def test_multi_stage_run_and_resume_inside_stage_two(make_recipe, prepared):
     assert "stage_end/de/adaptation" in ends[1] and "stage_end/en/max_forgetting" in ends[1]
     assert ends[1]["stage_end/de/adaptation"] > 0  # German loss fell during the German stage
     # stage ends are kept whatever keep_last says; the next stage can start from them by name
-    tags = [ckpt_lib.read_trainer_state(d)["tags"] for d in ckpt_lib.checkpoint_dirs(whole.run.output_dir)]
+    tags = [ckpt_lib.read_trainer_state(d).tags for d in ckpt_lib.checkpoint_dirs(whole.run.output_dir)]
     assert tags == [["stage_end:en"], ["stage_end:de"]]
     assert ckpt_lib.find_checkpoint(whole.run.output_dir, "en").name == "step-00000004"
 
@@ -204,7 +204,7 @@ def test_stage_errors_are_clear(make_recipe, parent):
     # optimizer moments of another architecture are refused, not broadcast
     from transformers import AutoModelForCausalLM
 
-    from cpt.trainer import make_optimizer
+    from cpt.train.step import make_optimizer
     wide = make_recipe("wide", train__tokens=2 * TPS, model__config={"hidden_size": 96, "intermediate_size": 128,
                                                                    "num_attention_heads": 4, "num_key_value_heads": 4})
     train(wide)

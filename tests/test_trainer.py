@@ -16,7 +16,7 @@ from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
 from cpt.schedules import build_schedule
 from cpt.tracking import read_metrics
-from cpt.trainer import train
+from cpt.train.loop import train
 
 
 def train_losses(run_dir):
@@ -148,7 +148,7 @@ def test_bad_data_paths_and_mismatched_seq_len(make_recipe, prepared):
 
 
 def test_world_layout_splits_the_same_global_batch():
-    from cpt.trainer import Layout
+    from cpt.train.step import Layout
 
     picks = list(range(16))
     one = Layout(128, 16, 4, 1, 4).my_micro_batches(picks, 0)

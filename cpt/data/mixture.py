@@ -133,13 +133,6 @@ class MixtureSampler:
         self.position = 0
         self._active = [(i, self.weights[n]) for i, n in enumerate(self.names) if self.weights[n] > 0]
 
-    @classmethod
-    def from_sources(
-        cls, sources: Mapping[str, object], weights: Mapping[str, float], seed: int
-    ) -> MixtureSampler:
-        """Sampler over ``{name: TokenSource}`` (sizes = their ``num_sequences``)."""
-        return cls({k: len(v) for k, v in sources.items()}, weights, seed)
-
     def _choose(self, n: int) -> np.ndarray:
         """Source numbers (into ``self.names``) of the next ``n`` samples; advances the counters."""
         drawn = [self.drawn[name] for name in self.names]
@@ -216,39 +209,3 @@ class MixtureSampler:
         self.drawn = {k: int(drawn[k]) for k in self.names}
         self.offsets = {k: int(state.get("offsets", {}).get(k, 0)) for k in self.names}
         self.position = int(position)
-
-
-def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]], vocab_size: int | None = None):
-    """Read ``picks`` from ``{name: TokenSource}`` into a LongTensor ``[len(picks), seq_len]``, in order.
-
-    Reads are grouped per source (one vectorised memmap gather each). With ``vocab_size``, an id outside
-    ``[0, vocab_size)`` (a corrupt shard, or one tokenized for a larger vocabulary) is a CptError naming
-    the source and sequence, instead of an IndexError deep in the model's embedding.
-    """
-    import torch
-
-    groups: dict[str, tuple[list[int], list[int]]] = {}
-    for row, (name, idx) in enumerate(picks):
-        g = groups.get(name)
-        if g is None:
-            g = groups[name] = ([], [])
-        g[0].append(row)
-        g[1].append(idx)
-    missing = sorted(set(groups) - set(sources))
-    if missing:
-        raise CptError(f"picks name source {', '.join(missing)}, which is not loaded")
-    seq_lens = {sources[n].seq_len for n in groups}
-    if len(seq_lens) > 1:
-        detail = ", ".join(f"{n}={sources[n].seq_len}" for n in sorted(groups))
-        raise CptError(f"mixed sources have different seq_len ({detail}); prepare them with one seq_len")
-    seq_len = seq_lens.pop() if seq_lens else next(iter(sources.values())).seq_len if sources else 0
-    out = np.empty((len(picks), seq_len), dtype=np.int64)
-    for name, (rows, idx) in groups.items():
-        out[rows] = sources[name].batch(idx)
-    if vocab_size is not None and len(picks) and (out.min() < 0 or out.max() >= vocab_size):
-        row = int(np.flatnonzero((out < 0).any(1) | (out >= vocab_size).any(1))[0])
-        name, idx = picks[row]
-        bad = int(out[row][(out[row] < 0) | (out[row] >= vocab_size)][0])
-        raise CptError(f"data source {name!r}: sequence {idx} holds token id {bad}, outside the model's "
-                       f"vocabulary of {vocab_size}: the shard is corrupt or was tokenized for another model")
-    return torch.from_numpy(out)

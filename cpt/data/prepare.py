@@ -41,13 +41,9 @@ import numpy as np
 
 from cpt import __version__
 from cpt.data.reader import InputStats, iter_pieces, resolve_inputs
+from cpt.data.source import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_PATTERN
 from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
 from cpt.errors import CptError
-
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "cpt-tokens"
-MANIFEST_VERSION = 1
-SHARD_PATTERN = "tokens-{:05d}.bin"
 
 # Documents longer than this many characters are tokenized in pieces (cut as reader.split_text
 # says). While it encodes a text the Rust tokenizer holds ~100-140 bytes per character (alignments,

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cpt.data.prepare import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from cpt.errors import CptError
+
+# The on-disk format that `cpt prepare` writes and this module reads.
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "cpt-tokens"
+MANIFEST_VERSION = 1
+SHARD_PATTERN = "tokens-{:05d}.bin"
 
 _REQUIRED = (
     "format",
@@ -164,3 +169,60 @@ class SubsetSource:
 
     def batch(self, indices) -> np.ndarray:
         return self.source.batch(self.indices[np.asarray(indices, dtype=np.int64)])
+
+
+def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]], vocab_size: int | None = None):
+    """Read ``picks`` from ``{name: TokenSource}`` into a LongTensor ``[len(picks), seq_len]``, in order.
+
+    Reads are grouped per source (one vectorised memmap gather each). With ``vocab_size``, an id outside
+    ``[0, vocab_size)`` (a corrupt shard, or one tokenized for a larger vocabulary) is a CptError naming
+    the source and sequence, instead of an IndexError deep in the model's embedding.
+    """
+    import torch
+
+    groups: dict[str, tuple[list[int], list[int]]] = {}
+    for row, (name, idx) in enumerate(picks):
+        g = groups.get(name)
+        if g is None:
+            g = groups[name] = ([], [])
+        g[0].append(row)
+        g[1].append(idx)
+    missing = sorted(set(groups) - set(sources))
+    if missing:
+        raise CptError(f"picks name source {', '.join(missing)}, which is not loaded")
+    seq_lens = {sources[n].seq_len for n in groups}
+    if len(seq_lens) > 1:
+        detail = ", ".join(f"{n}={sources[n].seq_len}" for n in sorted(groups))
+        raise CptError(f"mixed sources have different seq_len ({detail}); prepare them with one seq_len")
+    seq_len = seq_lens.pop() if seq_lens else next(iter(sources.values())).seq_len if sources else 0
+    out = np.empty((len(picks), seq_len), dtype=np.int64)
+    for name, (rows, idx) in groups.items():
+        out[rows] = sources[name].batch(idx)
+    if vocab_size is not None and len(picks) and (out.min() < 0 or out.max() >= vocab_size):
+        row = int(np.flatnonzero((out < 0).any(1) | (out >= vocab_size).any(1))[0])
+        name, idx = picks[row]
+        bad = int(out[row][(out[row] < 0) | (out[row] >= vocab_size)][0])
+        raise CptError(f"data source {name!r}: sequence {idx} holds token id {bad}, outside the model's "
+                       f"vocabulary of {vocab_size}: the shard is corrupt or was tokenized for another model")
+    return torch.from_numpy(out)
+
+
+def validate_source(key: str, path: str | Path, seq_len: int | None, tok_hash: str | None) -> TokenSource:
+    """The one check of a prepared dir that something names (a recipe's training source or probe set,
+    `cpt probe --sets`): it opens, it was prepared at ``seq_len`` (None: any) and by the tokenizer whose
+    hash is ``tok_hash`` (None: the model's tokenizer has no tokenizer.json to compare with). Errors
+    start with ``key``, the name the user gave it."""
+    try:
+        src = TokenSource(path)
+    except CptError as e:
+        raise CptError(f"{key}: {e}") from None
+    if seq_len is not None and src.seq_len != seq_len:
+        raise CptError(f"{key}: {path} was prepared with seq_len {src.seq_len}, but data.seq_len is {seq_len} "
+                       f"(re-run cpt prepare with --seq-len {seq_len})")
+    if not src.tokenizer_hash:
+        raise CptError(f"{key}: {path}: its manifest records no tokenizer hash, so nothing says which "
+                       f"tokenizer wrote it (re-run cpt prepare)")
+    if tok_hash is not None and src.tokenizer_hash != tok_hash:
+        raise CptError(f"{key}: {path} was tokenized with another tokenizer than the model's "
+                       f"(hash {src.tokenizer_hash[:12]} vs {tok_hash[:12]})")
+    return src

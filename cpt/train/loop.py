@@ -1,0 +1,265 @@
+"""The training loop. Read it top to bottom: :func:`train` sets up, then runs each stage; a stage
+(:func:`run_stage`) is a baseline probe, then steps (:func:`cpt.train.step.train_step`), each followed by
+one pure decision (:func:`after_step`: probe? save with which tags? halt?) until the stage's budget is
+spent.
+
+Progress is counted in optimizer steps and tokens on one counter for the whole run (cpt.stages). The
+LR is a pure function of that counter (cpt.schedules), written into the optimizer before every step
+and logged as applied, so a resume only needs the counters and a wrong resume shows up in the first
+record.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpt import checkpoint as ckpt_lib
+from cpt.data.mixture import MixtureSampler
+from cpt.data.source import TokenSource, read_batch
+from cpt.errors import CptError, DivergedError
+from cpt.probes import ForgettingTracker, HeldOutLoss, crossed, probe_due, probe_losses
+from cpt.recipe import Recipe
+from cpt.stages import StagePlan
+from cpt.train.setup import Run, setup
+from cpt.train.state import TrainerState
+from cpt.train.step import StepStats, train_step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    completed: bool
+    is_main: bool = True
+    signum: int | None = None  # the signal that stopped the run early (checkpointed), if one did
+
+
+def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...] = (),
+          max_steps: int | None = None) -> TrainResult:
+    """Run (or exactly resume) one training run described by ``recipe``.
+
+    ``max_steps`` stops (with a checkpoint) once the run has taken that many steps since its origin."""
+    run, probe_sets = setup(recipe, resume, allow_changes)
+    stop = StopFlag()
+    bar = _progress_bar(run)
+    try:
+        for stage in run.plan.stages:
+            if run.tokens < stage.end and not run_stage(run, stage, probe_sets, stop, bar, max_steps):
+                break
+        if run.tokens == run.plan.end:
+            ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final")
+    finally:
+        bar.close()
+        run.tracker.close(exit_code=0 if sys.exc_info()[0] is None else 1)  # a crash marks the W&B run failed
+        stop.restore()
+    run.accelerator.end_training()
+    done = run.tokens == run.plan.end
+    return TrainResult(run.run_dir, run.step, run.tokens, done, run.main, None if done else stop.signum)
+
+
+def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], stop: StopFlag, bar,
+              max_steps: int | None) -> bool:
+    """Train ``stage`` from where the run stands to its end; False when the run was stopped early."""
+    recipe, step_tokens = run.recipe, run.tokens_per_step
+    mid_stage = run.saved is not None and run.tokens > stage.start  # resumed inside this stage
+    sampler = _stage_sampler(run, stage, mid_stage)
+    probes, forgetting = _stage_probes(run, stage, probe_sets, mid_stage)
+    while run.tokens < stage.end:
+        t0 = time.perf_counter()
+        picks = sampler.draw(run.layout.sequences_per_step)  # the same global batch on every rank
+        batches = [read_batch(run.sources, micro, vocab_size=run.vocab)
+                   for micro in run.layout.my_micro_batches(picks, run.accelerator.process_index)]
+        stats = train_step(run.model, run.optimizer, run.accelerator, batches, stage.lr(run.tokens),
+                           recipe.train.grad_clip, run.guard, t0)
+        if stats.verdict == "halt":
+            raise _diverged(run, stage, stats)
+        before = run.tokens
+        run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + step_tokens, run.elapsed + stats.seconds
+        _log_step(run, stage, sampler, stats, bar)
+
+        decision = after_step(before, run.tokens, stage, run.plan.end, step_tokens, recipe, has_probes=probes is not None,
+                              stopped=stop.signum is not None, steps_taken=run.step - run.plan.origin.step,
+                              max_steps=max_steps)
+        tag = {"step": run.step, "tokens": run.tokens, "stage": stage.name}
+        if decision.probe:
+            measured = probes(run.model, run.accelerator)
+            run.tracker.log({**tag, **measured, **forgetting.update(run.tokens, probe_losses(measured))})
+        # saved as it stands before end_stage closes it: a run extended past this stage's old end
+        # (train.tokens raised on --resume) goes on with the same baseline
+        probe_state = forgetting.state_dict() if forgetting else None
+        if run.tokens == stage.end and forgetting is not None:
+            run.tracker.log({**tag, "event": "stage_end", **forgetting.end_stage()})
+        if decision.save:
+            _save(run, stage, sampler, probe_state, decision.tags)
+        if decision.halt:
+            if run.main:
+                why = f"signal {stop.signum}" if stop.signum is not None else f"--max-steps {max_steps}"
+                print(f"cpt: stopped at step {run.step} ({why}); checkpoint saved, continue with --resume")
+            return False
+    run.consumed = sampler.consumed()
+    return True
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What follows a step."""
+
+    probe: bool
+    tags: list[str] = field(default_factory=list)  # stage_end:<name>, pre_anneal: a tagged checkpoint
+    save: bool = False
+    halt: bool = False  # stop the run here (a signal, --max-steps), after the save
+
+
+def after_step(before: int, tokens: int, stage: StagePlan, end_tokens: int, tokens_per_step: int,
+               recipe: Recipe, *, has_probes: bool, stopped: bool, steps_taken: int,
+               max_steps: int | None) -> Decision:
+    """The one decision after a step that took the run from ``before`` to ``tokens``: pure, no model.
+
+    Probe at the stage's end and on the probe cadence (probes.every, denser after a stage start); tag
+    the stage's last checkpoint and the one just before a final anneal; save on those, on the checkpoint
+    cadence, at the run's end, and before stopping for a signal or --max-steps."""
+    dense = recipe.probes.dense
+    stage_done = tokens == stage.end
+    probe = has_probes and (stage_done or probe_due(before, tokens, stage.start, recipe.probes.every,
+                                                    dense.every if dense else None,
+                                                    dense.for_ if dense else None))
+    tags = [f"stage_end:{stage.name}"] if stage_done else []
+    if stage.anneal_start is not None and tokens <= stage.anneal_start < tokens + tokens_per_step:
+        tags.append("pre_anneal")
+    halt = (stopped or (max_steps is not None and steps_taken >= max_steps)) and tokens < end_tokens
+    save = bool(tags) or halt or tokens == end_tokens or crossed(before, tokens, recipe.checkpoint.every)
+    return Decision(probe, tags, save, halt)
+
+
+# ------------------------------------------------------------------------------------ the step's parts
+
+
+def _stage_sampler(run: Run, stage: StagePlan, mid_stage: bool) -> MixtureSampler:
+    sizes = {n: s.num_sequences for n, s in run.sources.items()}
+    sampler = MixtureSampler(sizes, stage.mixture, run.recipe.run.seed, offsets=run.consumed)
+    origin = run.plan.origin
+    if mid_stage:
+        sampler.load_state_dict(run.saved.sampler)
+    elif stage.index == 0 and origin.sampler and run.tokens == origin.tokens:
+        sampler.load_state_dict(origin.sampler)  # same data, same weights: the exact order goes on
+    return sampler
+
+
+def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], mid_stage: bool):
+    """(HeldOutLoss, ForgettingTracker) of the stage, or (None, None) without probe sets; at a stage
+    start the baseline is measured and logged (before the stage's first step), on resume restored."""
+    tag = {"step": run.step, "tokens": run.tokens, "stage": stage.name}
+    probes = forgetting = None
+    if stage.probe_sets:
+        cfg = run.recipe.probes
+        probes = HeldOutLoss({n: probe_sets[n] for n in stage.probe_sets}, cfg.max_sequences,
+                             cfg.micro_batch_size, run.accelerator.process_index, run.accelerator.num_processes)
+        forgetting = ForgettingTracker(stage.probe_sets, stage.new_domains)
+    if not mid_stage:
+        run.tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(run.tokens),
+                         "stage_start/new_domains": stage.new_domains})
+        if probes is not None:
+            baseline = probes(run.model, run.accelerator)
+            forgetting.start_stage(probe_losses(baseline), run.tokens)
+            run.tracker.log({**tag, **baseline, **forgetting.update(run.tokens, probe_losses(baseline))})
+    elif forgetting is not None and run.saved.probe_state:
+        forgetting.load_state_dict(run.saved.probe_state)
+        if forgetting.stage_start is None:  # saved after the stage closed (an older checkpoint)
+            raise CptError(f"--resume: {run.resume_from} was saved after stage {stage.name!r} ended, so its "
+                           f"forgetting baseline is gone; the stage cannot be extended from it")
+    return probes, forgetting
+
+
+def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepStats, bar) -> None:
+    """The step's record, its warnings (skipped update, loss spike, repeated data) and the progress bar."""
+    from tqdm.auto import tqdm
+
+    recipe, guard, step_tokens = run.recipe, run.guard, run.tokens_per_step
+    epochs = sampler.repeats()
+    record = {"step": run.step, "tokens": run.tokens, "stage": stage.name, "train/loss": stats.loss,
+              "lr": run.optimizer.param_groups[0]["lr"], "train/grad_norm": stats.grad_norm,
+              **({"train/skipped_steps": guard.skipped} if guard.skipped else {}),
+              "train/tokens_per_s": step_tokens / stats.seconds, "time/elapsed_s": run.elapsed,
+              **({"train/mfu": step_tokens / stats.seconds * run.mfu_per_token_s} if run.mfu_per_token_s else {}),
+              **{f"data/{n}/epochs": e for n, e in epochs.items() if stage.mixture.get(n, 0) > 0}}
+    run.tracker.log(record)
+    if stats.verdict == "skip" and run.main:
+        tqdm.write(f"cpt: warning: step {run.step}: loss {stats.loss:.4g}, grad norm {stats.grad_norm}: not "
+                   f"finite; update skipped ({guard.in_a_row} in a row, {guard.skipped} in all)")
+    if (median := guard.spike(stats.loss)) is not None:
+        run.tracker.log({"step": run.step, "tokens": run.tokens, "stage": stage.name, "event": "loss_spike",
+                         "train/loss": stats.loss, "loss_spike/median": median})
+        if run.main:
+            tqdm.write(f"cpt: loss spike at step {run.step}: {stats.loss:.4f} vs a median of {median:.4f} over "
+                       f"the last {len(guard.recent) - 1} steps")
+    for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in run.warned]:
+        run.warned.add(name)
+        if run.main:
+            tqdm.write(f"cpt: warning: source {name} has been read {epochs[name]:.1f} times over "
+                       f"(data.warn_epochs = {recipe.data.warn_epochs:g}); repeated data trains less and can "
+                       f"hurt: add data or lower its share")
+    bar.update(1)
+    bar.set_postfix(stage=stage.name, loss=f"{stats.loss:.3f}", lr=f"{record['lr']:.2e}",
+                    tok_s=f"{record['train/tokens_per_s']:.0f}", refresh=False)
+
+
+def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict[str, Any] | None,
+          tags: list[str]) -> None:
+    state = TrainerState(
+        step=run.step, tokens=run.tokens, stage=stage.name, sampler=sampler.state_dict(),
+        data_consumed=sampler.consumed(), mixture=stage.mixture, lr=run.optimizer.param_groups[0]["lr"],
+        elapsed_s=run.elapsed, tags=tags, origin=run.plan.origin,
+        next_lr=run.plan.stage_at(run.tokens).lr(run.tokens), probe_state=probe_state,
+        metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict())
+    ckpt_lib.save_checkpoint(run.accelerator, run.run_dir, run.step, state, run.recipe.to_yaml(),
+                             run.recipe.checkpoint.keep_last, model=run.model, tokenizer=run.tokenizer)
+
+
+def _diverged(run: Run, stage: StagePlan, stats: StepStats) -> DivergedError:
+    """Log the non-finite step and say where the run can go on from (train.on_nonfinite)."""
+    step, tokens, step_tokens = run.step + 1, run.tokens, run.tokens_per_step
+    run.tracker.log({"step": step, "tokens": tokens + step_tokens, "stage": stage.name, "event": "nonfinite",
+                     "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "lr": stage.lr(tokens)})
+    in_a_row = run.guard.in_a_row
+    return DivergedError(
+        f"step {step} (tokens {tokens}-{tokens + step_tokens}): loss {stats.loss:.4g}, grad norm {stats.grad_norm}: not "
+        f"finite{f' ({in_a_row} such steps in a row)' if in_a_row else ''}; the weights were not updated and "
+        f"nothing was saved after it. Last good checkpoint: {ckpt_lib.latest_checkpoint(run.run_dir) or 'none'} "
+        f"(continue with --resume, e.g. with a lower schedule.max_lr and --allow-change schedule.max_lr; "
+        f"train.on_nonfinite: skip drops such steps)")
+
+
+def _progress_bar(run: Run):
+    from tqdm.auto import tqdm
+
+    step_tokens, start = run.tokens_per_step, run.plan.origin.tokens
+    return tqdm(total=(run.plan.end - start) // step_tokens, initial=(run.tokens - start) // step_tokens, unit="step",
+                dynamic_ncols=True, disable=not (run.main and run.recipe.tracking.progress))
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask for a clean stop at the end of the current step (checkpoint, then exit)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)

@@ -1,0 +1,85 @@
+"""One optimizer step, top to bottom: set the LR, forward and backward each micro-batch, clip, reduce
+the loss, ask the guard, update (or not). Also how a step is cut into micro-batches (:class:`Layout`)
+and the optimizer it steps."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cpt.errors import CptError
+from cpt.guard import StepGuard, Verdict
+from cpt.recipe import Recipe
+
+
+@dataclass
+class Layout:
+    """How one optimizer step is cut into micro-batches across processes."""
+
+    seq_len: int
+    sequences_per_step: int  # global batch, all processes
+    micro_batch_size: int
+    world_size: int
+    grad_accum: int
+
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, world_size: int) -> Layout:
+        seq_len, micro = recipe.data.seq_len, recipe.train.micro_batch_size
+        sequences = recipe.train.global_batch_tokens // seq_len
+        if sequences % (micro * world_size):
+            raise CptError(
+                f"train.global_batch_tokens = {recipe.train.global_batch_tokens} is {sequences} sequences of "
+                f"{seq_len}, not divisible by train.micro_batch_size ({micro}) x processes ({world_size})"
+            )
+        return cls(seq_len, sequences, micro, world_size, sequences // (micro * world_size))
+
+    def my_micro_batches(self, picks: list, rank: int) -> list[list]:
+        """This rank's micro-batches of a global batch. Micro-step a of rank r holds picks
+        [(a*W + r)*m, (a*W + r + 1)*m): the global batch is the same whatever W divides it."""
+        m, w = self.micro_batch_size, self.world_size
+        return [picks[(a * w + rank) * m:(a * w + rank + 1) * m] for a in range(self.grad_accum)]
+
+
+def make_optimizer(model, cfg, lr: float, device_type: str):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    fused = (device_type == "cuda") if cfg.fused == "auto" else cfg.fused
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
+    )
+
+
+@dataclass(frozen=True)
+class StepStats:
+    loss: float                # mean over the step's micro-batches and processes
+    grad_norm: float | None    # before clipping; None where the backend clips itself (DeepSpeed)
+    verdict: Verdict           # step: updated; skip: update dropped; halt: dropped, the run must stop
+    seconds: float
+
+
+def train_step(model, optimizer, accelerator, batches: list[torch.Tensor], lr: float, grad_clip: float | None,
+               guard: StepGuard, t0: float | None = None) -> StepStats:
+    """One optimizer step over this rank's micro-batches (token ids on the CPU). ``t0``: when the step
+    began, if the caller did work for it first (drawing the batch)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for ids in batches:
+        ids = ids.to(accelerator.device, non_blocking=True)
+        with accelerator.accumulate(model):
+            loss = model(input_ids=ids, labels=ids).loss
+            accelerator.backward(loss)
+        loss_sum += loss.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)
+    loss = accelerator.reduce(loss_sum / len(batches), reduction="mean").item()
+    norm = float(grad_norm) if grad_norm is not None else None
+    verdict = guard.check(loss, norm)  # the same reduced numbers on every rank: one decision
+    if verdict == "step":
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss, norm, verdict, time.perf_counter() - t0)
