@@ -226,9 +226,10 @@ def load_optimizer_state(optimizer, ckpt: str | Path) -> None:
     optimizer.load_state_dict(saved)
 
 
-def export_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path:
-    """Write a Hugging Face model dir (safetensors + tokenizer) that from_pretrained loads. A LoRA model
-    is written merged (base + adapters), with the adapter alone in ``adapter/``."""
+def export_model(accelerator, model, tokenizer, out_dir: str | Path, dtype=None) -> Path:
+    """Write a Hugging Face model dir (safetensors + tokenizer) that from_pretrained loads, its weights in
+    ``dtype`` (None: as trained). A LoRA model is written merged (base + adapters), with the adapter alone
+    in ``adapter/``."""
     out = Path(out_dir)
     tmp = out.with_name(f".tmp-{out.name}")
     state_dict = accelerator.get_state_dict(model)  # every rank: gathers sharded (ZeRO-3/FSDP) weights
@@ -238,9 +239,16 @@ def export_model(accelerator, model, tokenizer, out_dir: str | Path) -> Path:
         try:
             if is_peft(unwrapped):
                 unwrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict)
-                merged_copy(unwrapped, state_dict).save_pretrained(tmp, safe_serialization=True)
+                merged = merged_copy(unwrapped, state_dict)
+                (merged.to(dtype) if dtype is not None else merged).save_pretrained(tmp, safe_serialization=True)
             else:
+                if dtype is not None:
+                    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
                 unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if dtype is not None:  # save_pretrained records the live (fp32) parameters' dtype, not the file's
+                config = json.loads((tmp / "config.json").read_text())
+                config["dtype"] = str(dtype).removeprefix("torch.")
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             tokenizer.save_pretrained(tmp)
         except Exception as e:  # see save_checkpoint
             shutil.rmtree(tmp, ignore_errors=True)

@@ -76,7 +76,8 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     from cpt.data.prepare import prepare
 
     m = prepare(ns.inputs, ns.tokenizer, ns.out, seq_len=ns.seq_len, text_field=ns.text_field,
-                num_proc=ns.num_proc, max_documents=ns.max_documents, overwrite=ns.overwrite)
+                num_proc=ns.num_proc, max_documents=ns.max_documents, overwrite=ns.overwrite,
+                eos_token=ns.eos_token)
     skipped = ", ".join(f"{k}: {v}" for k, v in m["skipped"].items() if v) or "none"
     print(f"{ns.out}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
           f"({m['tokens']} tokens, {m['tokens_dropped_tail']} tail tokens dropped); skipped: {skipped}")
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--num-proc", type=int, default=1)
     d.add_argument("--max-documents", type=int, default=None, help="only the first N documents")
     d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--eos-token", default=None,
+                   help="the token that ends each document, for a tokenizer without an eos token")
     d.set_defaults(func=cmd_prepare)
 
     pr = sub.add_parser("probe", help="held-out loss and downstream scores of a model or checkpoint",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,46 +44,106 @@ def preset_config(cfg: ModelConfig, tokenizer):
         config = LlamaConfig(**kwargs)
     except (TypeError, ValueError) as e:
         raise CptError(f"model.config: {e}") from None
-    config._attn_implementation = cfg.attn_implementation
+    config._attn_implementation = attention_for(config, cfg.attn_implementation)
     return config
 
 
-def load_causal_lm(path: str | Path, attn_implementation: str = "sdpa"):
+def attention_for(config, requested: str) -> str:
+    """The attention kernel to load ``config``'s model with: ``requested``, or for ``auto`` the best the
+    model class supports here (flash-attention 2 on CUDA when installed, else sdpa, else eager)."""
+    if requested != "auto":
+        return requested
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import is_flash_attn_2_available
+
+    cls = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if torch.cuda.is_available() and is_flash_attn_2_available() and getattr(cls, "_supports_flash_attn", False):
+        return "flash_attention_2"
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def model_config(path: str | Path, overrides: dict | None = None, trust_remote_code: bool = False):
+    """(config, {key: (old, new)}) of the model dir ``path`` with ``model.config`` overrides applied; a
+    config that ships its own modelling code is refused unless ``trust_remote_code``."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CptError(f"{path}/config.json cannot be read ({e})") from None
+    if raw.get("auto_map") and not trust_remote_code:
+        raise CptError(f"{path}: its config.json names modelling code of its own (auto_map); set "
+                       f"model.trust_remote_code: true to run it")
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise CptError(f"cannot read the model config of {path} ({str(e).splitlines()[0]})") from None
+    changes = {}
+    for key, value in (overrides or {}).items():
+        if key not in raw and not hasattr(config, key):
+            raise CptError(f"model.config.{key}: the {config.model_type} config has no such key")
+        changes[key] = (getattr(config, key, None), value)
+        setattr(config, key, value)
+    return config, changes
+
+
+def source_dtype(config):
+    """The dtype a model dir's weights are meant for (its config's dtype; float32 when it names none)."""
+    import torch
+
+    dtype = getattr(config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def load_causal_lm(path: str | Path, attn_implementation: str = "auto", trust_remote_code: bool = False,
+                   overrides: dict | None = None):
     """The one loader of a model from disk, in fp32 on the CPU: a Hugging Face causal-LM dir, or a cpt
     checkpoint (itself an HF dir; a LoRA checkpoint with its adapter merged in; an older checkpoint
-    without config.json takes the config of its run's ``final/``). Errors name the path; callers put
-    the recipe key or flag that named it in front."""
+    without config.json takes the config of its run's ``final/``). ``model.config.dtype`` keeps the
+    dtype the weights came in (what final/ is exported in). Errors name the path; callers put the
+    recipe key or flag that named it in front."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from cpt.train.state import STATE_FILE
 
     path = Path(path)
     if not path.is_dir():
         raise CptError(f"{path}: no such directory (a Hugging Face model dir or a cpt checkpoint is expected)")
-    if is_peft_checkpoint(path):
-        return _load_merged_peft_checkpoint(path, attn_implementation)
     final = path.parent.parent / "final"  # RUN/checkpoints/step-N -> RUN/final
+    old_layout = not (path / "config.json").is_file() and (path / STATE_FILE).is_file()
+    if not (path / "config.json").is_file() and not (old_layout and (final / "config.json").is_file()):
+        where = f" (nor has {final}, its run's export)" if old_layout else ""
+        raise CptError(f"{path} has no config.json{where} (a Hugging Face model dir or a cpt checkpoint is "
+                       f"expected)")
+    config, _ = model_config(final if old_layout else path, overrides, trust_remote_code)
+    dtype = source_dtype(config)
+    config._attn_implementation = attention_for(config, attn_implementation)
     try:
-        if (path / "config.json").is_file():
-            return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                        attn_implementation=attn_implementation)
-        if (path / STATE_FILE).is_file() and (final / "config.json").is_file():
+        if is_peft_checkpoint(path):
+            model = _load_merged_peft_checkpoint(path, config)
+        elif old_layout:
             from safetensors.torch import load_file
 
             weights = path / "model.safetensors"
             if not weights.is_file():
                 raise CptError(f"{path}: no model.safetensors (sharded FSDP/DeepSpeed states are not read "
                                f"here; use the run's exported final/ dir instead)")
-            config = AutoConfig.from_pretrained(final)
-            config._attn_implementation = attn_implementation
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
             load_weights(model, load_file(weights), str(weights))
-            return model
-    except (OSError, ValueError) as e:
-        raise CptError(f"cannot load a causal LM from {path} ({str(e).splitlines()[0]})") from None
-    where = f" (nor has {final}, its run's export)" if (path / STATE_FILE).is_file() else ""
-    raise CptError(f"{path} has no config.json{where} (a Hugging Face model dir or a cpt checkpoint is expected)")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), config=config, dtype=torch.float32, attn_implementation=config._attn_implementation,
+                trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: shapes that overrides no longer fit
+        raise CptError(f"cannot load a causal LM from {path} ({str(e).strip().splitlines()[0]})") from None
+    model.config.dtype = dtype  # a record (the weights are fp32 now): checkpoints and final/ carry it on
+    return model
 
 
 def load_weights(model, state_dict: dict, source: str) -> None:
@@ -104,9 +165,9 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path
 
     if weights_from is not None:
         try:
-            model = load_causal_lm(weights_from, cfg.attn_implementation)
+            model = load_causal_lm(weights_from, cfg.attn_implementation, cfg.trust_remote_code, cfg.config)
         except CptError as e:
-            raise CptError(f"init_from.path: {e}") from None
+            raise CptError(e if str(e).startswith("model.config.") else f"init_from.path: {e}") from None
     else:
         config = preset_config(cfg, tokenizer)
         # Seed only the init, so that the data order and everything downstream stay independent of it.
@@ -159,8 +220,9 @@ def wrap_peft(model, cfg: PeftConfig, verbose: bool = True):
     """Freeze ``model`` and add LoRA adapters (plus full copies of ``modules_to_save``)."""
     from peft import LoraConfig, get_peft_model
 
+    targets = list(cfg.target_modules) if cfg.target_modules else "all-linear"
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                      target_modules=list(cfg.target_modules), modules_to_save=list(cfg.modules_to_save) or None,
+                      target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None,
                       task_type="CAUSAL_LM")
     try:
         model = get_peft_model(model, lora)
@@ -168,7 +230,7 @@ def wrap_peft(model, cfg: PeftConfig, verbose: bool = True):
         raise CptError(f"peft.target_modules / peft.modules_to_save: {e}") from None
     if verbose:
         trainable, total = model.get_nb_trainable_parameters()
-        print(f"cpt: LoRA r={cfg.r} alpha={cfg.alpha:g} on {', '.join(cfg.target_modules)}"
+        print(f"cpt: LoRA r={cfg.r} alpha={cfg.alpha:g} on {', '.join(sorted(model.peft_config['default'].target_modules))}"
               f"{' + full ' + ', '.join(cfg.modules_to_save) if cfg.modules_to_save else ''}: "
               f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trainable ({100 * trainable / total:.2f}%)")
     return model
@@ -193,7 +255,7 @@ def is_peft_checkpoint(path: str | Path) -> bool:
         return any(k.startswith(_PEFT_PREFIX) for k in f.keys())
 
 
-def _load_merged_peft_checkpoint(path: Path, attn_implementation: str):
+def _load_merged_peft_checkpoint(path: Path, config):
     """The model of a LoRA checkpoint with its adapter merged in: a plain causal LM. Used for init_from
     (a new stage starts from the merged weights; a recipe with peft then adds a fresh adapter) and for
     --resume (where load_state then restores the adapter-wrapped state exactly)."""
@@ -201,10 +263,8 @@ def _load_merged_peft_checkpoint(path: Path, attn_implementation: str):
     from peft import PeftConfig as HfPeftConfig
     from peft import get_peft_model
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
-    config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the RNG stream untouched
         base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model = get_peft_model(base, HfPeftConfig.from_pretrained(path / ADAPTER_DIR))

@@ -55,7 +55,7 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     """
     from cpt import downstream as ds
     from cpt.data.source import validate_source
-    from cpt.data.tokenizer import tokenizer_hash
+    from cpt.data.tokenizer import tokenizer_identity
     from cpt.probes import HeldOutLoss
     from cpt.train.backend import eval_accelerator
 
@@ -69,12 +69,12 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     model, tokenizer = load_model(model_path)
     model.to(accelerator.device)
     try:  # the fingerprint prepared data carries; a tokenizer without tokenizer.json cannot be checked
-        tok_hash = tokenizer_hash(tokenizer.name_or_path)
+        tok_id = tokenizer_identity(tokenizer.name_or_path, tokenizer)
     except CptError:
-        tok_hash = None
+        tok_id = None
     result: dict[str, Any] = {"model": str(model_path), "sets": {}, "downstream": {}}
     for name, path in sets.items():
-        src = validate_source(f"--sets {name}", path, None, tok_hash)
+        src = validate_source(f"--sets {name}", path, None, tok_id)
         probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
                             accelerator.num_processes)
         out = probe(model, accelerator)

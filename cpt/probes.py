@@ -27,8 +27,11 @@ class HeldOutLoss:
     """
 
     def __init__(self, sources: Mapping[str, TokenSource], max_sequences: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1):
-        """``sources``: probe sets already checked against the run (cpt.data.source.validate_source)."""
+                 rank: int = 0, world_size: int = 1, frame=None):
+        """``sources``: probe sets already checked against the run (cpt.data.source.validate_source);
+        ``frame``: ids -> the forward's inputs as training builds them (cpt.train.step.model_inputs), so a
+        probe sees documents as training does (masking, ignored targets)."""
+        self.frame = frame
         self.sources: dict[str, TokenSource] = {}
         self.counts: dict[str, int] = {}  # sequences measured per set, all processes together
         self.shards: dict[str, tuple[list[int], list[float]]] = {}
@@ -60,10 +63,16 @@ class HeldOutLoss:
                 ids = read_batch({name: self.sources[name]}, [(name, j) for j in indices[i:i + self.micro_batch_size]])
                 ids = ids.to(accelerator.device)
                 w = torch.tensor(weights[i:i + self.micro_batch_size], device=accelerator.device)
-                logits = model(input_ids=ids).logits.float()
+                inputs = self.frame(ids) if self.frame is not None else {"input_ids": ids, "labels": ids}
+                labels = inputs.pop("labels")
+                logits = model(**inputs).logits.float()
                 nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
-                ).view(ids.size(0), -1).mean(dim=1)
+                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), reduction="none"
+                ).view(ids.size(0), -1)
+                if labels is ids:  # every target counts
+                    nll = nll.mean(dim=1)
+                else:  # ignored targets (-100) are 0 in nll: average over the others
+                    nll = nll.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
                 total[0] += (nll * w).sum().double()
                 total[1] += w.sum().double()
             total = accelerator.reduce(total, reduction="sum")

@@ -14,7 +14,8 @@ Layout of the output folder::
     tokens-00000.bin     flat array of whole sequences, ``shard_sequences`` per shard (last: fewer)
     tokens-00001.bin     ...
 
-Documents are joined as ``doc0 EOS doc1 EOS ...`` (no BOS) and cut every ``seq_len`` tokens, so a
+Documents are joined as ``[BOS] doc0 EOS [BOS] doc1 EOS ...`` (a BOS where the tokenizer itself adds
+one: :func:`document_frame`, recorded in the manifest) and cut every ``seq_len`` tokens, so a
 sequence may start inside a document; the tail that does not fill a last sequence is dropped and
 counted. The folder is built as ``<out>.tmp-<pid>@<host>``, its manifest written last, and renamed
 into place when whole: a killed prepare leaves no output, only a temporary that the next prepare
@@ -42,7 +43,7 @@ import numpy as np
 from cpt import __version__
 from cpt.data.reader import InputStats, iter_pieces, resolve_inputs
 from cpt.data.source import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_PATTERN
-from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
+from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, tokenizer_hash
 from cpt.errors import CptError
 
 # Documents longer than this many characters are tokenized in pieces (cut as reader.split_text
@@ -63,58 +64,72 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def _batches(pieces):
-    """Group ``(text, last)`` pieces into ``(texts, lasts)`` of about ``_BATCH_CHARS`` characters."""
-    texts, lasts, chars = [], [], 0
+    """Group ``(text, last)`` pieces into ``(texts, firsts, lasts)`` of about ``_BATCH_CHARS`` characters."""
+    texts, firsts, lasts, chars, first = [], [], [], 0, True
     for text, last in pieces:
         texts.append(text)
+        firsts.append(first)
         lasts.append(last)
+        first = last  # the piece after a document's last one starts the next document
         chars += len(text)
         if chars >= _BATCH_CHARS:
-            yield texts, lasts
-            texts, lasts, chars = [], [], 0
+            yield texts, firsts, lasts
+            texts, firsts, lasts, chars = [], [], [], 0
     if texts:
-        yield texts, lasts
+        yield texts, firsts, lasts
 
 
-def _encode(backend, eos_id: int, dtype: str, batch) -> tuple[np.ndarray, int]:
-    """One batch of pieces -> (ids with EOS after each document's last piece, documents ended)."""
-    texts, lasts = batch
+def document_frame(backend, eos_id: int) -> tuple[tuple[int, ...], int]:
+    """How a document is framed in the shards: ``(prefix, eos)``, where ``prefix`` is what the tokenizer
+    itself puts before a text (Llama, Mistral and Gemma tokenizers a BOS; byte-level BPEs like GPT-2's,
+    Qwen's or cpt's nothing), so the model sees documents as in its pre-training; EOS ends each."""
+    plain = backend.encode("frame", add_special_tokens=False).ids
+    full = backend.encode("frame", add_special_tokens=True).ids
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return tuple(full[:at]), eos_id
+
+
+def _encode(backend, frame: tuple[tuple[int, ...], int], dtype: str, batch) -> tuple[np.ndarray, int]:
+    """One batch of pieces -> (ids framed per document: prefix before its first piece, EOS after its
+    last; documents ended)."""
+    texts, firsts, lasts = batch
+    prefix, eos = frame[0], (frame[1],)
     encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
     ids = [e.ids for e in encodings]
     del encodings  # most of the memory (offsets, token strings): keep only the ids
-    eos = (eos_id,)
-    n = sum(map(len, ids)) + sum(lasts)
+    n = sum(map(len, ids)) + sum(lasts) + len(prefix) * sum(firsts)
     stream = itertools.chain.from_iterable(
-        itertools.chain(i, eos) if last else i for i, last in zip(ids, lasts, strict=True)
+        itertools.chain(prefix if first else (), i, eos if last else ())
+        for i, first, last in zip(ids, firsts, lasts, strict=True)
     )
     return np.fromiter(stream, dtype=dtype, count=n), sum(lasts)
 
 
-_worker: tuple | None = None  # (backend, eos_id, dtype) in a worker process
+_worker: tuple | None = None  # (backend, frame, dtype) in a worker process
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, frame: tuple, dtype: str) -> None:
     global _worker
     from tokenizers import Tokenizer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one core
-    _worker = (Tokenizer.from_str(tokenizer_json), eos_id, dtype)
+    _worker = (Tokenizer.from_str(tokenizer_json), frame, dtype)
 
 
 def _encode_in_worker(batch) -> tuple[np.ndarray, int]:
     return _encode(*_worker, batch)
 
 
-def _encoded(batches, backend, eos_id: int, dtype: str, num_proc: int):
+def _encoded(batches, backend, frame: tuple, dtype: str, num_proc: int):
     """``_encode`` of each batch, in order: in this process, or in ``num_proc`` workers."""
     if num_proc == 1:
         for batch in batches:
-            yield _encode(backend, eos_id, dtype, batch)
+            yield _encode(backend, frame, dtype, batch)
         return
     # spawn, not fork: the parent may hold threads (the tokenizer's, torch's) that fork would break
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_proc, _init_worker, (backend.to_str(), eos_id, dtype)) as pool:  # exit: terminate
+    with ctx.Pool(num_proc, _init_worker, (backend.to_str(), frame, dtype)) as pool:  # exit: terminate
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_encode_in_worker, (batch,)))
@@ -205,6 +220,7 @@ def prepare(
     max_documents: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    eos_token: str | None = None,
 ) -> dict:
     """Tokenize ``inputs`` with ``tokenizer``, pack into ``seq_len`` sequences, write to ``out_dir``.
 
@@ -214,6 +230,9 @@ def prepare(
     1 tokenizes here, on the tokenizer's own threads. An existing ``out_dir`` is replaced only with
     ``overwrite=True``, and only once the new one is whole. A full disk or an unwritable ``out_dir``
     is a one-line CptError; on any failure or Ctrl-C nothing of this run is left behind.
+
+    Each document is framed as the tokenizer frames a text (:func:`document_frame`: a BOS where it adds
+    one) and ends with EOS; ``eos_token`` names the separator for a tokenizer that has no eos token.
     """
     from tqdm import tqdm
 
@@ -230,9 +249,12 @@ def prepare(
         raise CptError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     resolved = resolve_inputs(inputs)
     tok = load_tokenizer(tokenizer)
-    eos_id = tok.eos_token_id
+    eos_id = tok.eos_token_id if eos_token is None else tok.convert_tokens_to_ids(eos_token)
+    if eos_token is not None and (eos_id is None or tok.convert_ids_to_tokens(eos_id) != eos_token):
+        raise CptError(f"--eos-token {eos_token!r}: not a token of {tokenizer}")
     if eos_id is None:
-        raise CptError(f"tokenizer {tokenizer} has no eos token; documents cannot be separated")
+        raise CptError(f"tokenizer {tokenizer} has no eos token to separate documents with; name one of its "
+                       f"tokens with --eos-token (e.g. one of {', '.join(tok.all_special_tokens[:5]) or 'none'})")
     tok_hash = tokenizer_hash(tokenizer)
     vocab_size = len(tok)
     dtype = token_dtype(vocab_size)
@@ -248,7 +270,8 @@ def prepare(
         pieces = iter_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars=chunk_chars)
         writer = _ShardWriter(tmp, seq_len, shard_sequences, dtype)
         documents = 0
-        encoded = _encoded(_batches(pieces), backend, eos_id, dtype.name, num_proc)
+        frame = document_frame(backend, eos_id)
+        encoded = _encoded(_batches(pieces), backend, frame, dtype.name, num_proc)
         with contextlib.closing(encoded), tqdm(desc="tokenizing", unit=" tokens", unit_scale=True,
                                                disable=not progress) as bar:
             for ids, ended in encoded:
@@ -275,8 +298,10 @@ def prepare(
             "vocab_size": vocab_size,
             "max_token_id": writer.max_id,
             "eos_token_id": int(eos_id),
+            "document_prefix": list(frame[0]),  # what the tokenizer puts before a text (BOS), then EOS
             "tokenizer": str(Path(tokenizer).resolve()) if Path(tokenizer).exists() else str(tokenizer),
             "tokenizer_hash": tok_hash,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tok),
             "text_field": text_field,
             "chunk_chars": chunk_chars,
             "inputs": [st.to_json() for st in stats],

@@ -44,6 +44,7 @@ class TokenSource:
         self.seq_len: int = int(m["seq_len"])
         self.dtype = np.dtype(m["dtype"])
         self.tokenizer_hash: str = m["tokenizer_hash"]
+        self.tokenizer_fingerprint: str | None = m.get("tokenizer_fingerprint")  # older manifests: none
         self.eos_token_id: int = int(m["eos_token_id"])
         self.vocab_size: int = int(m["vocab_size"])
         # the largest id in the shards, to check against a model's embedding size; None: older manifests
@@ -159,7 +160,9 @@ class SubsetSource:
         self.path = source.path
         self.seq_len = source.seq_len
         self.tokenizer_hash = source.tokenizer_hash
+        self.tokenizer_fingerprint = source.tokenizer_fingerprint
         self.max_token_id = source.max_token_id
+        self.eos_token_id = source.eos_token_id
         self.manifest = source.manifest
         self.num_sequences = size
         self.indices = permute(np.arange(size), source.num_sequences, permutation_keys(seed, f"{name}/buffer", 0))
@@ -207,11 +210,11 @@ def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]], voca
     return torch.from_numpy(out)
 
 
-def validate_source(key: str, path: str | Path, seq_len: int | None, tok_hash: str | None) -> TokenSource:
+def validate_source(key: str, path: str | Path, seq_len: int | None, tokenizer) -> TokenSource:
     """The one check of a prepared dir that something names (a recipe's training source or probe set,
-    `cpt probe --sets`): it opens, it was prepared at ``seq_len`` (None: any) and by the tokenizer whose
-    hash is ``tok_hash`` (None: the model's tokenizer has no tokenizer.json to compare with). Errors
-    start with ``key``, the name the user gave it."""
+    `cpt probe --sets`): it opens, it was prepared at ``seq_len`` (None: any) and by ``tokenizer`` (a
+    cpt.data.tokenizer.TokenizerIdentity; None: the model's tokenizer has no tokenizer.json to compare
+    with). Errors start with ``key``, the name the user gave it."""
     try:
         src = TokenSource(path)
     except CptError as e:
@@ -222,7 +225,7 @@ def validate_source(key: str, path: str | Path, seq_len: int | None, tok_hash: s
     if not src.tokenizer_hash:
         raise CptError(f"{key}: {path}: its manifest records no tokenizer hash, so nothing says which "
                        f"tokenizer wrote it (re-run cpt prepare)")
-    if tok_hash is not None and src.tokenizer_hash != tok_hash:
+    if tokenizer is not None and not tokenizer.matches(src.tokenizer_hash, src.tokenizer_fingerprint):
         raise CptError(f"{key}: {path} was tokenized with another tokenizer than the model's "
-                       f"(hash {src.tokenizer_hash[:12]} vs {tok_hash[:12]})")
+                       f"(hash {src.tokenizer_hash[:12]} vs {tokenizer.hash[:12]})")
     return src

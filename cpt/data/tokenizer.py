@@ -1,7 +1,8 @@
 """Train a small byte-level BPE tokenizer, load tokenizers, and fingerprint them.
 
-The fingerprint (:func:`tokenizer_hash`) is what ties prepared token shards to a model: two
-tokenizers with the same hash turn the same text into the same ids.
+The identity of a tokenizer (:func:`tokenizer_identity`: the bytes of its tokenizer.json and a
+fingerprint of what it does) is what ties prepared token shards to a model: two tokenizers that
+match turn the same text into the same ids.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cpt.data.reader import InputStats, iter_documents, resolve_inputs
@@ -146,11 +148,68 @@ def _first_line(e: Exception) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
+# What the behavioural fingerprint encodes: prose, digits, whitespace runs, code, accents (composed and
+# decomposed), other scripts, emoji and byte soup, so normalizers and pre-tokenizers show in the ids.
+_PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog. It's 12345 km, isn't it?",
+    "  def f(x):\n\treturn x ** 2  # comment\r\n\n\n    }",
+    "Straße, café, cafe\u0301, naïve, Ærø, ĳssel; Привет мир; 東京タワー; 안녕; مرحبا; 🔎︎🙂",
+    "123 4567 89.0e-3 0x1F $€£ <|endoftext|> <s> </s> [INST] \u00a0\u200b\ufeff",
+)
+
+
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """How a tokenizer is recognised in a manifest: ``hash`` (sha256 of tokenizer.json's bytes, in every
+    manifest) and ``fingerprint`` (what it does; in manifests since cpt records it). Data matches when
+    either agrees: some tokenizers (Qwen 2's) are rewritten by transformers on every save, other bytes
+    and the same ids."""
+
+    hash: str
+    fingerprint: str
+
+    def matches(self, file_hash: str, fingerprint: str | None) -> bool:
+        return file_hash == self.hash or (fingerprint is not None and fingerprint == self.fingerprint)
+
+
+def tokenizer_identity(tokenizer: str | Path, loaded=None) -> TokenizerIdentity:
+    """``loaded``: the tokenizer as already loaded from ``tokenizer`` (saves loading it again)."""
+    return TokenizerIdentity(tokenizer_hash(tokenizer), tokenizer_fingerprint(loaded or load_tokenizer(tokenizer)))
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of what a loaded tokenizer does, not how its file is written: its vocabulary, merges and
+    added tokens (with their special flags) and the ids it gives a fixed set of probe texts, with and
+    without special tokens (so normalizer, pre-tokenizer and post-processor count by their effect).
+    Taken from the tokenizer as transformers loads it, which is what tokenizes: for some models
+    (Qwen 2) transformers builds another tokenizer than the file's and writes that one on save."""
+    import json
+
+    backend = tok.backend_tokenizer
+    raw = json.loads(backend.to_str())
+    model = raw.get("model", {})
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    what = {
+        "type": model.get("type"),
+        "vocab": sorted(backend.get_vocab(with_added_tokens=True).items()),
+        "merges": merges,
+        "added": sorted((t["id"], t["content"], bool(t.get("special"))) for t in raw.get("added_tokens", [])),
+        "ids": [_probe_ids(backend, t, s) for t in _PROBE_TEXTS for s in (False, True)],
+    }
+    return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()
+
+
+def _probe_ids(backend, text: str, special: bool) -> list[int] | str:
+    try:
+        return backend.encode(text, add_special_tokens=special).ids
+    except Exception as e:  # e.g. a character it has no token and no unk for: that is its behaviour too
+        return f"error: {e}"
+
+
 def tokenizer_hash(tokenizer: str | Path) -> str:
     """sha256 of the bytes of the tokenizer's tokenizer.json: the fingerprint in every manifest.
 
-    The same definition as :func:`cpt.model.tokenizer_hash`, so prepared data and a model's
-    tokenizer can be compared. ``save_pretrained`` of a loaded byte-level BPE tokenizer writes the
-    file back byte for byte, so the hash survives a load/save cycle.
+    ``save_pretrained`` of a loaded byte-level BPE tokenizer writes the file back byte for byte, so the
+    hash survives a load/save cycle; where transformers rewrites the file, the fingerprint still matches.
     """
     return hashlib.sha256(tokenizer_json(tokenizer).read_bytes()).hexdigest()

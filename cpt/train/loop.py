@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cpt import checkpoint as ckpt_lib
 from cpt.data.mixture import MixtureSampler
 from cpt.data.source import TokenSource, read_batch
@@ -53,7 +55,8 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
             if run.tokens < stage.end and not run_stage(run, stage, probe_sets, stop, bar, max_steps):
                 break
         if run.tokens == run.plan.end:
-            ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final")
+            ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final",
+                                  dtype=run.export_dtype)
     finally:
         bar.close()
         run.tracker.close(exit_code=0 if sys.exc_info()[0] is None else 1)  # a crash marks the W&B run failed
@@ -73,7 +76,7 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
     while run.tokens < stage.end:
         t0 = time.perf_counter()
         picks = sampler.draw(run.layout.sequences_per_step)  # the same global batch on every rank
-        batches = [read_batch(run.sources, micro, vocab_size=run.vocab)
+        batches = [run.frame(read_batch(run.sources, micro, vocab_size=run.vocab))
                    for micro in run.layout.my_micro_batches(picks, run.accelerator.process_index)]
         stats = train_step(run.model, run.optimizer, run.accelerator, batches, stage.lr(run.tokens),
                            recipe.train.grad_clip, run.guard, t0)
@@ -159,7 +162,8 @@ def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource]
     if stage.probe_sets:
         cfg = run.recipe.probes
         probes = HeldOutLoss({n: probe_sets[n] for n in stage.probe_sets}, cfg.max_sequences,
-                             cfg.micro_batch_size, run.accelerator.process_index, run.accelerator.num_processes)
+                             cfg.micro_batch_size, run.accelerator.process_index, run.accelerator.num_processes,
+                             frame=run.frame)
         forgetting = ForgettingTracker(stage.probe_sets, stage.new_domains)
     if not mid_stage:
         run.tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(run.tokens),
@@ -187,6 +191,8 @@ def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepSt
               **({"train/skipped_steps": guard.skipped} if guard.skipped else {}),
               "train/tokens_per_s": step_tokens / stats.seconds, "time/elapsed_s": run.elapsed,
               **({"train/mfu": step_tokens / stats.seconds * run.mfu_per_token_s} if run.mfu_per_token_s else {}),
+              **({"train/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+                 if run.accelerator.device.type == "cuda" else {}),
               **{f"data/{n}/epochs": e for n, e in epochs.items() if stage.mixture.get(n, 0) > 0}}
     run.tracker.log(record)
     if stats.verdict == "skip" and run.main:

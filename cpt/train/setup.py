@@ -15,16 +15,16 @@ import yaml
 
 from cpt import checkpoint as ckpt_lib
 from cpt.data.source import SubsetSource, TokenSource, validate_source
-from cpt.data.tokenizer import load_tokenizer, tokenizer_hash
+from cpt.data.tokenizer import load_tokenizer, tokenizer_identity
 from cpt.errors import CptError
 from cpt.guard import StepGuard
-from cpt.model import build_model, check_seq_len, num_params, preset_config, wrap_peft
+from cpt.model import build_model, check_seq_len, model_config, num_params, preset_config, wrap_peft
 from cpt.recipe import Recipe, recipe_diff
 from cpt.stages import RunPlan, describe_origin, plan_run
 from cpt.tracking import Tracker
 from cpt.train.backend import deepspeed_plugin, make_accelerator, mfu_per_token_s
 from cpt.train.state import TrainerState
-from cpt.train.step import Layout, make_optimizer
+from cpt.train.step import Layout, make_optimizer, model_inputs
 
 
 @dataclass
@@ -50,6 +50,25 @@ class Run:
     elapsed: float
     consumed: dict[str, int]          # draws per source before the current stage (the next one's offsets)
     warned: set[str] = field(default_factory=set)  # sources already warned about repeats
+
+    def frame(self, ids):
+        """Packed token ids -> the forward's inputs (document masking, document-start loss)."""
+        data = self.recipe.data
+        eos = next(iter(self.sources.values())).eos_token_id
+        return model_inputs(ids, eos, data.document_masking, data.document_start_loss)
+
+    @property
+    def export_dtype(self):
+        """dtype of final/: model.export_dtype, or (auto) the dtype the weights came in."""
+        import torch
+
+        from cpt.model import source_dtype
+
+        want = self.recipe.model.export_dtype
+        if want != "auto":
+            return getattr(torch, want)
+        model = self.accelerator.unwrap_model(self.model)
+        return source_dtype((model.get_base_model() if self.recipe.peft is not None else model).config)
 
     @property
     def run_dir(self) -> Path:
@@ -78,16 +97,16 @@ def open_data(recipe: Recipe, model_dir: str | Path | None):
     tok_path = recipe.model.tokenizer or str(model_dir)
     tok_key = "model.tokenizer" if recipe.model.tokenizer else "init_from.path"
     tokenizer = open_keyed(tok_key, load_tokenizer, tok_path)
-    tok_hash = open_keyed(tok_key, tokenizer_hash, tok_path)
+    tok_id = open_keyed(tok_key, tokenizer_identity, tok_path, tokenizer)
     seq_len = recipe.data.seq_len
     sources: dict[str, TokenSource | SubsetSource] = {}
     for name, path in recipe.data.sources.items():
-        src = validate_source(f"data.sources.{name}", path, seq_len, tok_hash)
+        src = validate_source(f"data.sources.{name}", path, seq_len, tok_id)
         if name in recipe.data.replay_buffer:
             size = recipe.data.replay_buffer[name] // seq_len
             src = open_keyed(f"data.replay_buffer.{name}", SubsetSource, src, size, recipe.run.seed, name)
         sources[name] = src
-    probe_sets = {name: validate_source(f"probes.sets.{name}", path, seq_len, tok_hash)
+    probe_sets = {name: validate_source(f"probes.sets.{name}", path, seq_len, tok_id)
                   for name, path in recipe.probes.sets.items()}
     return tokenizer, sources, probe_sets
 
@@ -135,12 +154,8 @@ def check_recipe(recipe: Recipe, resume: bool = False, allow_changes: tuple[str,
     plan = plan_run(recipe)
     tokenizer, sources, probe_sets = open_data(recipe, resume_from or plan.origin.path)
     if recipe.init_from is not None and recipe.init_from.load.weights:
-        from transformers import AutoConfig
-
-        try:
-            config = AutoConfig.from_pretrained(plan.origin.path)
-        except (OSError, ValueError) as e:
-            raise CptError(f"init_from.path: cannot read the model config of {plan.origin.path} ({e})") from None
+        config, _ = open_keyed("init_from.path", model_config, plan.origin.path, recipe.model.config,
+                               recipe.model.trust_remote_code)
         where = f"config of {plan.origin.path}"
     else:
         config, where = preset_config(recipe.model, tokenizer), f"model.preset {recipe.model.preset}"
@@ -182,6 +197,9 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     tokenizer, sources, probe_sets = open_data(recipe, resume_from or origin.path)
 
     model = build_model(recipe.model, tokenizer, recipe.run.seed, weights_from)
+    if weights_from is not None and recipe.model.config and not saved and main:
+        _, changes = model_config(weights_from, recipe.model.config, recipe.model.trust_remote_code)
+        print("cpt: model.config: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     check_seq_len(model.config, recipe.data.seq_len,
                   f"config of {weights_from}" if weights_from else f"model.preset {recipe.model.preset}")
     vocab = model.get_input_embeddings().num_embeddings
@@ -189,6 +207,8 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         if src.max_token_id is not None and src.max_token_id >= vocab:
             raise CptError(f"data.sources.{name}: {recipe.data.sources[name]} holds token ids up to "
                            f"{src.max_token_id}, but the model has {vocab} embeddings")
+    if recipe.train.activation_checkpointing:  # non-reentrant: works under DDP, ZeRO, FSDP and LoRA alike
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.peft is not None:  # frozen base + adapters; make_optimizer takes only what requires grad
         model = wrap_peft(model, recipe.peft, verbose=main)
     n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters

@@ -53,6 +53,34 @@ def make_optimizer(model, cfg, lr: float, device_type: str):
     )
 
 
+def document_starts(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """[batch, seq] bool: True where a document begins inside a packed row (right after an EOS)."""
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, :-1] == eos_id
+    return starts
+
+
+def model_inputs(ids: torch.Tensor, eos_id: int | None, document_masking: bool = False,
+                 document_start_loss: bool = True) -> dict[str, torch.Tensor | bool]:
+    """The forward's keyword arguments for packed rows of token ids (data.document_masking and
+    data.document_start_loss). With masking, position_ids restart at 0 at every document start;
+    transformers then keeps attention inside documents (varlen flash-attention, or a block-causal mask
+    for sdpa/eager, which it builds from position_ids when no cache is in use). Without the start loss,
+    the targets at document starts are -100 (ignored by the loss)."""
+    inputs: dict[str, torch.Tensor | bool] = {"input_ids": ids, "labels": ids}
+    if eos_id is None or (not document_masking and document_start_loss):
+        return inputs
+    starts = document_starts(ids, eos_id)
+    if document_masking:
+        index = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
+        last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        inputs["position_ids"] = index - last_start
+        inputs["use_cache"] = False
+    if not document_start_loss:
+        inputs["labels"] = ids.masked_fill(starts, -100)
+    return inputs
+
+
 @dataclass(frozen=True)
 class StepStats:
     loss: float                # mean over the step's micro-batches and processes
@@ -61,18 +89,19 @@ class StepStats:
     seconds: float
 
 
-def train_step(model, optimizer, accelerator, batches: list[torch.Tensor], lr: float, grad_clip: float | None,
+def train_step(model, optimizer, accelerator, batches: list[dict], lr: float, grad_clip: float | None,
                guard: StepGuard, t0: float | None = None) -> StepStats:
-    """One optimizer step over this rank's micro-batches (token ids on the CPU). ``t0``: when the step
-    began, if the caller did work for it first (drawing the batch)."""
+    """One optimizer step over this rank's micro-batches (:func:`model_inputs` on the CPU). ``t0``: when
+    the step began, if the caller did work for it first (drawing the batch)."""
     t0 = time.perf_counter() if t0 is None else t0
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=accelerator.device)
-    for ids in batches:
-        ids = ids.to(accelerator.device, non_blocking=True)
+    for inputs in batches:
+        inputs = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                  for k, v in inputs.items()}
         with accelerator.accumulate(model):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(**inputs).loss
             accelerator.backward(loss)
         loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)

@@ -1,0 +1,282 @@
+"""Users' own models: 15 architectures built from transformers' config classes, saved with a tokenizer
+that is not cpt's (a Llama-style one that adds a BOS), prepared, trained from their HF dir, exported and
+loaded back; plus document masking, activation checkpointing, attention auto, remote code, config
+overrides, the export dtype and tokenizers compared by what they do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from conftest import with_overrides  # tests/ is on sys.path (pytest's rootdir conftest)
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cpt.data.prepare import prepare
+from cpt.data.source import TokenSource
+from cpt.errors import CptError
+from cpt.recipe import validate_recipe
+from cpt.tracking import read_metrics
+from cpt.train.loop import train
+from cpt.train.step import model_inputs
+
+VOCAB = 640
+TPS = 512  # tokens per step: 4 sequences of 128
+BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+GQA = dict(num_key_value_heads=2)
+ARCHS = {
+    "llama": (tf.LlamaConfig, GQA),
+    "qwen2": (tf.Qwen2Config, GQA),
+    "qwen3": (tf.Qwen3Config, {**GQA, "head_dim": 8}),
+    "mistral": (tf.MistralConfig, GQA),
+    "mixtral": (tf.MixtralConfig, {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    "gemma": (tf.GemmaConfig, {**GQA, "head_dim": 8}),
+    "gemma2": (tf.Gemma2Config, {**GQA, "head_dim": 8}),
+    "gemma3_text": (tf.Gemma3TextConfig, {**GQA, "head_dim": 8}),
+    "phi3": (tf.Phi3Config, GQA),
+    "olmo2": (tf.Olmo2Config, GQA),
+    "gpt_neox": (tf.GPTNeoXConfig, {}),
+    "gpt2": (tf.GPT2Config, {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 512}),
+    "falcon": (tf.FalconConfig, {}),
+    "stablelm": (tf.StableLmConfig, GQA),
+    "starcoder2": (tf.Starcoder2Config, GQA),
+}
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(corpora, tmp_path_factory):
+    """A Llama-style tokenizer (not cpt's): byte-level BPE with <s> / </s>, a BOS added to every text."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from cpt.data.reader import InputStats, iter_documents, resolve_inputs
+
+    bpe = ByteLevelBPETokenizer()
+    docs = iter_documents(resolve_inputs([corpora["en"]["train"]]), "text", [InputStats("x", "jsonl")],
+                          max_documents=200)
+    bpe.train_from_iterator(docs, vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
+    bpe._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    out = tmp_path_factory.mktemp("llama-tok")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bos_data(llama_tokenizer, corpora, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bos-data")
+    for split, n in (("train", 120), ("validation", 20)):
+        prepare([corpora["en"][split]], llama_tokenizer, root / split, seq_len=128, max_documents=n, progress=False)
+    return root
+
+
+def hf_model_dir(arch: str, tokenizer_dir: Path, out: Path, dtype=torch.float32) -> Path:
+    cls, extra = ARCHS[arch]
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = -(-(len(tok) + 1) // 64) * 64  # padded past the tokenizer, as real models are (Qwen's adds a token)
+    kwargs = {**BASE, **extra, "vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+    if arch == "gpt2":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_size", "intermediate_size",
+                                                               "num_hidden_layers", "num_attention_heads")}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**kwargs), dtype=dtype)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def recipe_for(model_dir: Path, data: Path, out: Path, **over):
+    return validate_recipe(with_overrides({
+        "run": {"name": out.name, "output_dir": str(out), "seed": 1},
+        "init_from": {"path": str(model_dir)},
+        "data": {"seq_len": 128, "sources": {"en": str(data / "train")}, "mixture": {"en": 1.0}},
+        "train": {"tokens": 2 * TPS, "global_batch_tokens": TPS, "micro_batch_size": 4},
+        "schedule": {"kind": "constant", "max_lr": 1e-3, "warmup": 0},
+        "probes": {"sets": {"en": str(data / "validation")}, "max_sequences": 4},
+        "tracking": {"progress": False},
+    }, over))
+
+
+def test_prepare_frames_documents_as_the_tokenizer_does(bos_data, llama_tokenizer):
+    src = TokenSource(bos_data / "train")
+    assert src.manifest["document_prefix"] == [0] and src.eos_token_id == 1
+    flat = torch.from_numpy(src.batch(range(len(src))).reshape(-1).astype("int64"))
+    bos, eos = (flat == 0).nonzero().flatten(), (flat == 1).nonzero().flatten()
+    assert bos[0] == 0 and len(bos) >= len(eos) > 50
+    assert torch.equal(flat[eos[:-1] + 1], torch.zeros(len(eos) - 1, dtype=torch.long))  # EOS then BOS
+
+
+def test_a_tokenizer_without_eos_names_the_option(llama_tokenizer, corpora, tmp_path):
+    no_eos = tmp_path / "no-eos"
+    shutil.copytree(llama_tokenizer, no_eos)
+    cfg = json.loads((no_eos / "tokenizer_config.json").read_text())
+    cfg.pop("eos_token", None)
+    (no_eos / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (no_eos / "special_tokens_map.json").unlink(missing_ok=True)
+    with pytest.raises(CptError, match="has no eos token to separate documents with; name one of its tokens "
+                                       "with --eos-token"):
+        prepare([corpora["en"]["validation"]], no_eos, tmp_path / "a", seq_len=64, progress=False)
+    m = prepare([corpora["en"]["validation"]], no_eos, tmp_path / "b", seq_len=64, progress=False,
+                eos_token="<pad>")
+    assert m["eos_token_id"] == 2
+    with pytest.raises(CptError, match="--eos-token 'nope': not a token of"):
+        prepare([corpora["en"]["validation"]], no_eos, tmp_path / "c", seq_len=64, progress=False, eos_token="nope")
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_document_masking_equals_each_document_alone(impl):
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**BASE, **GQA)
+    cfg._attn_implementation = impl
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    eos = 1
+    a, b = torch.randint(3, VOCAB, (6,)), torch.randint(3, VOCAB, (9,))
+    a[-1] = eos
+    row = torch.cat([a, b]).unsqueeze(0)
+    inputs = model_inputs(row, eos, document_masking=True, document_start_loss=False)
+    assert inputs["position_ids"].tolist() == [list(range(6)) + list(range(9))]
+    assert inputs["labels"][0, 6] == -100 and (inputs["labels"][0, :6] == a).all()
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        alone_a, alone_b = model(input_ids=a[None]).logits, model(input_ids=b[None]).logits
+        leaky = model(input_ids=row).logits
+    torch.testing.assert_close(packed[0, :6], alone_a[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed[0, 6:], alone_b[0], rtol=0, atol=1e-5)
+    assert (leaky[0, 6:] - alone_b[0]).abs().max() > 1e-2  # plain packing does see the first document
+
+
+def prepare_with(tokenizer_dir: Path, corpora, out: Path) -> Path:
+    for split, n in (("train", 120), ("validation", 20)):
+        prepare([corpora["en"][split]], tokenizer_dir, out / split, seq_len=128, max_documents=n, progress=False)
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_common_architecture_trains_and_exports(arch, llama_tokenizer, corpora, tmp_path):
+    """init_from the HF dir, prepared with the model dir's own tokenizer (as a user runs cpt prepare;
+    transformers may load it as another class, e.g. Qwen2Tokenizer, and rewrite it on save), trained
+    with document masking, exported; final/ loads, gives the checkpoint's logits, tokenizes as the
+    source did, generates, and accepts the data it was trained on as the start of a next stage."""
+    source = hf_model_dir(arch, llama_tokenizer, tmp_path / f"{arch}-hf")
+    data = prepare_with(source, corpora, tmp_path / "data")
+    r = recipe_for(source, data, tmp_path / "run", data__document_masking=True, checkpoint__every=2 * TPS)
+    assert train(r).completed
+    run = Path(r.run.output_dir)
+    losses = [x["train/loss"] for x in read_metrics(run / "metrics.jsonl") if "train/loss" in x]
+    assert len(losses) == 2 and all(isinstance(v, float) for v in losses)
+    final = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    ckpt = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step-00000002", dtype=torch.float32).eval()
+    src_cfg, out_cfg = json.loads((source / "config.json").read_text()), final.config
+    assert out_cfg.model_type == src_cfg["model_type"] == arch
+    assert out_cfg.tie_word_embeddings == src_cfg.get("tie_word_embeddings", True) or arch == "gpt2"
+    assert out_cfg.vocab_size == src_cfg["vocab_size"]
+    ids = torch.randint(3, 600, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=ids).logits, ckpt(input_ids=ids).logits, rtol=0, atol=0)
+    text = "Hello 123 world"
+    assert AutoTokenizer.from_pretrained(run / "final")(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(source)(text)["input_ids"]
+    out = final.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=2)
+    assert out.shape == (1, 7)
+    assert train(recipe_for(run / "final", data, tmp_path / "next", train__tokens=TPS)).completed
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "falcon", "phi3", "mixtral"])
+def test_lora_default_targets_fit_every_architecture(arch, llama_tokenizer, bos_data, tmp_path, capsys):
+    source = hf_model_dir(arch, llama_tokenizer, tmp_path / f"{arch}-hf")
+    r = recipe_for(source, bos_data, tmp_path / "lora", peft={"r": 4})
+    assert train(r).completed
+    assert "cpt: LoRA r=4" in capsys.readouterr().out
+    final = AutoModelForCausalLM.from_pretrained(Path(r.run.output_dir) / "final")
+    assert final.config.model_type == arch and (Path(r.run.output_dir) / "final" / "adapter").is_dir()
+
+
+def test_activation_checkpointing_gives_the_same_losses(llama_tokenizer, bos_data, tmp_path):
+    source = hf_model_dir("llama", llama_tokenizer, tmp_path / "hf")
+    plain = recipe_for(source, bos_data, tmp_path / "plain", train__tokens=3 * TPS)
+    ckpt = recipe_for(source, bos_data, tmp_path / "ckpt", train__tokens=3 * TPS, train__activation_checkpointing=True)
+    train(plain)
+    train(ckpt)
+
+    def losses(r):
+        return [x["train/loss"] for x in read_metrics(Path(r.run.output_dir) / "metrics.jsonl") if "train/loss" in x]
+
+    assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+
+
+def test_attention_auto_picks_what_the_model_supports(llama_tokenizer, bos_data, tmp_path):
+    source = hf_model_dir("gemma2", llama_tokenizer, tmp_path / "gemma2")
+    with pytest.raises(CptError, match=r"init_from.path: cannot load a causal LM from .*gemma2 \(.*scaled_dot_product"):
+        train(recipe_for(source, bos_data, tmp_path / "sdpa", model__attn_implementation="sdpa"))
+    assert train(recipe_for(source, bos_data, tmp_path / "auto")).completed  # eager for Gemma 2
+    assert json.loads((tmp_path / "auto" / "final" / "config.json").read_text())["model_type"] == "gemma2"
+
+
+def test_remote_code_is_refused_unless_trusted(llama_tokenizer, bos_data, tmp_path):
+    source = hf_model_dir("llama", llama_tokenizer, tmp_path / "remote")
+    cfg = json.loads((source / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (source / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CptError, match=r"init_from.path: .*remote: its config.json names modelling code of its "
+                                       r"own \(auto_map\); set model.trust_remote_code: true"):
+        train(recipe_for(source, bos_data, tmp_path / "run"))
+
+
+def test_config_overrides_for_long_context_cpt(llama_tokenizer, bos_data, tmp_path, capsys):
+    source = hf_model_dir("llama", llama_tokenizer, tmp_path / "short")
+    cfg = json.loads((source / "config.json").read_text())
+    cfg["max_position_embeddings"] = 64  # shorter than the data's 128
+    (source / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CptError, match=r"data.seq_len = 128 is longer than the model's position limit \(64"):
+        train(recipe_for(source, bos_data, tmp_path / "refused"))
+    longer = recipe_for(source, bos_data, tmp_path / "long",
+                        model__config={"max_position_embeddings": 256,
+                                      "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}})
+    assert train(longer).completed
+    assert "cpt: model.config: max_position_embeddings 64 -> 256, rope_parameters" in capsys.readouterr().out
+    out = json.loads((tmp_path / "long" / "final" / "config.json").read_text())
+    assert out["max_position_embeddings"] == 256
+    with pytest.raises(CptError, match=r"model.config.no_such_key: the llama config has no such key"):
+        train(recipe_for(source, bos_data, tmp_path / "bad", model__config={"no_such_key": 1}))
+
+
+def test_final_keeps_the_source_dtype(llama_tokenizer, bos_data, tmp_path):
+    source = hf_model_dir("llama", llama_tokenizer, tmp_path / "bf16", dtype=torch.bfloat16)
+    r = recipe_for(source, bos_data, tmp_path / "run")
+    assert train(r).completed
+    final = Path(r.run.output_dir) / "final"
+    with safe_open(str(final / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((final / "config.json").read_text())["dtype"] == "bfloat16"
+    size_bf16 = (final / "model.safetensors").stat().st_size
+    r32 = recipe_for(source, bos_data, tmp_path / "run32", model__export_dtype="float32")
+    assert train(r32).completed
+    assert (Path(r32.run.output_dir) / "final" / "model.safetensors").stat().st_size > 1.9 * size_bf16
+
+
+def test_a_tokenizer_rewritten_on_save_still_matches_its_data(llama_tokenizer, bos_data, tmp_path):
+    """A tokenizer.json written with other bytes (as transformers rewrites Qwen 2's on save) but the same
+    tokenizer matches the data; one with other merges does not."""
+    from cpt.data.tokenizer import tokenizer_fingerprint, tokenizer_hash
+
+    rewritten = tmp_path / "rewritten"
+    tok = json.loads((llama_tokenizer / "tokenizer.json").read_text())
+    rewritten.mkdir()
+    for f in llama_tokenizer.iterdir():
+        shutil.copy(f, rewritten / f.name)
+    (rewritten / "tokenizer.json").write_text(json.dumps(tok, indent=4))  # other bytes, same tokenizer
+    assert tokenizer_hash(rewritten) != tokenizer_hash(llama_tokenizer)
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(rewritten)) == \
+        tokenizer_fingerprint(AutoTokenizer.from_pretrained(llama_tokenizer))
+    source = hf_model_dir("llama", rewritten, tmp_path / "llama")
+    assert train(recipe_for(source, bos_data, tmp_path / "run")).completed
+    tok["model"]["merges"] = tok["model"]["merges"][:-10]  # a different tokenizer: refused
+    (rewritten / "tokenizer.json").write_text(json.dumps(tok))
+    shutil.copy(rewritten / "tokenizer.json", source / "tokenizer.json")
+    with pytest.raises(CptError, match="was tokenized with another tokenizer than the model's"):
+        train(recipe_for(source, bos_data, tmp_path / "other"))
