@@ -126,8 +126,9 @@ def table(args) -> None:
           f"{'RSS MiB':>8}  note")
     for r in rows:
         head = f"{r['name']:<20} {r['model']:<5} {r['launch']:<7} {r['processes']:>5}"
-        if "error" in r:
-            print(f"{head} {'-':>14} {'-':>7} {'-':>8} {r['peak_rss_mib']:>8.0f}  {r['error']}")
+        if "error" in r or not r.get("tokens_per_s"):
+            print(f"{head} {'-':>14} {'-':>7} {'-':>8} {r['peak_rss_mib']:>8.0f}  "
+                  f"{r.get('error', 'no step past --warmup')}")
             continue
         per = r["tokens_per_s"] / r["processes"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"

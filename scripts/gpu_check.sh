@@ -21,7 +21,7 @@ if [[ -z "$dry" ]]; then
   gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
   model=1b; seq=4096; steps=12; micro=2
 else
-  gpus=2; model=toy; seq=256; steps=4; micro=2
+  gpus=2; model=toy; seq=256; steps=6; micro=2
 fi
 
 python3 scripts/bench_gpu.py prepare --work "$work" --seq-len "$seq" $([[ -n "$dry" ]] && echo "--vocab 2048")

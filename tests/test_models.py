@@ -196,17 +196,24 @@ def test_lora_default_targets_fit_every_architecture(arch, llama_tokenizer, bos_
     assert final.config.model_type == arch and (Path(r.run.output_dir) / "final" / "adapter").is_dir()
 
 
-def test_activation_checkpointing_gives_the_same_losses(llama_tokenizer, bos_data, tmp_path):
+@pytest.mark.parametrize("peft", [None, {"r": 4}], ids=["full", "lora"])
+def test_activation_checkpointing_gives_the_same_losses(peft, llama_tokenizer, bos_data, tmp_path):
     source = hf_model_dir("llama", llama_tokenizer, tmp_path / "hf")
-    plain = recipe_for(source, bos_data, tmp_path / "plain", train__tokens=3 * TPS)
-    ckpt = recipe_for(source, bos_data, tmp_path / "ckpt", train__tokens=3 * TPS, train__activation_checkpointing=True)
+    plain = recipe_for(source, bos_data, tmp_path / "plain", train__tokens=3 * TPS, peft=peft)
+    ckpt = recipe_for(source, bos_data, tmp_path / "ckpt", train__tokens=3 * TPS, peft=peft,
+                      train__activation_checkpointing=True)
     train(plain)
     train(ckpt)
 
     def losses(r):
         return [x["train/loss"] for x in read_metrics(Path(r.run.output_dir) / "metrics.jsonl") if "train/loss" in x]
 
-    assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+    assert len(losses(plain)) == 3 and losses(ckpt) == pytest.approx(losses(plain), rel=1e-5, abs=1e-6)
+    final = [AutoModelForCausalLM.from_pretrained(Path(r.run.output_dir) / "final") for r in (plain, ckpt)]
+    ids = torch.randint(3, 600, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(final[1](input_ids=ids).logits, final[0](input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_attention_auto_picks_what_the_model_supports(llama_tokenizer, bos_data, tmp_path):
