@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -26,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from _runs import ROOT, Job, cpt, finished, metrics, train
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's cpt, whatever an installed one points at
 DATA = Path("data/predict")
 RUNS = Path("runs/predict")
 OUT = Path("runs/predict/report")
@@ -96,19 +94,9 @@ def seed_overrides(setup: Setup, name: str) -> list[str]:
             f"run.output_dir={setup.run(seed_name(name))}"]
 
 
-def cpt(*args: str, log: Path | None = None) -> None:
-    """Run a `cpt` command with this interpreter (echoed first, as the doc quotes it)."""
-    print(f"\n$ cpt {' '.join(args)}", flush=True)
-    # One thread per run: on a shared 2-core machine two torch threads fight the neighbours' and a
-    # step's time swings 5x; one thread gives a steady ~8K tokens/s.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "cpt.cli", *args]
-    if log is None:
-        subprocess.run(cmd, check=True, cwd=ROOT, env=env)
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as f:
-        subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+# One thread per run: on a shared 2-core machine two torch threads fight the neighbours' and a step's
+# time swings 5x; one thread gives a steady ~8K tokens/s.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def shared_data(arg: str | None) -> Path:
@@ -135,17 +123,13 @@ def data_commands(shared: Path) -> list[list[str]]:
 def stage_data(shared: Path) -> None:
     tokenizer, *prepares = data_commands(shared)
     if not (ROOT / DATA / "tokenizer" / "tokenizer.json").is_file():
-        cpt(*tokenizer)
+        cpt(tokenizer, env=ONE_THREAD)
     for args in prepares:
         if not (ROOT / args[args.index("--out") + 1] / "manifest.json").is_file():
-            cpt(*args)
+            cpt(args, env=ONE_THREAD)
 
 
 ALL_RUNS = PRETRAIN_FIT + PRETRAIN_HELD_OUT + CPT_FIT + CPT_HELD_OUT
-
-
-def run_done(setup: Setup, name: str) -> bool:
-    return (ROOT / setup.run(name) / "final" / "model.safetensors").is_file()
 
 
 def planned_runs() -> list[tuple[Setup, str, str, list[str]]]:
@@ -157,13 +141,8 @@ def planned_runs() -> list[tuple[Setup, str, str, list[str]]]:
 
 def stage_runs() -> None:
     """Train every run not yet finished (a half-finished one from an interrupted experiment starts over)."""
-    for setup, name, recipe, overrides in planned_runs():
-        if run_done(setup, name):
-            continue
-        shutil.rmtree(ROOT / setup.run(name), ignore_errors=True)
-        t0 = time.time()
-        cpt("train", recipe, *overrides, "tracking.progress=false", log=ROOT / f"{setup.run(name)}.log")
-        print(f"  {setup.run(name)}: {time.time() - t0:.0f} s", flush=True)
+    for _, _, recipe, overrides in planned_runs():
+        train(Job(recipe, tuple(overrides)), env=ONE_THREAD)
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -182,7 +161,7 @@ def predict_cmd(setup: Setup, out: str, fit: list[str], recipes: list[str], *ext
 
 def run_analysis(args: list[str]) -> dict:
     out = ROOT / args[args.index("--out") + 1]
-    cpt(*args, log=out.with_name(out.name + ".log"))
+    cpt(args, log=out.with_name(out.name + ".log"), env=ONE_THREAD)
     return json.loads((out / "report.json").read_text())
 
 
@@ -191,13 +170,7 @@ def shell(args: list[str]) -> str:
 
 
 def records(setup: Setup, name: str) -> list[dict]:
-    return _records(ROOT / setup.run(name))
-
-
-def _records(run_dir: Path) -> list[dict]:
-    from cpt.tracking import read_metrics
-
-    return read_metrics(run_dir / "metrics.jsonl")
+    return metrics(ROOT / setup.run(name))
 
 
 def run_summary(setup: Setup, name: str, probe: str) -> dict:
@@ -227,6 +200,30 @@ def held_out(report: dict) -> list[dict]:
     return [p for p in report["predictions"] if p["real_run"] and not p["in_fit"]]
 
 
+def target_met(e: dict, b: dict | None) -> bool:
+    """The target: a final-loss error within 1% and smaller than the naive baseline's (``b``)."""
+    return abs(e["final_err"]) <= 0.01 and b is not None and abs(e["final_err"]) < abs(b["final_err"])
+
+
+def law_score(report: dict, law: str) -> dict:
+    """A law's errors on the held-out runs and the naive baseline's, and how many runs are within 1%,
+    better than the baseline, and both (the target)."""
+    rows = held_out(report)
+    based = [p for p in rows if "baseline" in p]
+    errs = [abs(p["laws"][law]["final_err"]) for p in rows]
+    return {"n": len(rows), "errs": errs, "mares": [p["laws"][law]["mare"] for p in rows],
+            "base": [abs(p["baseline"]["final_err"]) for p in based], "base_mare": [p["baseline"]["mare"] for p in based],
+            "within": sum(e <= 0.01 for e in errs),
+            "better": sum(abs(p["laws"][law]["final_err"]) < abs(p["baseline"]["final_err"]) for p in based),
+            "met": sum(target_met(p["laws"][law], p.get("baseline")) for p in rows)}
+
+
+def score(report: dict, law: str) -> tuple[int, int, float, float]:
+    """(held-out runs meeting the target, held-out runs, mean |final error|, the naive baseline's)."""
+    s = law_score(report, law)
+    return s["met"], s["n"], sum(s["errs"]) / len(s["errs"]), sum(s["base"]) / max(len(s["base"]), 1)
+
+
 def prediction_table(report: dict) -> list[str]:
     rows = ["| run (held out) | law | predicted final (95% interval) | real final | final-loss error | curve MARE "
             "| naive: closest fitted run | naive error | naive MARE | target met |",
@@ -235,47 +232,29 @@ def prediction_table(report: dict) -> list[str]:
         b = p.get("baseline")
         naive = f"{b['run']} | {pct(b['final_err'])} | {100 * b['mare']:.2f}%" if b else "- | - | -"
         for law, e in p["laws"].items():
-            met = abs(e["final_err"]) <= 0.01 and b is not None and abs(e["final_err"]) < abs(b["final_err"])
             rows.append(f"| {p['name']} | {law} | {e['final']:.4f} ({e['final_low']:.4f}-{e['final_high']:.4f}) "
                         f"| {e['final_real']:.4f} | {pct(e['final_err'])} | {100 * e['mare']:.2f}% "
-                        f"| {naive} | {'yes' if met else 'no'} |")
+                        f"| {naive} | {'yes' if target_met(e, b) else 'no'} |")
     return rows
 
 
 def verdict(report: dict) -> list[str]:
     lines = []
-    rows = held_out(report)
+    fitted = [p for p in report["predictions"] if p["in_fit"]]
     for law in report["fit"]:
-        errs = [abs(p["laws"][law]["final_err"]) for p in rows]
-        mares = [p["laws"][law]["mare"] for p in rows]
-        base = [abs(p["baseline"]["final_err"]) for p in rows if "baseline" in p]
-        base_mare = [p["baseline"]["mare"] for p in rows if "baseline" in p]
-        within = sum(e <= 0.01 for e in errs)
-        better = sum(abs(p["laws"][law]["final_err"]) < abs(p["baseline"]["final_err"]) for p in rows if "baseline" in p)
-        met = sum(abs(p["laws"][law]["final_err"]) <= 0.01 and "baseline" in p
-                  and abs(p["laws"][law]["final_err"]) < abs(p["baseline"]["final_err"]) for p in rows)
+        s = law_score(report, law)
+        errs, mares, base, base_mare = s["errs"], s["mares"], s["base"], s["base_mare"]
         lines.append(
-            f"- **{law}**: final-loss error within 1% on {within} of {len(rows)} held-out runs, smaller than the naive "
-            f"baseline's on {better} of {len(base)}; both (the target) on **{met} of {len(rows)}**. Mean |final "
+            f"- **{law}**: final-loss error within 1% on {s['within']} of {s['n']} held-out runs, smaller than the naive "
+            f"baseline's on {s['better']} of {len(base)}; both (the target) on **{s['met']} of {s['n']}**. Mean |final "
             f"error| {100 * sum(errs) / len(errs):.2f}% (naive {100 * sum(base) / max(len(base), 1):.2f}%), mean "
             f"curve MARE {100 * sum(mares) / len(mares):.2f}% (naive {100 * sum(base_mare) / max(len(base_mare), 1):.2f}%)."
         )
-        fitted = [p for p in report["predictions"] if p["in_fit"]]
         if fitted:
             lines.append("  On the fitted runs themselves (in sample): final-loss error "
                          + ", ".join(f"{p['name']} {pct(p['laws'][law]['final_err'])}" for p in fitted)
                          + ", curve MARE " + ", ".join(f"{100 * p['laws'][law]['mare']:.2f}%" for p in fitted) + ".")
     return lines
-
-
-def score(report: dict, law: str) -> tuple[int, int, float, float]:
-    """(held-out runs meeting the target, held-out runs, mean |final error|, the naive baseline's)."""
-    rows = held_out(report)
-    met = sum(abs(p["laws"][law]["final_err"]) <= 0.01 and "baseline" in p
-              and abs(p["laws"][law]["final_err"]) < abs(p["baseline"]["final_err"]) for p in rows)
-    errs = [abs(p["laws"][law]["final_err"]) for p in rows]
-    base = [abs(p["baseline"]["final_err"]) for p in rows if "baseline" in p]
-    return met, len(rows), sum(errs) / len(errs), sum(base) / max(len(base), 1)
 
 
 def weak(f: dict) -> list[str]:
@@ -357,11 +336,9 @@ def analyses(setup: Setup) -> tuple[dict[str, list[str]], dict[str, dict]]:
         for law, frag in reps[src]["search"]["fragments"].items():
             recipe = yaml.safe_load((ROOT / frag).read_text())
             key = json.dumps(recipe["schedule"], sort_keys=True)
-            run_dir = Path(recipe["run"]["output_dir"])
             if key not in trained:
-                if not (ROOT / run_dir / "final" / "model.safetensors").is_file():
-                    cpt("train", frag, "tracking.progress=false", log=ROOT / f"{run_dir}.log")
-                trained[key] = str(run_dir)
+                train(Job(frag), env=ONE_THREAD)
+                trained[key] = str(Path(recipe["run"]["output_dir"]))
             name = searched_key(src, law)
             cmds[name] = ["predict", "--fit", *[str(setup.run(f)) for f in fit_names], "--recipe", frag, "--runs",
                           trained[key], "--law", law, *win, "--out", str(setup.out(name.replace("_", "-")))]
@@ -397,155 +374,177 @@ def search_trained(rep: dict[str, dict], src: str, probe: str, runs: dict[str, d
     for law in rep[src]["fit"]:
         p = rep[searched_key(src, law)]["predictions"][0]
         e = p["laws"][law]
-        last = [x[probe] for x in _records(ROOT / p["real_run"]) if probe in x][-1]
+        last = [x[probe] for x in metrics(ROOT / p["real_run"]) if probe in x][-1]
         L.append(f"| {law} | {rep[src]['search']['laws'][law][0]['label']} | {e['final']:.4f} ({e['final_low']:.4f}-"
                  f"{e['final_high']:.4f}) | {e['final_real']:.4f} | {pct(e['final_err'])} | {last:.4f} "
                  f"| {pct(last / best - 1)} |")
     return L + [""]
 
 
-def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict]) -> tuple[list[str], list[str]]:
-    """The section of one setup, and its lines of the summary."""
-    import numpy as np
+@dataclass
+class Measured:
+    """One setup's numbers besides the analyses' reports, and what they decide."""
 
+    runs: dict[str, dict]        # pre-training runs (run_summary on the English probe)
+    cpts: dict[str, dict]        # continual-stage runs (the German probe; "english": its first and last)
+    noise: dict                  # noise_stats of the pre-training runs
+    noise_cpt: dict              # and of the stage's
+    sigma: float                 # step-to-step noise of log train loss: the anneal fit's Huber scale / 1.345
+    best_train: str              # lowest final train loss
+    best_probe: str              # lowest final held-out loss
+    decay_pays: bool             # WSD-20 ends more than 0.5% below constant on held-out loss
+    lam_errs: dict[float, dict[str, float]]  # anneal final-loss error per lambda and held-out run
+    best_lam: dict[str, float]   # the lambda with the smallest |error| per held-out run
+    lam_spread: float            # the largest range of one run's error over the lambdas
+
+
+def measure(setup: Setup, rep: dict[str, dict]) -> Measured:
     runs = {n: run_summary(setup, n, "probe/english/loss") for n in PRETRAIN_FIT + PRETRAIN_HELD_OUT}
     cpts = {n: run_summary(setup, n, "probe/german/loss") for n in CPT_FIT + CPT_HELD_OUT}
     for n in cpts:
         eng = [r["probe/english/loss"] for r in records(setup, n) if "probe/english/loss" in r]
         cpts[n]["english"] = (eng[0], eng[-1])
-    noise = noise_stats(setup, PRETRAIN_FIT + PRETRAIN_HELD_OUT)
-    noise_cpt = noise_stats(setup, CPT_FIT + CPT_HELD_OUT)
-    sigma = rep["pre"]["fit"]["anneal"]["huber_scale"] / 1.345
-    seqs = setup.batch // 256
+    lam_errs = {lam: {p["name"]: p["laws"]["anneal"]["final_err"] for p in held_out(rep[key])}
+                for lam, key in [(0.999, "pre")] + [(lam, f"lam{lam}") for lam in LAMS]}
+    best_lam = {n: min(lam_errs, key=lambda lam, n=n: abs(lam_errs[lam][n])) for n in lam_errs[0.999]}
+    return Measured(
+        runs, cpts, noise_stats(setup, PRETRAIN_FIT + PRETRAIN_HELD_OUT), noise_stats(setup, CPT_FIT + CPT_HELD_OUT),
+        rep["pre"]["fit"]["anneal"]["huber_scale"] / 1.345,
+        min(runs, key=lambda n: runs[n]["train"]), min(runs, key=lambda n: runs[n]["probe"]),
+        runs["wsd-20"]["probe"] / runs["constant"]["probe"] - 1 < -0.005, lam_errs, best_lam,
+        max(max(v[n] for v in lam_errs.values()) - min(v[n] for v in lam_errs.values()) for n in best_lam))
 
-    L: list[str] = []
-    add = L.append
-    add(f"## {setup.title}")
-    add("")
-    add(f"A tiny Llama (hidden 128, 2 layers, 1.48M parameters, vocab 4096) on the shared English corpus "
-        f"(Linux kernel docs, `shared/DATA.md`), seq 256, {setup.batch // 1024}K tokens ({seqs} sequences) per step, "
-        f"1M tokens = {setup.steps} steps, warmup {setup.warmup} steps, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, "
-        "seed 1234 for all runs in the tables, so **every run reads the same batches in the same order** and only "
-        "the LR schedule differs" + (f" (the held-out runs once more with seed {OTHER_SEED}: see *Another seed*)"
-                                     if setup.key == SEED_SETUP else "") + "."
-        f" Held-out English loss (64 fixed validation sequences) is probed every {setup.probe_every} steps. "
-        f"Final train loss: mean of the last {setup.final_window} steps ({setup.final_window * setup.batch // 1024}K "
-        "tokens in both setups: with 4-sequence batches, 10 steps are mostly the luck of 40 sequences). Time: the trainer's time/elapsed_s at the last step (one "
-        "thread, on 2 cores shared with other jobs). Recipes: `" + setup.recipe("*") + "`.")
-    add("")
-    add("| run | role | schedule | steps | final train loss | final held-out loss | time s |")
-    add("|---|---|---|---|---|---|---|")
-    for n, r in runs.items():
+
+def pretrain_runs(setup: Setup, m: Measured) -> list[str]:
+    """The setup's opening: model, data, the five pre-training runs, which schedule ends lowest."""
+    seqs = setup.batch // 256
+    L = [f"## {setup.title}", "",
+         f"A tiny Llama (hidden 128, 2 layers, 1.48M parameters, vocab 4096) on the shared English corpus "
+         f"(Linux kernel docs, `shared/DATA.md`), seq 256, {setup.batch // 1024}K tokens ({seqs} sequences) per step, "
+         f"1M tokens = {setup.steps} steps, warmup {setup.warmup} steps, AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, "
+         "seed 1234 for all runs in the tables, so **every run reads the same batches in the same order** and only "
+         "the LR schedule differs" + (f" (the held-out runs once more with seed {OTHER_SEED}: see *Another seed*)"
+                                      if setup.key == SEED_SETUP else "") + "."
+         f" Held-out English loss (64 fixed validation sequences) is probed every {setup.probe_every} steps. "
+         f"Final train loss: mean of the last {setup.final_window} steps ({setup.final_window * setup.batch // 1024}K "
+         "tokens in both setups: with 4-sequence batches, 10 steps are mostly the luck of 40 sequences). Time: the trainer's time/elapsed_s at the last step (one "
+         "thread, on 2 cores shared with other jobs). Recipes: `" + setup.recipe("*") + "`.", "",
+         "| run | role | schedule | steps | final train loss | final held-out loss | time s |",
+         "|---|---|---|---|---|---|---|"]
+    for n, r in m.runs.items():
         role = "fit" if n in PRETRAIN_FIT else "held out"
-        add(f"| {n} | {role} | {r['schedule']} | {r['steps']} | {r['train']:.4f} | {r['probe']:.4f} | {r['seconds']:.0f} |")
-    add("")
-    best_train = min(runs, key=lambda n: runs[n]["train"])
-    best_probe = min(runs, key=lambda n: runs[n]["probe"])
-    c, k = runs["constant"], runs["cosine"]
-    w20 = runs["wsd-20"]
-    decay_pays = w20["probe"] / c["probe"] - 1 < -0.005
-    add(f"Lowest final train loss: **{best_train}**; lowest final held-out loss: **{best_probe}**. WSD-20 ends "
-        f"{pct(w20['probe'] / c['probe'] - 1)} from the constant run on held-out loss: "
-        f"{'the final decay pays' if decay_pays else 'the final decay buys next to nothing here'}. The cosine run "
-        f"ends {'above' if k['train'] > c['train'] else 'below'} the constant run on train loss "
-        f"({pct(k['train'] / c['train'] - 1)}) and {'above' if k['probe'] > c['probe'] else 'below'} it on held-out "
-        f"loss ({pct(k['probe'] / c['probe'] - 1)}).")
-    add("")
-    add("### Fit on constant + cosine (train loss), predict the others")
-    add("")
+        L.append(f"| {n} | {role} | {r['schedule']} | {r['steps']} | {r['train']:.4f} | {r['probe']:.4f} | {r['seconds']:.0f} |")
+    c, k, w20 = m.runs["constant"], m.runs["cosine"], m.runs["wsd-20"]
+    L += ["",
+          f"Lowest final train loss: **{m.best_train}**; lowest final held-out loss: **{m.best_probe}**. WSD-20 ends "
+          f"{pct(w20['probe'] / c['probe'] - 1)} from the constant run on held-out loss: "
+          f"{'the final decay pays' if m.decay_pays else 'the final decay buys next to nothing here'}. The cosine run "
+          f"ends {'above' if k['train'] > c['train'] else 'below'} the constant run on train loss "
+          f"({pct(k['train'] / c['train'] - 1)}) and {'above' if k['probe'] > c['probe'] else 'below'} it on held-out "
+          f"loss ({pct(k['probe'] / c['probe'] - 1)}).", ""]
+    return L
+
+
+def pretrain_fit(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict], m: Measured) -> list[str]:
+    """The fit on constant + cosine, then its noise, the held-out probe, lambda and a single fitted run."""
+    import numpy as np
+
+    L = ["### Fit on constant + cosine (train loss), predict the others", ""]
     L.extend(analysis(cmds["pre"], rep["pre"], note=(
         "Target: final-loss error <= 1% and smaller than the naive baseline's (the fitted run with the closest "
         "LR schedule, its real curve taken as the prediction). Curve MARE: mean |pred - real| / real after the "
         f"warmup, both curves smoothed by the same centred 9-step mean; final loss: mean of the last "
         f"{setup.final_window} logged steps on both sides.", "")))
-    add("### Noise, the shared batches, the held-out probe, lambda")
-    add("")
-    add(f"- **Noise.** The step-to-step noise of log train loss is sigma = {sigma:.4f} ({100 * sigma:.1f}% per "
-        f"step); the mean of {setup.final_window} steps still carries about "
-        f"{100 * sigma / np.sqrt(setup.final_window):.2f}% if the steps were "
-        f"independent. Because all runs read the same batches, much of it is shared: the deviations of the runs "
-        f"from their own 9-step means correlate at r = {noise['corr']:.2f} between runs (sd of one run's "
-        f"deviations {100 * noise['sd']:.2f}%, of the difference between constant and cosine "
-        f"{100 * noise['sd_diff']:.2f}%). A law predicts the expected loss and cannot know which batches are "
-        f"hard; the naive baseline is a real run on the same batches and carries their difficulty for free.")
-    add("- **On the held-out probe** (64 fixed sequences, no batch noise), fitted and compared on "
-        "`probe/english/loss` at the probed steps (final = the last probe):")
-    add("")
+    sigma, noise = m.sigma, m.noise
+    L += ["### Noise, the shared batches, the held-out probe, lambda", "",
+          f"- **Noise.** The step-to-step noise of log train loss is sigma = {sigma:.4f} ({100 * sigma:.1f}% per "
+          f"step); the mean of {setup.final_window} steps still carries about "
+          f"{100 * sigma / np.sqrt(setup.final_window):.2f}% if the steps were "
+          f"independent. Because all runs read the same batches, much of it is shared: the deviations of the runs "
+          f"from their own 9-step means correlate at r = {noise['corr']:.2f} between runs (sd of one run's "
+          f"deviations {100 * noise['sd']:.2f}%, of the difference between constant and cosine "
+          f"{100 * noise['sd_diff']:.2f}%). A law predicts the expected loss and cannot know which batches are "
+          f"hard; the naive baseline is a real run on the same batches and carries their difficulty for free.",
+          "- **On the held-out probe** (64 fixed sequences, no batch noise), fitted and compared on "
+          "`probe/english/loss` at the probed steps (final = the last probe):", ""]
     L.extend(analysis(cmds["pre_probe"], rep["pre_probe"], params=False, indent="  "))
-    add("- **lambda** (anneal law, train loss, 20 bootstrap replicates): held-out final-loss error / curve MARE "
-        "for the momentum factor:")
-    add("")
-    add("  | lambda | " + " | ".join(PRETRAIN_HELD_OUT) + " |")
-    add("  |---|" + "---|" * len(PRETRAIN_HELD_OUT))
+    L += ["- **lambda** (anneal law, train loss, 20 bootstrap replicates): held-out final-loss error / curve MARE "
+          "for the momentum factor:", "",
+          "  | lambda | " + " | ".join(PRETRAIN_HELD_OUT) + " |",
+          "  |---|" + "---|" * len(PRETRAIN_HELD_OUT)]
     for lam, key in [(0.999, "pre")] + [(lam, f"lam{lam}") for lam in LAMS]:
         cells = []
         for n in PRETRAIN_HELD_OUT:
             p = next(p for p in rep[key]["predictions"] if p["real_run"] and p["real_run"].endswith("/" + n))
             e = p["laws"]["anneal"]
             cells.append(f"{pct(e['final_err'])} / {100 * e['mare']:.2f}%")
-        add(f"  | {lam:g} | " + " | ".join(cells) + " |")
-    add("")
-    add("- **One run is enough?** Fitted on the cosine run alone:")
-    add("")
+        L.append(f"  | {lam:g} | " + " | ".join(cells) + " |")
+    L += ["", "- **One run is enough?** Fitted on the cosine run alone:", ""]
     L.extend(analysis(cmds["pre_one"], rep["pre_one"], params=False, table=False, indent="  "))
-    add("### Schedule search")
-    add("")
-    add("The `--search` of the first analysis minimises the predicted loss after the last update at the "
-        f"template's budget (wsd-20.yaml: 1M tokens, max LR 2e-3, {setup.warmup} warmup steps) over WSD (decay "
-        "5-80%, linear / cosine / 1-sqrt, to 0), cosine and linear (min LR 0-0.5x), and infinite schedules "
-        "(constant 0.25-0.75x after a 10% or 25% cooldown, linear anneal to 0 over 10-30%):")
-    add("")
+    return L
+
+
+def pretrain_search(setup: Setup, rep: dict[str, dict], m: Measured) -> list[str]:
+    """The schedule search at the pre-training budget: its best, the trained ranking against the predicted."""
+    L = ["### Schedule search", "",
+         "The `--search` of the first analysis minimises the predicted loss after the last update at the "
+         f"template's budget (wsd-20.yaml: 1M tokens, max LR 2e-3, {setup.warmup} warmup steps) over WSD (decay "
+         "5-80%, linear / cosine / 1-sqrt, to 0), cosine and linear (min LR 0-0.5x), and infinite schedules "
+         "(constant 0.25-0.75x after a 10% or 25% cooldown, linear anneal to 0 over 10-30%):", ""]
     L.extend(search_best(rep, "pre"))
-    add("Besides training the best schedules (below), the ranking of the five trained schedules checks the "
-        "search, measured against predicted:")
-    add("")
-    order_real = sorted(runs, key=lambda n: runs[n]["train"])
-    add(f"- measured (final train loss, best first): {', '.join(order_real)}")
+    L += ["Besides training the best schedules (below), the ranking of the five trained schedules checks the "
+          "search, measured against predicted:", "",
+          f"- measured (final train loss, best first): {', '.join(sorted(m.runs, key=lambda n: m.runs[n]['train']))}"]
     for law in rep["pre"]["fit"]:
         pred = {p["real_run"].split("/")[-1]: p["laws"][law]["final"] for p in rep["pre"]["predictions"] if p["real_run"]}
-        add(f"- predicted by {law}: {', '.join(sorted(pred, key=pred.get))}")
-    add("")
-    L.extend(search_trained(rep, "pre", "probe/english/loss", runs, "five"))
-    seed_summary = []
-    if "seed" in rep:
-        body, seed_summary = seed_section(setup, cmds, rep, runs)
-        L.extend(body)
-    add("### Continual pre-training: within a stage after a re-warm")
-    add("")
-    add(f"The final model of cosine.yaml continued on the shared German corpus (LibreOffice help) for 512K "
-        f"tokens ({setup.cpt_steps} steps), LR re-warmed from 0 to 1e-3 over {setup.cpt_warmup} steps, then constant / "
-        "cosine to 1e-4 (fit) or WSD 20% 1-sqrt / linear to 0 (held out). The laws are fitted within the stage, "
-        "counted from its first step (`S1` starts at 0 at the re-warm; the pre-training before it is in the "
-        f"parameters). German validation loss probed every {setup.cpt_probe_every} steps (48 sequences).")
-    add("")
-    add("| run | role | schedule | final train loss | German held-out: start -> end | English held-out: start -> end | time s |")
-    add("|---|---|---|---|---|---|---|")
-    for n, r in cpts.items():
-        role = "fit" if n in CPT_FIT else "held out"
-        add(f"| {n} | {role} | {r['schedule']} | {r['train']:.4f} | {r['start_probe']:.3f} -> {r['probe']:.3f} "
-            f"| {r['english'][0]:.3f} -> {r['english'][1]:.3f} | {r['seconds']:.0f} |")
-    add("")
-    L.extend(analysis(cmds["cpt"], rep["cpt"]))
-    add(f"Train-loss noise in the stage: deviations from the 9-step mean {100 * noise_cpt['sd']:.2f}% per step, "
-        f"correlated at r = {noise_cpt['corr']:.2f} between runs (same batches). On the German probe:")
-    add("")
-    L.extend(analysis(cmds["cpt_probe"], rep["cpt_probe"], params=False))
-    add("**Schedule search within the stage.** The first analysis of the stage also searched the same families "
-        f"at the stage's budget (template cpt-de-wsd-20.yaml: 512K tokens from the pre-trained model, re-warm to "
-        f"1e-3 over {setup.cpt_warmup} steps), fitted on the stage's constant and cosine runs:")
-    add("")
-    L.extend(search_best(rep, "cpt"))
-    L.extend(search_trained(rep, "cpt", "probe/german/loss", cpts, "four"))
+        L.append(f"- predicted by {law}: {', '.join(sorted(pred, key=pred.get))}")
+    L.append("")
+    L.extend(search_trained(rep, "pre", "probe/english/loss", m.runs, "five"))
+    return L
 
+
+def cpt_stage(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict], m: Measured) -> list[str]:
+    """The continual stage on German: its runs, the fits on train and probe loss, the search."""
+    L = ["### Continual pre-training: within a stage after a re-warm", "",
+         f"The final model of cosine.yaml continued on the shared German corpus (LibreOffice help) for 512K "
+         f"tokens ({setup.cpt_steps} steps), LR re-warmed from 0 to 1e-3 over {setup.cpt_warmup} steps, then constant / "
+         "cosine to 1e-4 (fit) or WSD 20% 1-sqrt / linear to 0 (held out). The laws are fitted within the stage, "
+         "counted from its first step (`S1` starts at 0 at the re-warm; the pre-training before it is in the "
+         f"parameters). German validation loss probed every {setup.cpt_probe_every} steps (48 sequences).", "",
+         "| run | role | schedule | final train loss | German held-out: start -> end | English held-out: start -> end | time s |",
+         "|---|---|---|---|---|---|---|"]
+    for n, r in m.cpts.items():
+        role = "fit" if n in CPT_FIT else "held out"
+        L.append(f"| {n} | {role} | {r['schedule']} | {r['train']:.4f} | {r['start_probe']:.3f} -> {r['probe']:.3f} "
+                 f"| {r['english'][0]:.3f} -> {r['english'][1]:.3f} | {r['seconds']:.0f} |")
+    L.append("")
+    L.extend(analysis(cmds["cpt"], rep["cpt"]))
+    L += [f"Train-loss noise in the stage: deviations from the 9-step mean {100 * m.noise_cpt['sd']:.2f}% per step, "
+          f"correlated at r = {m.noise_cpt['corr']:.2f} between runs (same batches). On the German probe:", ""]
+    L.extend(analysis(cmds["cpt_probe"], rep["cpt_probe"], params=False))
+    L += ["**Schedule search within the stage.** The first analysis of the stage also searched the same families "
+          f"at the stage's budget (template cpt-de-wsd-20.yaml: 512K tokens from the pre-trained model, re-warm to "
+          f"1e-3 over {setup.cpt_warmup} steps), fitted on the stage's constant and cosine runs:", ""]
+    L.extend(search_best(rep, "cpt"))
+    L.extend(search_trained(rep, "cpt", "probe/german/loss", m.cpts, "four"))
+    return L
+
+
+SUMMARY_KEYS = [("pre", "Pre-training, fit on constant + cosine, **train loss**"),
+                ("pre_probe", "Same runs, held-out English **probe** loss"),
+                ("seed", f"Held-out runs retrained with seed {OTHER_SEED} (other init and batches), same "
+                         "seed-1234 fit, **train loss**"),
+                ("seed_probe", f"Seed-{OTHER_SEED} runs, held-out English **probe** loss"),
+                ("cpt", "Continual stage on German after a re-warm, **train loss**"),
+                ("cpt_probe", "Continual stage, German **probe** loss")]
+
+
+def summary(setup: Setup, rep: dict[str, dict], m: Measured, seed_summary: list[str]) -> list[str]:
+    """The setup's lines of the page's summary: the target per analysis, then the findings."""
+    c, k, w20 = m.runs["constant"], m.runs["cosine"], m.runs["wsd-20"]
     S: list[str] = [f"**{setup.title}** (WSD-20 ends {pct(w20['probe'] / c['probe'] - 1)} from constant on "
                     "held-out loss):", ""]
-    for key, what in [("pre", "Pre-training, fit on constant + cosine, **train loss**"),
-                      ("pre_probe", "Same runs, held-out English **probe** loss"),
-                      ("seed", f"Held-out runs retrained with seed {OTHER_SEED} (other init and batches), same "
-                               "seed-1234 fit, **train loss**"),
-                      ("seed_probe", f"Seed-{OTHER_SEED} runs, held-out English **probe** loss"),
-                      ("cpt", "Continual stage on German after a re-warm, **train loss**"),
-                      ("cpt_probe", "Continual stage, German **probe** loss")]:
+    for key, what in SUMMARY_KEYS:
         if key not in rep:
             continue
         scores = {law: score(rep[key], law) for law in rep[key]["fit"]}
@@ -557,16 +556,12 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
     pc = fit_pre[setup.run_name("constant")]["laws"]["anneal"]
     pk = fit_pre[setup.run_name("cosine")]["laws"]["anneal"]
     w20_row = next(p for p in held_out(rep["pre"]) if p["name"] == setup.run_name("wsd-20"))
-    lam_rows = {lam: {p["name"]: p["laws"]["anneal"]["final_err"] for p in held_out(rep[key])}
-                for lam, key in [(0.999, "pre")] + [(lam, f"lam{lam}") for lam in LAMS]}
-    best_lam = {n: min(lam_rows, key=lambda lam, n=n: abs(lam_rows[lam][n])) for n in lam_rows[0.999]}
-    spread = max(max(v[n] for v in lam_rows.values()) - min(v[n] for v in lam_rows.values()) for n in best_lam)
     err_train = score(rep["pre"], "anneal")[2]
     err_probe = score(rep["pre_probe"], "anneal")[2]
     S += [""]
-    if not decay_pays:
+    if not m.decay_pays:
         S.append(
-            f"- **LR decay does not pay in this setup.** {best_probe} ends lowest on held-out loss; WSD-20 ends "
+            f"- **LR decay does not pay in this setup.** {m.best_probe} ends lowest on held-out loss; WSD-20 ends "
             f"{pct(w20['probe'] / c['probe'] - 1)} from constant and cosine {pct(k['probe'] / c['probe'] - 1)}. Both "
             f"laws only let annealing lower the loss (C, B >= 0). The anneal law fitted on train loss puts the cosine "
             f"run {pct(pk['final'] / pc['final'] - 1)} above the constant one where it measures "
@@ -580,16 +575,27 @@ def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict])
             f"and the cosine run's by {pct(pk['final_err'])}.")
     S.append(
         f"- **Train-loss noise is shared.** Per-step deviations from the 9-step mean correlate at r = "
-        f"{noise['corr']:.2f} across runs (same batches). On the held-out probe the anneal law's mean |final error| "
+        f"{m.noise['corr']:.2f} across runs (same batches). On the held-out probe the anneal law's mean |final error| "
         f"is {100 * err_probe:.2f}% against {100 * err_train:.2f}% on train loss.")
     S += seed_summary
     S.append(
-        f"- **lambda** (anneal): over lambda in {', '.join(f'{lam:g}' for lam in lam_rows)} the final-loss error "
-        f"of a single held-out run moves by up to {100 * spread:.2f} points; the best value per run: "
-        + ", ".join(f"{n} {lam:g}" for n, lam in best_lam.items())
-        + (" (the same for all)." if len(set(best_lam.values())) == 1 else " (no single value is best for all)."))
+        f"- **lambda** (anneal): over lambda in {', '.join(f'{lam:g}' for lam in m.lam_errs)} the final-loss error "
+        f"of a single held-out run moves by up to {100 * m.lam_spread:.2f} points; the best value per run: "
+        + ", ".join(f"{n} {lam:g}" for n, lam in m.best_lam.items())
+        + (" (the same for all)." if len(set(m.best_lam.values())) == 1 else " (no single value is best for all)."))
     S.append("")
-    return L, S
+    return S
+
+
+def setup_report(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict]) -> tuple[list[str], list[str]]:
+    """The section of one setup, and its lines of the summary."""
+    m = measure(setup, rep)
+    L = pretrain_runs(setup, m) + pretrain_fit(setup, cmds, rep, m) + pretrain_search(setup, rep, m)
+    seed_summary = []
+    if "seed" in rep:
+        body, seed_summary = seed_section(setup, cmds, rep, m.runs)
+        L.extend(body)
+    return L + cpt_stage(setup, cmds, rep, m), summary(setup, rep, m, seed_summary)
 
 
 def seed_section(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict],
@@ -635,19 +641,8 @@ def seed_section(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict],
     return L, summary
 
 
-def stage_report() -> None:
-    t0 = time.time()
-    missing = [str(st.run(n)) for st, n, _, _ in planned_runs() if not run_done(st, n)]
-    if missing:
-        sys.exit(f"runs missing: {', '.join(missing)} (python scripts/predict_experiment.py runs)")
-    done = {st.key: analyses(st) for st in SETUPS}
-    first = SETUPS[0]
-    refuse = ["predict", "--fit", str(first.run("constant")), "--recipe", first.recipe("wsd-20"),
-              "--out", str(first.out("refused"))]
-    r = subprocess.run([sys.executable, "-m", "cpt.cli", *refuse], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    refusal = (r.returncode, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "")
-
+def page_intro() -> list[str]:
+    """The page's opening: what `cpt predict` fits, exactly as implemented, and the two setups."""
     L: list[str] = []
     add = L.append
     add("# Predicting loss curves across LR schedules: `cpt predict`")
@@ -681,16 +676,13 @@ def stage_report() -> None:
         "and **setup B** with 1K-token batches (1024 steps), where it does. Setup B was added after setup A's "
         "misses, to test the laws where annealing matters; setup A's numbers are kept as measured.")
     add("")
-    add("## Summary")
-    add("")
-    add("Target: final-loss error <= 1% and smaller than the naive baseline's (the fitted run with the closest "
-        "schedule), on runs not used in the fit.")
-    add("")
-    bodies = []
-    for st in SETUPS:
-        body, summary = setup_report(st, *done[st.key])
-        L.extend(summary)
-        bodies.append(body)
+    return L
+
+
+def reproduce_lines(done: dict[str, tuple[dict[str, list[str]], dict[str, dict]]]) -> list[str]:
+    """The Reproduce section: every command of the experiment, in the order it runs them."""
+    L: list[str] = []
+    add = L.append
     add("## Reproduce")
     add("")
     add("```")
@@ -718,8 +710,23 @@ def stage_report() -> None:
     add("Each `cpt predict` writes `report.md`, `report.json` and `curves.png` (predicted curves with their "
         f"bootstrap bands over the real ones) under `{OUT}/`; `--search` also writes `best-schedule-<law>.yaml`.")
     add("")
-    for body in bodies:
-        L.extend(body)
+    return L
+
+
+def refused() -> tuple[list[str], tuple[int, str]]:
+    """A fit `cpt predict` must refuse (a constant LR alone): the command, its exit status and last line."""
+    first = SETUPS[0]
+    refuse = ["predict", "--fit", str(first.run("constant")), "--recipe", first.recipe("wsd-20"),
+              "--out", str(first.out("refused"))]
+    r = subprocess.run([sys.executable, "-m", "cpt.cli", *refuse], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, **ONE_THREAD})
+    return refuse, (r.returncode, r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "")
+
+
+def page_closing(refuse: list[str], refusal: tuple[int, str]) -> list[str]:
+    """The refusal and the limits of the measurement."""
+    L: list[str] = []
+    add = L.append
     add("## Refusal")
     add("")
     add(f"`{shell(refuse)}` exits with status {refusal[0]}:")
@@ -739,7 +746,26 @@ def stage_report() -> None:
     add("- Bootstrap intervals carry the noise of the fitted runs, not the laws' misfit: the in-sample errors "
         "above show how large that is.")
     add("")
-    add(f"*(analyses: {time.time() - t0:.0f} s)*")
+    return L
+
+
+def stage_report() -> None:
+    t0 = time.time()
+    missing = [str(st.run(n)) for st, n, recipe, over in planned_runs() if not finished(*Job(recipe, tuple(over)).plan())]
+    if missing:
+        sys.exit(f"runs missing: {', '.join(missing)} (python scripts/predict_experiment.py runs)")
+    done = {st.key: analyses(st) for st in SETUPS}
+    refuse, refusal = refused()
+    sections = [setup_report(st, *done[st.key]) for st in SETUPS]
+    L = page_intro() + ["## Summary", "",
+                        "Target: final-loss error <= 1% and smaller than the naive baseline's (the fitted run with "
+                        "the closest schedule), on runs not used in the fit.", ""]
+    for _, lines in sections:
+        L.extend(lines)
+    L.extend(reproduce_lines(done))
+    for body, _ in sections:
+        L.extend(body)
+    L += page_closing(refuse, refusal) + [f"*(analyses: {time.time() - t0:.0f} s)*"]
     (ROOT / DOC).write_text("\n".join(L) + "\n")
     print(f"wrote {DOC}")
 

@@ -17,14 +17,12 @@ Every number in the page is read from the runs' metrics.jsonl or computed from t
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reproduce import BASE_LR, ROOT, K, Run, Runner, final, probes, table  # noqa: E402
+from _runs import BASE_LR, ROOT, K, Runner, final, finished, probes, table
 
 PRETRAIN = 1024 * K
 
@@ -48,27 +46,28 @@ def cross_entropy(target: np.ndarray, model: np.ndarray) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     t_start = time.time()
     out = ROOT / "runs" / "repro" / "gap"
     quick = ROOT / "runs" / "repro" / "quick"
     pre = quick / "pretrain-en"
-    if not (pre / "final").is_dir():
-        raise SystemExit(f"{pre} is missing: run `python scripts/reproduce.py --quick` first")
+    if not finished(pre, PRETRAIN, 8 * K):  # 8K tokens per step: recipes/paper/
+        raise SystemExit(f"{pre} is missing or unfinished: run `python scripts/reproduce.py --quick` first")
     run = Runner(out)
     init = [f"init_from.path={pre}"]
 
     def replay(stage: int, share: float = 0.25, lr_scale: float = 1.0) -> Path:
         name = f"replay{int(share * 100)}-{stage // K}K-lr{lr_scale:g}x"
         lr = BASE_LR * lr_scale
-        return run(Run(name, "recipes/paper/replay-de-25.yaml",
-                       [*init, f"train.tokens={stage}", f"data.mixture.de={1 - share}", f"data.mixture.en={share}",
-                        f"schedule.max_lr={lr}", f"schedule.min_lr={lr / 10}"]))
+        return run(name, "recipes/paper/replay-de-25.yaml",
+                   [*init, f"train.tokens={stage}", f"data.mixture.de={1 - share}", f"data.mixture.en={share}",
+                    f"schedule.max_lr={lr}", f"schedule.min_lr={lr / 10}"])
 
     def union(stage: int) -> Path:
         total = PRETRAIN + stage
-        return run(Run(f"union-{total // K}K", "recipes/paper/union-retrain.yaml",
-                       [f"train.tokens={total}", f"data.mixture.en={PRETRAIN / total:.6f}",
-                        f"data.mixture.de={stage / total:.6f}"]))
+        return run(f"union-{total // K}K", "recipes/paper/union-retrain.yaml",
+                   [f"train.tokens={total}", f"data.mixture.en={PRETRAIN / total:.6f}",
+                    f"data.mixture.de={stage / total:.6f}"])
 
     start_en, start_de = final(pre, "en"), final(pre, "de")
     sections = []
@@ -122,9 +121,9 @@ def main() -> None:
     rows = []
     for stage in (256 * K, 2048 * K):
         total, en_tok = PRETRAIN + stage, PRETRAIN + stage // 4
-        m = run(Run(f"union-matched-{total // K}K", "recipes/paper/union-retrain.yaml",
-                    [f"train.tokens={total}", f"data.mixture.en={en_tok / total:.6f}",
-                     f"data.mixture.de={1 - en_tok / total:.6f}"]))
+        m = run(f"union-matched-{total // K}K", "recipes/paper/union-retrain.yaml",
+                [f"train.tokens={total}", f"data.mixture.en={en_tok / total:.6f}",
+                 f"data.mixture.de={1 - en_tok / total:.6f}"])
         r, u = replay(stage), union(stage)
         rows.append([f"{stage // K}K", f"{en_tok // K}K / {(total - en_tok) // K}K", final(m, "en"), final(m, "de"),
                      gaps[stage], (final(r, "en") + final(r, "de")) / 2 - (final(m, "en") + final(m, "de")) / 2,

@@ -14,7 +14,6 @@ from cpt.errors import CptError
 from cpt.predict import (
     Curve,
     Fit,
-    _features,
     areas,
     compare,
     family_candidates,
@@ -25,6 +24,7 @@ from cpt.predict import (
     search,
     smooth,
 )
+from cpt.predict.laws import _features
 from cpt.recipe import load_recipe
 from cpt.schedules import ScheduleConfig
 
