@@ -25,7 +25,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
         raise CptError(f"cpt train takes one recipe, got {len(recipes)}: {' '.join(recipes) or '(none)'}")
     recipe = load_recipe(recipes[0], overrides)
     if ns.branch_from is not None:
-        from cpt.stages import make_branch
+        from cpt.plan import make_branch
 
         recipe = make_branch(recipe, ns.branch_from, decay=ns.decay, shape=ns.decay_shape)
     elif ns.decay is not None or ns.decay_shape is not None:
@@ -47,9 +47,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def cmd_schedule(ns: argparse.Namespace) -> int:
     from cpt.compare import plot_schedules
+    from cpt.plan import plan_run
     from cpt.recipe import load_recipe
     from cpt.schedules import describe
-    from cpt.stages import plan_run, staged_schedule
+    from cpt.stages import staged_schedule
 
     recipes, overrides = _split(ns.args)
     if not recipes:

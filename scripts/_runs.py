@@ -58,8 +58,8 @@ class Job:
 
     def plan(self) -> tuple[Path, int, int]:
         """(run dir, tokens the run trains, tokens per step): the recipe resolved as `cpt train` does."""
+        from cpt.plan import make_branch
         from cpt.recipe import load_recipe
-        from cpt.stages import make_branch
 
         r = load_recipe(ROOT / self.recipe, self.overrides)
         if self.branch:

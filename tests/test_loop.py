@@ -9,8 +9,8 @@ import pytest
 from conftest import with_overrides  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from cpt.errors import CptError
+from cpt.plan import plan_run
 from cpt.recipe import validate_recipe
-from cpt.stages import plan_run
 from cpt.train.loop import after_step
 from cpt.train.state import STATE_VERSION, Origin, TrainerState
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
-from cpt.stages import make_branch
+from cpt.plan import make_branch
 from cpt.tracking import read_metrics
 from cpt.train.loop import train
 

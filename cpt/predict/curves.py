@@ -88,8 +88,8 @@ def run_curve(run_dir: str | Path, stage: str | None = None, metric: str = "trai
 def recipe_lrs(recipe: Any, stage: str | None = None) -> tuple[np.ndarray, int]:
     """The LR of every step of one stage of a recipe (by name; the last by default; a recipe without
     stages is one stage), and its tokens per step: the stages planned exactly as the trainer plans
-    them (cpt.stages), from the recipe's init_from where it exists."""
-    from cpt.stages import plan_run
+    them (cpt.plan), from the recipe's init_from where it exists."""
+    from cpt.plan import plan_run
 
     tps = recipe.train.global_batch_tokens
     plans = plan_run(recipe, allow_missing_init=True).stages  # init_from not there yet: from token 0

@@ -19,8 +19,8 @@ from cpt.data.tokenizer import load_tokenizer, tokenizer_identity
 from cpt.errors import CptError
 from cpt.guard import StepGuard
 from cpt.model import build_model, check_seq_len, model_config, num_params, preset_config, wrap_peft
+from cpt.plan import RunPlan, describe_origin, plan_run
 from cpt.recipe import Recipe, recipe_diff
-from cpt.stages import RunPlan, describe_origin, plan_run
 from cpt.tracking import Tracker
 from cpt.train.backend import deepspeed_plugin, make_accelerator, mfu_per_token_s
 from cpt.train.state import TrainerState
