@@ -153,14 +153,14 @@ def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
     """A tiny 2-process-friendly recipe written to YAML: (recipe, path)."""
     from cpt.recipe import validate_recipe
 
-    def make(name, peft=None, tokens=6144, **train):
+    def make(name, peft=None, tokens=6144, data=None, **train):
         r = validate_recipe({
             "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 5},
             "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
                       "config": {"hidden_size": 64, "intermediate_size": 128}},
             "data": {"seq_len": 128, "sources": {"en": str(prepared["en"]["train"]),
                                                  "de": str(prepared["de"]["train"])},
-                     "mixture": {"en": 0.25, "de": 0.75}},
+                     "mixture": {"en": 0.25, "de": 0.75}, **(data or {})},
             "train": {"tokens": tokens, "global_batch_tokens": 1024, "micro_batch_size": 2, **train},
             "schedule": {"kind": "cosine", "max_lr": 3e-3, "warmup": 2048},
             "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 7},

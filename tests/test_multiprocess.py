@@ -37,3 +37,15 @@ def test_two_processes_match_one_and_resume_across_world_sizes(two_proc_recipe):
     assert len(losses(moved.run.output_dir)) == 4
     train(moved, resume=True)
     assert losses(moved.run.output_dir) == pytest.approx(losses(one.run.output_dir), abs=2e-5)
+
+
+def test_activation_checkpointing_and_document_masking_under_ddp(two_proc_recipe):
+    """Both issue-14 switches on, 2 gloo processes under DDP: the 1-process curve without them is the
+    reference for checkpointing (same math), and masking must give the 1-process masked curve."""
+    one, _ = two_proc_recipe("one-masked", tokens=4096, data={"document_masking": True})
+    train(one)
+    two, path = two_proc_recipe("two-ac-masked", tokens=4096, activation_checkpointing=True,
+                                data={"document_masking": True})
+    launch(path)
+    assert len(losses(two.run.output_dir)) == 4
+    assert losses(two.run.output_dir) == pytest.approx(losses(one.run.output_dir), abs=2e-5)
