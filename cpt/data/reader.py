@@ -105,16 +105,9 @@ def resolve_inputs(inputs: list[str | Path] | str | Path) -> list[tuple[Path, st
     return out
 
 
-def iter_documents(
-    inputs: list[tuple[Path, str]],
-    text_field: str,
-    stats: list[InputStats],
-    max_documents: int | None = None,
-    cache_dir: str | Path | None = None,
-    max_per_input: int | None = None,
-) -> Iterator[str]:
-    """Yield whole document texts in input order: :func:`iter_pieces` with no cutting."""
-    for text, _ in iter_pieces(inputs, text_field, stats, max_documents, cache_dir, max_per_input):
+def iter_documents(*args, **kwargs) -> Iterator[str]:
+    """Whole document texts in input order: :func:`iter_pieces` (same arguments) with no cutting."""
+    for text, _ in iter_pieces(*args, **kwargs):
         yield text
 
 

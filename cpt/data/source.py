@@ -201,10 +201,10 @@ def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]], voca
     out = np.empty((len(picks), seq_len), dtype=np.int64)
     for name, (rows, idx) in groups.items():
         out[rows] = sources[name].batch(idx)
-    if vocab_size is not None and len(picks) and (out.min() < 0 or out.max() >= vocab_size):
-        row = int(np.flatnonzero((out < 0).any(1) | (out >= vocab_size).any(1))[0])
+    if vocab_size is not None and len(picks) and out.max() >= vocab_size:  # shards are unsigned: no id < 0
+        row = int(np.flatnonzero((out >= vocab_size).any(1))[0])
         name, idx = picks[row]
-        bad = int(out[row][(out[row] < 0) | (out[row] >= vocab_size)][0])
+        bad = int(out[row][out[row] >= vocab_size][0])
         raise CptError(f"data source {name!r}: sequence {idx} holds token id {bad}, outside the model's "
                        f"vocabulary of {vocab_size}: the shard is corrupt or was tokenized for another model")
     return torch.from_numpy(out)

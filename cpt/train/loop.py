@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from cpt import checkpoint as ckpt_lib
 from cpt.data.mixture import MixtureSampler
@@ -182,8 +183,6 @@ def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource]
 
 def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepStats, bar) -> None:
     """The step's record, its warnings (skipped update, loss spike, repeated data) and the progress bar."""
-    from tqdm.auto import tqdm
-
     recipe, guard, step_tokens = run.recipe, run.guard, run.tokens_per_step
     epochs = sampler.repeats()
     record = {"step": run.step, "tokens": run.tokens, "stage": stage.name, "train/loss": stats.loss,
@@ -242,8 +241,6 @@ def _diverged(run: Run, stage: StagePlan, stats: StepStats) -> DivergedError:
 
 
 def _progress_bar(run: Run):
-    from tqdm.auto import tqdm
-
     step_tokens, start = run.tokens_per_step, run.plan.origin.tokens
     return tqdm(total=(run.plan.end - start) // step_tokens, initial=(run.tokens - start) // step_tokens, unit="step",
                 dynamic_ncols=True, disable=not (run.main and run.recipe.tracking.progress))
