@@ -225,7 +225,7 @@ def wrap_peft(model, cfg: PeftConfig, verbose: bool = True):
                       target_modules=targets, modules_to_save=list(cfg.modules_to_save) or None,
                       task_type="CAUSAL_LM")
     try:
-        model = get_peft_model(model, lora)
+        model = tie_saved_embeddings(get_peft_model(model, lora))
     except ValueError as e:  # e.g. "Target modules {...} not found in the base model"
         raise CptError(f"peft.target_modules / peft.modules_to_save: {e}") from None
     if verbose:
@@ -233,6 +233,21 @@ def wrap_peft(model, cfg: PeftConfig, verbose: bool = True):
         print(f"cpt: LoRA r={cfg.r} alpha={cfg.alpha:g} on {', '.join(sorted(model.peft_config['default'].target_modules))}"
               f"{' + full ' + ', '.join(cfg.modules_to_save) if cfg.modules_to_save else ''}: "
               f"{trainable / 1e6:.3f}M of {total / 1e6:.2f}M parameters trainable ({100 * trainable / total:.2f}%)")
+    return model
+
+
+def tie_saved_embeddings(model):
+    """A peft model whose base ties its input embeddings to its head, with a full trainable copy of the
+    embeddings (peft.modules_to_save, e.g. GPT-2's [wte]): make the head use that copy too. Otherwise the
+    model trains new input embeddings under the old frozen head and its merged export, saved tied,
+    is another model. (peft's ensure_weight_tying does this only for modules named embed_tokens.)"""
+    from peft.utils import ModulesToSaveWrapper
+
+    base = model.get_base_model()
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if (getattr(base.config, "tie_word_embeddings", False) and isinstance(emb, ModulesToSaveWrapper)
+            and head is not None and not isinstance(head, ModulesToSaveWrapper)):
+        head.weight = emb.modules_to_save[model.active_adapter].weight
     return model
 
 
@@ -267,7 +282,7 @@ def _load_merged_peft_checkpoint(path: Path, config):
 
     with torch.random.fork_rng(devices=[]):  # the init is overwritten; keep the RNG stream untouched
         base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model = get_peft_model(base, HfPeftConfig.from_pretrained(path / ADAPTER_DIR))
+    model = tie_saved_embeddings(get_peft_model(base, HfPeftConfig.from_pretrained(path / ADAPTER_DIR)))
     missing, unexpected = model.load_state_dict(load_file(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise CptError(f"{path}: the LoRA checkpoint does not match its adapter config "
@@ -288,6 +303,6 @@ def merged_copy(model, state_dict: dict):
     base_config = model.get_base_model().config
     with torch.random.fork_rng(devices=[]):
         base = AutoModelForCausalLM.from_config(base_config, dtype=torch.float32)
-    clone = get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter]))
+    clone = tie_saved_embeddings(get_peft_model(base, copy.deepcopy(model.peft_config[model.active_adapter])))
     clone.load_state_dict({k: v.to("cpu", torch.float32) for k, v in state_dict.items()}, strict=True)
     return clone.merge_and_unload()

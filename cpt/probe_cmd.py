@@ -58,6 +58,7 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     from cpt.data.tokenizer import tokenizer_identity
     from cpt.probes import HeldOutLoss
     from cpt.train.backend import eval_accelerator
+    from cpt.train.loss import choose_loss
 
     if not sets and not downstream:
         raise CptError("cpt probe: nothing to measure; give --sets NAME=PREPARED_DIR and/or --downstream NAME=JSONL")
@@ -73,10 +74,11 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     except CptError:
         tok_id = None
     result: dict[str, Any] = {"model": str(model_path), "sets": {}, "downstream": {}}
+    loss, _ = choose_loss("auto", model, False, model.get_input_embeddings().num_embeddings)
     for name, path in sets.items():
         src = validate_source(f"--sets {name}", path, None, tok_id)
         probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
-                            accelerator.num_processes)
+                            accelerator.num_processes, loss=loss)
         out = probe(model, accelerator)
         result["sets"][name] = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
                                 "sequences": probe.counts[name]}

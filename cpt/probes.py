@@ -27,11 +27,15 @@ class HeldOutLoss:
     """
 
     def __init__(self, sources: Mapping[str, TokenSource], max_sequences: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, frame=None):
+                 rank: int = 0, world_size: int = 1, frame=None, loss=None):
         """``sources``: probe sets already checked against the run (cpt.data.source.validate_source);
         ``frame``: ids -> the forward's inputs as training builds them (cpt.train.step.model_inputs), so a
-        probe sees documents as training does (masking, ignored targets)."""
+        probe sees documents as training does (masking, ignored targets); ``loss``: how per-token losses
+        are computed (cpt.train.loss: the run's chunked path, or the model's logits by default)."""
+        from cpt.train.loss import PlainLoss
+
         self.frame = frame
+        self.loss = loss if loss is not None else PlainLoss()
         self.sources: dict[str, TokenSource] = {}
         self.counts: dict[str, int] = {}  # sequences measured per set, all processes together
         self.shards: dict[str, tuple[list[int], list[float]]] = {}
@@ -64,15 +68,8 @@ class HeldOutLoss:
                 ids = ids.to(accelerator.device)
                 w = torch.tensor(weights[i:i + self.micro_batch_size], device=accelerator.device)
                 inputs = self.frame(ids) if self.frame is not None else {"input_ids": ids, "labels": ids}
-                labels = inputs.pop("labels")
-                logits = model(**inputs).logits.float()
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), reduction="none"
-                ).view(ids.size(0), -1)
-                if labels is ids:  # every target counts
-                    nll = nll.mean(dim=1)
-                else:  # ignored targets (-100) are 0 in nll: average over the others
-                    nll = nll.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1).clamp(min=1)
+                counted = (inputs["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
+                nll = self.loss.token_nll(model, inputs).sum(dim=1) / counted  # ignored targets are 0
                 total[0] += (nll * w).sum().double()
                 total[1] += w.sum().double()
             total = accelerator.reduce(total, reduction="sum")

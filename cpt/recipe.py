@@ -143,7 +143,8 @@ class OptimizerConfig(StrictModel):
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay on matrices (not norms/biases).")
     fused: Literal["auto"] | bool = Field(
-        "auto", description="Fused AdamW kernel: auto = on for CUDA, off on CPU."
+        "auto", description="Fused AdamW kernel (one kernel for all parameters): auto = on wherever torch has "
+        "it (CUDA and CPU, fp32/bf16/fp16 weights); false = torch's foreach implementation."
     )
 
 
@@ -164,6 +165,15 @@ class TrainConfig(StrictModel):
     compile: bool = Field(
         False, description="torch.compile the model (in place, so checkpoint keys do not change); the first "
         "steps are slow while it compiles. Meant for GPUs (works on CPU too, compiling for minutes)."
+    )
+    loss: Literal["auto", "chunked", "model"] = Field(
+        "auto", description="How the next-token loss is computed. chunked = from the final hidden states, a "
+        "chunk of positions at a time, gradients formed per chunk, so the [batch, seq, vocab] logits and "
+        "their fp32 copies never exist (what makes 128K-256K vocabularies fit); same loss and gradients as "
+        "the model's own to float rounding. model = model(..., labels=...).loss. auto = chunked where it "
+        "applies (a plain Linear head whose logits the model does not post-process beyond Gemma's "
+        "soft-capping, weights not sharded by ZeRO-3/FSDP; checked at start on a few tokens), else model, "
+        "saying why."
     )
     activation_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in backward instead of keeping them "

@@ -287,3 +287,27 @@ def test_a_tokenizer_rewritten_on_save_still_matches_its_data(llama_tokenizer, b
     shutil.copy(rewritten / "tokenizer.json", source / "tokenizer.json")
     with pytest.raises(CptError, match="was tokenized with another tokenizer than the model's"):
         train(recipe_for(source, bos_data, tmp_path / "other"))
+
+
+def test_lora_with_a_full_copy_of_gpt2s_tied_embeddings_exports_the_model_it_trained(llama_tokenizer, bos_data,
+                                                                                     tmp_path):
+    """GPT-2 ties wte and lm_head: peft.modules_to_save [wte] trains one copy used as both (kept tied), so
+    final/ (saved tied) gives the logits of the adapter on the source model, and its head did move."""
+    from peft import PeftModel
+
+    from cpt.model import tie_saved_embeddings
+
+    source = hf_model_dir("gpt2", llama_tokenizer, tmp_path / "gpt2-hf")
+    r = recipe_for(source, bos_data, tmp_path / "lora", peft={"r": 4, "modules_to_save": ["wte"]})
+    assert train(r).completed
+    final_dir = Path(r.run.output_dir) / "final"
+    final = AutoModelForCausalLM.from_pretrained(final_dir).eval()
+    # the adapter alone, loaded by peft, needs the same tie (peft's own covers only embed_tokens)
+    adapted = tie_saved_embeddings(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(source),
+                                                             final_dir / "adapter")).eval()
+    src = AutoModelForCausalLM.from_pretrained(source)
+    assert final.config.tie_word_embeddings and final.lm_head.weight.data_ptr() == final.transformer.wte.weight.data_ptr()
+    assert (final.lm_head.weight - src.lm_head.weight).abs().max().item() > 1e-4  # the trained copy is the head too
+    ids = torch.randint(3, 600, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(final(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

@@ -37,7 +37,7 @@ def losses(run_dir):
 
 
 def poison(monkeypatch, steps, factor=NAN, micro_batches_per_step=2):
-    """Scale the logits of the given training steps (1-based, counted from this process's start) by
+    """Scale the final hidden states (so the logits, whichever path computes the loss) of the given training steps (1-based, counted from this process's start) by
     ``factor``: NaN or a loss spike injected into the real forward, data untouched. Probes (no grad)
     are not counted."""
     import cpt.train.setup as trainer
@@ -53,7 +53,7 @@ def poison(monkeypatch, steps, factor=NAN, micro_batches_per_step=2):
 
     def build_poisoned(*args, **kwargs):
         model = build(*args, **kwargs)
-        model.lm_head.register_forward_hook(hook)
+        model.model.norm.register_forward_hook(hook)
         return model
 
     monkeypatch.setattr(trainer, "build_model", build_poisoned)

@@ -145,6 +145,17 @@ def weights_sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
+def params_sharded(accelerator) -> bool:
+    """Whether a parameter exists whole only inside its module's forward (ZeRO-3, FSDP)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
 # ------------------------------------------------------------------------------------------- FLOPs/MFU
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU, from NVIDIA's data sheets. Matched in order

@@ -80,7 +80,7 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
         batches = [run.frame(read_batch(run.sources, micro, vocab_size=run.vocab))
                    for micro in run.layout.my_micro_batches(picks, run.accelerator.process_index)]
         stats = train_step(run.model, run.optimizer, run.accelerator, batches, stage.lr(run.tokens),
-                           recipe.train.grad_clip, run.guard, t0)
+                           recipe.train.grad_clip, run.guard, run.loss, t0)
         if stats.verdict == "halt":
             raise _diverged(run, stage, stats)
         before = run.tokens
@@ -164,7 +164,7 @@ def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource]
         cfg = run.recipe.probes
         probes = HeldOutLoss({n: probe_sets[n] for n in stage.probe_sets}, cfg.max_sequences,
                              cfg.micro_batch_size, run.accelerator.process_index, run.accelerator.num_processes,
-                             frame=run.frame)
+                             frame=run.frame, loss=run.loss)
         forgetting = ForgettingTracker(stage.probe_sets, stage.new_domains)
     if not mid_stage:
         run.tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(run.tokens),

@@ -22,7 +22,8 @@ from cpt.model import build_model, check_seq_len, model_config, num_params, pres
 from cpt.plan import RunPlan, describe_origin, plan_run
 from cpt.recipe import Recipe, recipe_diff
 from cpt.tracking import Tracker
-from cpt.train.backend import deepspeed_plugin, make_accelerator, mfu_per_token_s
+from cpt.train.backend import deepspeed_plugin, make_accelerator, mfu_per_token_s, params_sharded
+from cpt.train.loss import choose_loss
 from cpt.train.state import TrainerState
 from cpt.train.step import Layout, make_optimizer, model_inputs
 
@@ -49,6 +50,7 @@ class Run:
     tokens: int
     elapsed: float
     consumed: dict[str, int]          # draws per source before the current stage (the next one's offsets)
+    loss: Any = None                  # (model, inputs) -> loss, and .token_nll for probes (cpt.train.loss)
     warned: set[str] = field(default_factory=set)  # sources already warned about repeats
 
     def frame(self, ids):
@@ -218,6 +220,9 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     optimizer = make_optimizer(model, recipe.train.optimizer, plan.stages[0].lr(origin.tokens),
                                accelerator.device.type)
     model, optimizer = accelerator.prepare(model, optimizer)
+    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), params_sharded(accelerator), vocab)
+    if note and main:
+        print(f"cpt: {note}")
     if resume_from is not None:
         ckpt_lib.load_checkpoint(accelerator, resume_from)
     elif recipe.init_from is not None and recipe.init_from.load.optimizer:
@@ -231,7 +236,7 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
                       wandb_cfg=recipe.tracking.wandb, keep_records=saved.metrics_records if saved else None)
     run = Run(recipe, accelerator, layout, plan, model, optimizer, tokenizer, sources, vocab, guard, tracker, mfu,
               saved, resume_from, step, tokens, saved.elapsed_s if saved else 0.0,
-              dict(saved.data_consumed) if saved else dict(origin.consumed))
+              dict(saved.data_consumed) if saved else dict(origin.consumed), loss=loss)
     if main:
         how = f"resumed from {resume_from}" if saved else "fresh start"
         print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "

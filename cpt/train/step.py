@@ -44,9 +44,12 @@ class Layout:
 
 
 def make_optimizer(model, cfg, lr: float, device_type: str):
+    """AdamW over what requires grad, decay on matrices only; fused where torch has the kernel (auto)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    fused = (device_type == "cuda") if cfg.fused == "auto" else cfg.fused
+    fused = device_type in _get_fused_kernels_supported_devices() if cfg.fused == "auto" else cfg.fused
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
@@ -90,9 +93,10 @@ class StepStats:
 
 
 def train_step(model, optimizer, accelerator, batches: list[dict], lr: float, grad_clip: float | None,
-               guard: StepGuard, t0: float | None = None) -> StepStats:
-    """One optimizer step over this rank's micro-batches (:func:`model_inputs` on the CPU). ``t0``: when
-    the step began, if the caller did work for it first (drawing the batch)."""
+               guard: StepGuard, loss_fn, t0: float | None = None) -> StepStats:
+    """One optimizer step over this rank's micro-batches (:func:`model_inputs` on the CPU). ``loss_fn``:
+    (model, inputs) -> mean loss (cpt.train.loss: chunked or the model's own). ``t0``: when the step
+    began, if the caller did work for it first (drawing the batch)."""
     t0 = time.perf_counter() if t0 is None else t0
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -101,7 +105,7 @@ def train_step(model, optimizer, accelerator, batches: list[dict], lr: float, gr
         inputs = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                   for k, v in inputs.items()}
         with accelerator.accumulate(model):
-            loss = model(**inputs).loss
+            loss = loss_fn(model, inputs)
             accelerator.backward(loss)
         loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip or math.inf)

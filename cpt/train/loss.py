@@ -1,0 +1,214 @@
+"""The next-token loss of training and probes, and the memory-lean way to compute it (``train.loss``).
+
+The plain path, ``model(input_ids, labels=...).loss``, projects every position onto the vocabulary:
+logits ``[batch, seq, vocab]`` in the model's dtype, upcast to fp32 for the loss, whose backward keeps a
+gradient of the same size. At a 128K vocabulary and seq 4096 each of those is 2 GiB per sequence.
+
+The chunked path never holds them. The model runs with ``logits_to_keep=1`` (its head projects one
+position, as in generation), a forward hook on the decoder keeps the final hidden states ``[batch, seq,
+hidden]``, and :class:`LinearCrossEntropy` projects them a chunk of positions at a time. Each chunk's
+logits are turned into the loss and, while they exist, into the gradients of the hidden states and of
+the head (``softmax - onehot`` times the head weight / hidden states): the same matmuls the plain path
+does, no recomputation, and only one chunk's logits alive at a time. The price is one fp32 buffer the
+size of the head weight for its gradient.
+
+The chunked path needs the head to be a plain ``nn.Linear`` whose weights are whole on this rank (not
+ZeRO-3 / FSDP shards, which exist only inside the module's own forward) and the model's logits to be
+``head(hidden)`` (with Gemma's final soft-capping, which it applies too). :func:`choose_loss` checks the
+last point by running both paths on a few tokens, so a model that post-processes its logits otherwise
+(a logit scale, a second head) falls back to the plain path instead of training on a different loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cpt.errors import CptError
+
+IGNORE = -100
+CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MiB in fp32): ~2K positions at vocab 8K, 128 at 128K
+
+
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] labels -> [batch, seq] targets: position i predicts labels[i+1]; the last predicts
+    nothing (IGNORE). Shifting the targets, not the logits, keeps the logits uncopied."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
+
+
+def _chunk_logits(h, weight, bias, softcap):
+    logits = F.linear(h, weight, bias).float()
+    if softcap is None:
+        return logits, None
+    capped = torch.tanh(logits / softcap)
+    return capped * softcap, capped
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean over non-ignored targets of cross_entropy(softcap(hidden @ weight.T + bias), targets), computed
+    a chunk of rows at a time; the gradients are formed in the forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        valid = targets != IGNORE
+        count = valid.sum().clamp(min=1).float()
+        safe = targets.clamp(min=0)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for s in range(0, hidden.size(0), chunk_rows):
+            h, t, v = hidden[s:s + chunk_rows], safe[s:s + chunk_rows], valid[s:s + chunk_rows]
+            logits, capped = _chunk_logits(h, weight, bias, softcap)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, t[:, None])[:, 0]) * v).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            g[torch.arange(g.size(0), device=g.device), t] -= 1.0
+            g.mul_((v / count)[:, None])
+            if capped is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
+                g.mul_(1.0 - capped * capped)
+            g = g.to(weight.dtype)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[s:s + chunk_rows])
+            if need_w:
+                grad_w += (g.t() @ h).float()
+            if need_b:
+                grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
+                (grad_b * grad_out).to(b_dtype) if grad_b is not None else None,
+                None, None, None)
+
+
+class PlainLoss:
+    """The model's own loss: ``model(**inputs).loss``; per-token losses from its full logits."""
+
+    name = "model"
+
+    def __call__(self, model, inputs: dict) -> torch.Tensor:
+        return model(**inputs).loss
+
+    @torch.no_grad()
+    def token_nll(self, model, inputs: dict) -> torch.Tensor:
+        """[batch, seq] fp32 loss of each position's next token (0 where the target is ignored)."""
+        inputs = dict(inputs)
+        targets = next_token_targets(inputs.pop("labels"))
+        logits = model(**inputs).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none",
+                               ignore_index=IGNORE).view_as(targets)
+
+
+class ChunkedLoss:
+    """The chunked path (module docstring). ``hf_model``: the transformers model inside any wrapper
+    (DDP, DeepSpeed, peft); calls go through the wrapped model, so the wrappers see every forward."""
+
+    name = "chunked"
+
+    def __init__(self, hf_model, chunk_elements: int = CHUNK_ELEMENTS):
+        self.head = hf_model.get_output_embeddings()
+        self.softcap = getattr(hf_model.config, "final_logit_softcapping", None)
+        self.chunk_rows = max(1, chunk_elements // self.head.out_features)
+        self._hidden = None
+        self._armed = False
+        getattr(hf_model, hf_model.base_model_prefix).register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output):
+        if self._armed:
+            self._hidden = output[0]
+
+    def hidden(self, model, inputs: dict) -> torch.Tensor:
+        """The decoder's final hidden states for ``inputs`` (no labels), the head run on one position."""
+        self._armed = True
+        try:
+            model(**inputs, logits_to_keep=1)
+            hidden, self._hidden = self._hidden, None
+        finally:
+            self._armed = False
+        return hidden
+
+    def __call__(self, model, inputs: dict) -> torch.Tensor:
+        inputs = dict(inputs)
+        targets = next_token_targets(inputs.pop("labels"))
+        h = self.hidden(model, inputs)
+        return LinearCrossEntropy.apply(h.flatten(0, 1), self.head.weight, self.head.bias, targets.flatten(),
+                                        self.softcap, self.chunk_rows)
+
+    @torch.no_grad()
+    def token_nll(self, model, inputs: dict) -> torch.Tensor:
+        inputs = dict(inputs)
+        targets = next_token_targets(inputs.pop("labels"))
+        h = self.hidden(model, inputs).flatten(0, 1)
+        flat = targets.flatten()
+        out = torch.empty(flat.shape, dtype=torch.float32, device=h.device)
+        for s in range(0, h.size(0), self.chunk_rows):
+            logits, _ = _chunk_logits(h[s:s + self.chunk_rows], self.head.weight, self.head.bias, self.softcap)
+            out[s:s + self.chunk_rows] = F.cross_entropy(logits, flat[s:s + self.chunk_rows], reduction="none",
+                                                         ignore_index=IGNORE)
+        return out.view_as(targets)
+
+
+def hf_model_of(model):
+    """The transformers model inside a peft wrapper (already unwrapped from DDP/DeepSpeed)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def chunked_unsupported(hf_model, sharded: bool) -> str | None:
+    """Why the chunked path cannot run on this model, or None."""
+    if sharded:
+        return "the weights are sharded (ZeRO-3 / FSDP): the head exists whole only inside its own forward"
+    head = hf_model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"the output head is a {type(head).__name__}, not a plain Linear (e.g. LoRA on the head)"
+    if not hasattr(hf_model, hf_model.base_model_prefix):
+        return f"{type(hf_model).__name__} has no decoder at .{hf_model.base_model_prefix}"
+    return None
+
+
+@torch.no_grad()
+def same_logits(model, loss: ChunkedLoss, vocab: int) -> str | None:
+    """Run both paths on a few tokens: None when the chunked path's logits are the model's, else why not."""
+    head = loss.head
+    ids = torch.randint(vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(head.weight.device)
+    was_training = model.training
+    model.eval()
+    try:
+        want = model(input_ids=ids).logits.float()
+        got, _ = _chunk_logits(loss.hidden(model, {"input_ids": ids}), head.weight, head.bias, loss.softcap)
+    except Exception as e:  # noqa: BLE001 - any failure means: use the model's own path
+        return f"{type(e).__name__}: {e}"
+    finally:
+        model.train(was_training)
+    if got.shape != want.shape:
+        return f"its logits have shape {tuple(want.shape)}, head(hidden) {tuple(got.shape)}"
+    tol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+    return None if err <= tol else f"its logits are not head(final hidden states) (relative difference {err:.2e})"
+
+
+def choose_loss(mode: str, model, sharded: bool, vocab: int):
+    """(loss, note) for train.loss = auto | chunked | model; ``model`` unwrapped from DDP/DeepSpeed.
+    ``note`` says why auto fell back to the plain path (None otherwise)."""
+    if mode == "model":
+        return PlainLoss(), None
+    hf = hf_model_of(model)
+    why = chunked_unsupported(hf, sharded)
+    loss = None
+    if why is None:
+        loss = ChunkedLoss(hf)
+        why = same_logits(model, loss, vocab)
+    if why is None:
+        return loss, None
+    if mode == "chunked":
+        raise CptError(f"train.loss: chunked cannot run here: {why} (use auto or model)")
+    return PlainLoss(), f"train.loss: auto uses the model's own loss: {why}"

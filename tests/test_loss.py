@@ -1,0 +1,150 @@
+"""The chunked loss (train.loss): the model's own loss and gradients without the full logits, on the
+architectures whose heads differ (untied, tied, Gemma 2's soft-capped logits), with ignored targets
+and chunks that do not divide the positions; the fallback where it does not apply; in a real run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from cpt.errors import CptError
+from cpt.tracking import read_metrics
+from cpt.train.loss import ChunkedLoss, PlainLoss, choose_loss
+from cpt.train.step import make_optimizer
+
+SMALL = {"vocab_size": 500, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+def models():
+    torch.manual_seed(0)
+    return {
+        "llama": LlamaForCausalLM(LlamaConfig(**SMALL)),
+        "llama-tied": LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True)),
+        "gemma2-softcap": Gemma2ForCausalLM(Gemma2Config(**SMALL, head_dim=8, final_logit_softcapping=2.0,
+                                                          attn_implementation="eager")),
+        "gpt2": GPT2LMHeadModel(GPT2Config(vocab_size=500, n_embd=32, n_layer=2, n_head=4)),
+    }
+
+
+def grads(model, loss_fn, inputs):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, inputs)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "gemma2-softcap", "gpt2"])
+def test_chunked_loss_equals_the_models_loss_and_gradients(name):
+    model = models()[name].eval()  # GPT-2's dropout would differ between the two forwards
+    loss, note = choose_loss("auto", model, sharded=False, vocab=500)
+    assert isinstance(loss, ChunkedLoss) and note is None
+    loss.chunk_rows = 7  # 3 x 20 positions: 9 chunks, the last one short
+    ids = torch.randint(500, (3, 20), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, 5] = labels[2, 11] = -100  # ignored targets (document starts)
+    inputs = {"input_ids": ids, "labels": labels}
+    want_loss, want = grads(model, PlainLoss(), inputs)
+    got_loss, got = grads(model, loss, inputs)
+    assert got.keys() == want.keys() and len(want) > 5
+    assert abs(got_loss - want_loss) < 1e-5
+    scale = max(g.abs().max().item() for g in want.values())
+    for n in want:
+        assert (got[n] - want[n]).abs().max().item() <= 2e-6 * max(1.0, scale), n
+    # per-token losses of the probes: both paths, the ignored targets 0, the last position predicts nothing
+    nll, ref = loss.token_nll(model, inputs), PlainLoss().token_nll(model, inputs)
+    assert nll.shape == (3, 20) and (nll - ref).abs().max().item() < 1e-5
+    assert nll[0, 4].item() == 0.0 and nll[:, -1].abs().sum().item() == 0.0 and nll[0, 3].item() > 1.0
+
+
+def test_chunked_loss_in_bf16_stays_within_bf16_rounding():
+    model = models()["llama"].to(torch.bfloat16)
+    loss, _ = choose_loss("chunked", model, sharded=False, vocab=500)
+    loss.chunk_rows = 16
+    ids = torch.randint(500, (2, 24), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "labels": ids}
+    want_loss, want = grads(model, PlainLoss(), inputs)
+    got_loss, got = grads(model, loss, inputs)
+    assert abs(got_loss - want_loss) < 2e-2 and all(g.dtype == torch.bfloat16 for g in got.values())
+    for n in want:
+        assert torch.allclose(got[n].float(), want[n].float(), rtol=5e-2, atol=2e-3), n
+
+
+def test_models_that_post_process_logits_or_wrap_the_head_fall_back_to_their_own_loss():
+    torch.manual_seed(0)
+    cohere = CohereForCausalLM(CohereConfig(**SMALL, logit_scale=0.5))  # logits = head(h) * 0.5
+    loss, note = choose_loss("auto", cohere, sharded=False, vocab=500)
+    assert isinstance(loss, PlainLoss) and "not head(final hidden states)" in note
+    with pytest.raises(CptError, match="train.loss: chunked cannot run here: its logits"):
+        choose_loss("chunked", cohere, sharded=False, vocab=500)
+
+    from peft import LoraConfig, get_peft_model
+    lora_head = get_peft_model(models()["llama"], LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    loss, note = choose_loss("auto", lora_head, sharded=False, vocab=500)
+    assert isinstance(loss, PlainLoss) and "not a plain Linear" in note
+    loss, note = choose_loss("auto", models()["llama"], sharded=True, vocab=500)
+    assert isinstance(loss, PlainLoss) and "ZeRO-3 / FSDP" in note
+    assert isinstance(choose_loss("model", models()["llama"], sharded=False, vocab=500)[0], PlainLoss)
+
+
+def test_lora_on_the_body_trains_the_same_through_the_chunked_loss():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(models()["llama"], LoraConfig(r=4, target_modules="all-linear"))
+    loss, note = choose_loss("auto", model, sharded=False, vocab=500)
+    assert isinstance(loss, ChunkedLoss) and note is None
+    ids = torch.randint(500, (2, 16), generator=torch.Generator().manual_seed(3))
+    want_loss, want = grads(model, PlainLoss(), {"input_ids": ids, "labels": ids})
+    got_loss, got = grads(model, loss, {"input_ids": ids, "labels": ids})
+    assert set(want) == set(got) and all("lora_" in n for n in want)  # the frozen head gets no gradient
+    assert abs(got_loss - want_loss) < 1e-5
+    assert max((got[n] - want[n]).abs().max().item() for n in want) < 1e-6
+
+
+def test_fused_adamw_is_the_default_on_cpu_and_steps_like_foreach():
+    from cpt.recipe import OptimizerConfig
+
+    ref = models()["llama"]
+    outs = []
+    for fused in ("auto", False):
+        model = models()["llama"]
+        model.load_state_dict(ref.state_dict())
+        opt = make_optimizer(model, OptimizerConfig(fused=fused), 1e-3, "cpu")
+        assert opt.defaults["fused"] is (True if fused == "auto" else None)
+        ids = torch.randint(500, (2, 16), generator=torch.Generator().manual_seed(4))
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        outs.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.equal(outs[0], ref_flat := torch.cat([p.detach().flatten() for p in ref.parameters()]))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-6 < (outs[0] - ref_flat).abs().max().item()
+
+
+def test_runs_with_the_chunked_and_the_models_loss_log_the_same_losses(make_recipe):
+    from cpt.train.loop import train
+
+    runs = {}
+    for mode in ("chunked", "model"):
+        r = make_recipe(f"loss-{mode}", train__loss=mode, train__tokens=6 * 1024)
+        train(r)
+        records = list(read_metrics(Path(r.run.output_dir) / "metrics.jsonl"))
+        runs[mode] = ([x["train/loss"] for x in records if "train/loss" in x],
+                      [x["probe/en/loss"] for x in records if "probe/en/loss" in x])
+    (train_c, probe_c), (train_m, probe_m) = runs["chunked"], runs["model"]
+    assert len(train_c) == 6 and len(probe_c) >= 2
+    assert max(abs(a - b) for a, b in zip(train_c, train_m, strict=True)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(probe_c, probe_m, strict=True)) < 1e-4
+    assert train_c[-1] < train_c[0] - 0.2  # it learns (7.64 -> 7.38 in 6 steps)
