@@ -129,6 +129,18 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from cpt.merge import describe, merge_checkpoints, merge_coefficients, resolve_inputs
+
+    paths = resolve_inputs(ns.checkpoints, last=ns.last)
+    coefficients = merge_coefficients(ns.weights, len(paths))
+    print(describe(ns.weights, paths, coefficients))
+    out = merge_checkpoints(paths, coefficients, ns.out, method=ns.weights,
+                            dtype=None if ns.dtype == "auto" else ns.dtype, overwrite=ns.overwrite)
+    print(f"merged: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of causal LMs.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
@@ -214,6 +226,24 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--metric", default="train/loss",
                     help="what to fit and compare: train/loss, or a probe the runs log (probe/DOMAIN/loss)")
     pd.set_defaults(func=cmd_predict)
+
+    m = sub.add_parser("merge", help="average checkpoints into one HF model dir (uniform, weights, EMA, WSM)",
+                       description="cpt merge CKPT [CKPT ...] --out DIR [--weights SPEC]: checkpoints oldest first")
+    m.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="cpt checkpoints, HF model dirs, or run dirs (their checkpoints), OLDEST FIRST: ema and wsm "
+                        "weigh by this order")
+    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="the HF model dir to write (+ merge.json)")
+    m.add_argument("--weights", default="uniform", metavar="SPEC",
+                   help="uniform (default) | w1,w2,... (one per checkpoint, normalised to sum 1) | ema:DECAY "
+                        "(newest 1-DECAY, k older DECAY^k(1-DECAY), the first the rest) | wsm:SHAPE (WSM: "
+                        "emulate a linear, cosine, 1-sqrt or rex decay over the checkpoints)")
+    m.add_argument("--last", type=int, default=None, metavar="K",
+                   help="merge only the last K (after run dirs are expanded)")
+    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the output (auto: as the last input stores it; for a cpt checkpoint its "
+                        "config's dtype, as final/)")
+    m.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    m.set_defaults(func=cmd_merge)
 
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tverb", required=True, metavar="COMMAND")

@@ -1,0 +1,544 @@
+"""Merging checkpoints: a weighted average of N model dirs, written as one Hugging Face model dir.
+
+``cpt merge CKPT... --out DIR --weights SPEC`` averages cpt checkpoints (``RUN/checkpoints/step-N``), HF
+model dirs (``RUN/final``, a downloaded model) or the checkpoints of run dirs, given **oldest first**, with
+coefficients from :func:`merge_coefficients`:
+
+``uniform``
+    ``1/N`` each.
+``w1,w2,...``
+    explicit weights, one per checkpoint, finite and ``>= 0``, not all zero; normalised to sum 1.
+``ema:<decay>``
+    the exponential moving average of the sequence started at its first checkpoint
+    (``ema = theta_1; ema = d * ema + (1 - d) * theta_i`` for ``i = 2..N``): the newest checkpoint gets
+    ``1 - d``, the one ``k`` places older ``d^k (1 - d)``, and the first one absorbs the rest, ``d^(N-1)``,
+    so that the weights sum to 1. ``0 <= d < 1``; ``ema:0`` is the newest checkpoint alone.
+``wsm:<shape>``
+    WSM, Warmup-Stable and Merge (Tian et al. 2025, arXiv 2507.17634): the checkpoints of a constant-LR
+    run, merged with the coefficients that emulate a decay of ``shape`` (linear, cosine, 1-sqrt, rex:
+    the decay shapes of :mod:`cpt.schedules`) over the span they cover. See :func:`wsm_coefficients`.
+
+:func:`merge_checkpoints` checks that the inputs are one architecture (config, tensor names and shapes)
+with one tokenizer (compared by what it does, :func:`cpt.data.tokenizer.tokenizer_identity`), then merges
+tensor by tensor in float32, reading each input's safetensors lazily (never a pickle: an input with only
+``.bin`` / ``.pt`` weights is refused), so that memory holds one output shard and one input tensor, not N
+state dicts. The output has the last input's layout (tensor names, shards, tied embeddings saved as it
+saved them), config and tokenizer files, and its dtype (a cpt checkpoint's fp32 training weights are
+written in its config's dtype, as ``final/`` is); ``merge.json`` records inputs, coefficients and method.
+It is written to a temporary dir and renamed into place. A LoRA checkpoint (peft names, ``adapter/``) is
+merged through its merged weights (base + adapter, as ``final/`` holds them).
+
+Both functions are free of CLI concerns: the training loop can call them for an in-run merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cpt.errors import CptError
+
+MERGE_FILE = "merge.json"
+WSM_SHAPES = ("linear", "cosine", "1-sqrt", "rex")  # the decay shapes of cpt.schedules that end at 0
+DTYPES = ("float32", "bfloat16", "float16")
+
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+# Config keys that record how a model was saved or loaded, not what it is.
+_HARMLESS_CONFIG_KEYS = frozenset({"dtype", "torch_dtype", "transformers_version", "_name_or_path",
+                                   "_commit_hash", "_attn_implementation", "_attn_implementation_autoset",
+                                   "attn_implementation", "use_cache"})
+# What a Hugging Face model dir carries beside its weights and config, copied from the last input.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+                    "chat_template.jinja", "chat_template.json")
+_EXTRA_FILES = ("generation_config.json",)
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+# ---------------------------------------------------------------------------------------- coefficients
+
+
+def merge_coefficients(spec: str, n: int) -> list[float]:
+    """The ``n`` merge coefficients (oldest checkpoint first, summing to 1) that ``spec`` names:
+    ``uniform``, ``w1,w2,...`` (normalised to sum 1), ``ema:<decay>`` or ``wsm:<shape>``."""
+    if n < 1:
+        raise CptError(f"merge: nothing to merge ({n} checkpoints)")
+    spec = spec.strip()
+    if spec == "uniform":
+        return [1.0 / n] * n
+    if spec.startswith("ema:"):
+        return ema_coefficients(_number(spec, spec[4:]), n)
+    if spec.startswith("wsm:"):
+        return wsm_coefficients(spec[4:], n)
+    if "," not in spec and not _is_number(spec):
+        raise CptError(f"merge weights {spec!r}: expected uniform, w1,w2,... (one per checkpoint), ema:<decay> "
+                       f"or wsm:<shape> ({', '.join(WSM_SHAPES)})")
+    weights = [_number(spec, w) for w in spec.split(",")]
+    if len(weights) != n:
+        raise CptError(f"merge weights {spec!r}: {len(weights)} weights for {n} checkpoints")
+    if any(w < 0 for w in weights):
+        raise CptError(f"merge weights {spec!r}: weights must be >= 0")
+    total = sum(weights)
+    if total <= 0:
+        raise CptError(f"merge weights {spec!r}: all weights are zero")
+    return [w / total for w in weights]
+
+
+def ema_coefficients(decay: float, n: int) -> list[float]:
+    """The exponential moving average of ``n`` checkpoints started at the first one: newest ``1 - d``,
+    ``k`` places older ``d^k (1 - d)``, the first ``d^(n-1)`` (the remainder), oldest first."""
+    if not 0 <= decay < 1:
+        raise CptError(f"merge weights 'ema:{decay:g}': the decay must be in [0, 1)")
+    return [decay ** (n - 1)] + [decay ** (n - 1 - i) * (1 - decay) for i in range(1, n)]
+
+
+def wsm_coefficients(shape: str, n: int) -> list[float]:
+    """WSM merge coefficients of ``n`` checkpoints (oldest first) that emulate a decay of ``shape``.
+
+    Tian et al. 2025, "WSM: Decay-Free Learning Rate Schedule via Checkpoint Merging for LLM Pre-training"
+    (arXiv 2507.17634), Section 3, Theorem 3.1: merging checkpoints ``theta_n .. theta_{n+k}`` of a
+    constant-LR run, ``sum_{j=0..k} c_j theta_{n+j} = theta_n - sum_{i=1..k} w_i g_{n+i-1}``, applies the
+    weight ``w_i = sum_{j>=i} c_j`` to the update ``g`` made between checkpoints ``i-1`` and ``i``: a decay
+    sequence ``1 >= w_1 >= .. >= w_k >= 0`` is emulated by ``c_0 = 1 - w_1``, ``c_j = w_j - w_{j+1}``,
+    ``c_k = w_k``.
+
+    Here the ``n`` checkpoints stand for ``n`` equal parts of the emulated decay, and ``w_i`` is the decay
+    factor ``f`` of ``shape`` (1 at its start, 0 at its end; :class:`cpt.schedules.Phase` computes it)
+    where part ``i`` starts: ``w_i = f(i / n)``. So checkpoint ``j`` (0 = oldest) gets
+    ``c_j = f(j / n) - f((j + 1) / n)``, the LR drop over the part it stands for; the coefficients sum to
+    ``f(0) - f(1) = 1``, and ``linear`` gives the uniform mean (the mean of checkpoints is a linear decay).
+    """
+    from cpt.schedules import Phase
+
+    if shape not in WSM_SHAPES:
+        raise CptError(f"merge weights 'wsm:{shape}': unknown decay shape (expected one of {', '.join(WSM_SHAPES)})")
+    decay = Phase("merge", 0, n, 1.0, 0.0, shape)  # LR factor from 1 at the oldest checkpoint to 0 past the newest
+    factors = [decay.lr(j) for j in range(n + 1)]
+    drops = [max(a - b, 0.0) for a, b in zip(factors, factors[1:], strict=False)]
+    total = sum(drops)  # 1 up to rounding
+    return [d / total for d in drops]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number(spec: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CptError(f"merge weights {spec!r}: {text.strip()!r} is not a number") from None
+    if not math.isfinite(value):
+        raise CptError(f"merge weights {spec!r}: {text.strip()!r} is not finite")
+    return value
+
+
+def describe(spec: str, paths: list[Path], coefficients: list[float]) -> str:
+    """The coefficients used, one line per input (oldest first), and how they came about."""
+    head = f"merge weights {spec}"
+    if not (spec == "uniform" or spec.startswith(("ema:", "wsm:"))):
+        head += " (normalised to sum 1)"
+    lines = [f"{head}, oldest first:"]
+    lines += [f"  {c:.6f}  {p}" for p, c in zip(paths, coefficients, strict=True)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def resolve_inputs(paths: list[str | Path], last: int | None = None) -> list[Path]:
+    """Model dirs to merge, in the order given: a model dir (cpt checkpoint or HF dir) as it is, a cpt
+    run dir as its checkpoints (oldest first); ``last``: only the last K of them all."""
+    from cpt.checkpoint import checkpoint_dirs
+
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise CptError(f"{p}: no such directory (a cpt checkpoint, an HF model dir or a run dir is expected)")
+        if (p / "config.json").is_file() or _weight_files(p, refuse=False):
+            found.append(p)
+        elif dirs := checkpoint_dirs(p):
+            found.extend(dirs)
+        else:
+            raise CptError(f"{p}: not a model dir (no config.json) nor a run dir with checkpoints")
+    if last is not None:
+        if last < 1:
+            raise CptError(f"--last {last}: must be at least 1")
+        if last > len(found):
+            raise CptError(f"--last {last}: only {len(found)} checkpoints given")
+        found = found[-last:]
+    return found
+
+
+@dataclass
+class _Input:
+    path: Path
+    config: dict[str, Any]
+    weights: dict[str, Path] = field(default_factory=dict)  # tensor name -> its safetensors file
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # name -> (dtype, shape)
+    layout: list[tuple[str, list[str]]] = field(default_factory=list)  # (file name, its tensors), in order
+    index: dict[str, Any] | None = None  # model.safetensors.index.json of a sharded model
+
+    @property
+    def is_cpt_checkpoint(self) -> bool:
+        from cpt.train.state import STATE_FILE
+
+        return (self.path / STATE_FILE).is_file()
+
+
+def _weight_files(path: Path, refuse: bool = True) -> list[Path]:
+    """The safetensors files of a model dir (one, or the shards its index names); a dir with pickled
+    weights only is refused: nothing here unpickles."""
+    if (path / WEIGHTS_INDEX).is_file():
+        index = _read_json(path / WEIGHTS_INDEX)
+        return [path / f for f in dict.fromkeys(index.get("weight_map", {}).values())]
+    if (path / WEIGHTS_FILE).is_file():
+        return [path / WEIGHTS_FILE]
+    if not refuse:
+        return []
+    pickled = sorted(f.name for pattern in _PICKLED for f in path.glob(pattern))
+    if pickled:
+        raise CptError(f"{path}: its weights are pickled ({', '.join(pickled[:3])}), and cpt merge reads "
+                       f"safetensors only (unpickling can run code): re-save it with "
+                       f"save_pretrained(..., safe_serialization=True)")
+    raise CptError(f"{path}: no {WEIGHTS_FILE} (nor {WEIGHTS_INDEX}): not a model dir cpt merge can read")
+
+
+def _read_json(f: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CptError(f"{f} cannot be read ({e})") from None
+    if not isinstance(data, dict):
+        raise CptError(f"{f}: not a JSON object")
+    return data
+
+
+def _open_input(path: Path) -> _Input:
+    if not path.is_dir():
+        raise CptError(f"{path}: no such directory")
+    if not (path / "config.json").is_file():
+        raise CptError(f"{path} has no config.json (a cpt checkpoint or a Hugging Face model dir is expected)")
+    _weight_files(path)  # refuses pickled weights before anything else is read
+    return _Input(path, _read_json(path / "config.json"))
+
+
+def _read_tensors(inp: _Input, weights_dir: Path) -> None:
+    """Names, dtypes and shapes of the input's tensors, from the safetensors headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    if (weights_dir / WEIGHTS_INDEX).is_file():
+        inp.index = _read_json(weights_dir / WEIGHTS_INDEX)
+    for f in _weight_files(weights_dir):
+        names = []
+        try:
+            with safe_open(str(f), "pt") as handle:
+                for name in handle.keys():
+                    piece = handle.get_slice(name)
+                    inp.tensors[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+                    inp.weights[name] = f
+                    names.append(name)
+        except Exception as e:  # SafetensorError of a truncated or damaged file, OSError
+            raise CptError(f"{f}: not a readable safetensors file ({_why(e)})") from None
+        inp.layout.append((f.name, names))
+
+
+def _comparable_config(inp: _Input) -> dict[str, Any]:
+    """The config as transformers reads it (defaults filled in, so a key one file leaves out and another
+    writes as its default is no difference), less what records how it was saved; the raw file where
+    transformers cannot read it without running code (auto_map)."""
+    from transformers import AutoConfig
+
+    config = dict(inp.config)
+    if not config.get("auto_map"):  # (transformers would ask whether to run that code)
+        try:
+            config = AutoConfig.from_pretrained(str(inp.path)).to_dict()
+        except Exception:  # ValueError of a model_type this transformers does not know, ...
+            pass
+    if not config.get("architectures"):  # cpt checkpoints save the config alone, without it
+        config.pop("architectures", None)
+    return {k: v for k, v in config.items() if k not in _HARMLESS_CONFIG_KEYS}
+
+
+def _check_same_model(a: _Input, b: _Input, cb: dict[str, Any]) -> None:
+    """Refuse two inputs that are not one architecture by their configs (``cb``: b's comparable config;
+    tensors: _check_same_tensors)."""
+    ca, cb = _comparable_config(a), dict(cb)
+    if "architectures" not in ca or "architectures" not in cb:
+        ca.pop("architectures", None)
+        cb.pop("architectures", None)
+    differ = sorted(k for k in ca.keys() | cb.keys() if ca.get(k, "(unset)") != cb.get(k, "(unset)"))
+    if differ:
+        shown = "; ".join(f"{k}: {_short(ca.get(k, '(unset)'))} vs {_short(cb.get(k, '(unset)'))}"
+                          for k in differ[:3])
+        more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise CptError(f"cannot merge {a.path} and {b.path}: different models: config {shown}{more}")
+
+
+def _check_same_tensors(a: _Input, b: _Input) -> None:
+    only_a, only_b = sorted(a.tensors.keys() - b.tensors.keys()), sorted(b.tensors.keys() - a.tensors.keys())
+    if only_a or only_b:
+        raise CptError(f"cannot merge {a.path} and {b.path}: different tensors: only in the first "
+                       f"{only_a[:3]}, only in the second {only_b[:3]}")
+    for name, (_, shape) in a.tensors.items():
+        if b.tensors[name][1] != shape:
+            raise CptError(f"cannot merge {a.path} and {b.path}: tensor {name} has shape {list(shape)} vs "
+                           f"{list(b.tensors[name][1])}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _tokenizer_key(path: Path):
+    """What a model dir's tokenizer is: its identity (file hash + behavioural fingerprint) where it has a
+    tokenizer.json, else the bytes of its tokenizer files; None without a tokenizer."""
+    from cpt.data.tokenizer import tokenizer_identity
+
+    if (path / "tokenizer.json").is_file():
+        return tokenizer_identity(path)
+    files = [path / f for f in _TOKENIZER_FILES if (path / f).is_file()]
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
+
+
+def _check_same_tokenizer(paths: list[Path]) -> None:
+    keys = [(p, _tokenizer_key(p)) for p in paths]
+    keys = [(p, k) for p, k in keys if k is not None]  # a weights-only dir has nothing to compare
+    for (p, k), (q, ref) in zip(keys, keys[1:], strict=False):
+        same = (k.matches(ref.hash, ref.fingerprint) if hasattr(k, "matches") and hasattr(ref, "matches")
+                else k == ref)
+        if not same:
+            raise CptError(f"cannot merge {p} and {q}: their tokenizers differ (other vocabulary, merges, "
+                           f"special tokens or ids): the models do not read the same token ids")
+
+
+def _check_order(paths: list[Path]) -> None:
+    """Checkpoints of one run given out of step order are a mistake: ema and wsm weigh by position."""
+    seen: dict[Path, tuple[int, Path]] = {}
+    for p in paths:
+        m = _STEP_DIR.match(p.name)
+        if m is None or p.parent.name != "checkpoints":
+            continue
+        run, step = p.parent.resolve(), int(m.group(1))
+        if run in seen and seen[run][0] >= step:
+            raise CptError(f"{p} is given after {seen[run][1]}: give the checkpoints of a run oldest first")
+        seen[run] = (step, p)
+
+
+# ---------------------------------------------------------------------------------------------- merging
+
+
+def merge_checkpoints(paths: list[str | Path], coefficients: list[float], out_dir: str | Path, *,
+                      method: str | None = None, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``sum_i coefficients[i] * weights(paths[i])`` as a Hugging Face model dir ``out_dir``.
+
+    ``paths``: model dirs (cpt checkpoints, LoRA ones included, or HF dirs), oldest first.
+    ``coefficients``: one per path, finite, ``>= 0``, summing to 1 (:func:`merge_coefficients`).
+    ``method``: recorded in merge.json (e.g. the spec the coefficients came from). ``dtype``: the dtype of
+    the output's floating tensors (``float32``, ``bfloat16``, ``float16``); None = as the last input stores
+    them, or for a cpt checkpoint (fp32 training weights) its config's dtype, as ``final/``.
+    ``overwrite``: replace an existing ``out_dir``. Returns ``out_dir``."""
+    paths = [Path(p) for p in paths]
+    out = Path(out_dir)
+    _check_request(paths, coefficients, out, dtype, overwrite)
+    inputs = [_open_input(p) for p in paths]
+    last = inputs[-1]
+    last_config = _comparable_config(last)
+    for inp in inputs[:-1]:
+        _check_same_model(inp, last, last_config)  # configs and tokenizers before anything heavy is read
+    _check_same_tokenizer(paths)
+
+    target = out.resolve()  # a name to put the temporary dirs beside, also for --out .
+    tmp = target.with_name(f".tmp-{target.name}")
+    scratch = target.with_name(f".tmp-{target.name}-lora")  # merged weights of LoRA checkpoints, deleted after
+    for d in (tmp, scratch):
+        shutil.rmtree(d, ignore_errors=True)
+    try:
+        for i, inp in enumerate(inputs):
+            _read_tensors(inp, _lora_merged(inp.path, scratch / str(i)))
+        for inp in inputs[:-1]:
+            _check_same_tensors(inp, last)
+        out_dtype = dtype or (_config_dtype(last.config) if last.is_cpt_checkpoint else None)
+        tmp.mkdir(parents=True)
+        total_size = 0
+        for file_name, names in last.layout:
+            total_size += _merge_file(inputs, coefficients, names, tmp / file_name, out_dtype)
+        _write_side_files(last, tmp, out_dtype, total_size)
+        record = {
+            "method": method,
+            "coefficients": list(coefficients),
+            "inputs": [_describe_input(inp.path, c) for inp, c in zip(inputs, coefficients, strict=True)],
+            "dtype": out_dtype or "as stored",
+            "arithmetic": "float32, tensor by tensor",
+            "config_and_tokenizer_from": str(last.path),
+        }
+        (tmp / MERGE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    except CptError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as e:  # OSError of a full disk, SafetensorError of an input damaged mid-read, ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CptError(f"{out} could not be written ({_why(e)}); nothing partial was kept") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if target.exists():  # overwrite (checked above): swap, then drop the old one
+        old = target.with_name(f".old-{target.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+    return out
+
+
+def _check_request(paths: list[Path], coefficients: list[float], out: Path, dtype: str | None,
+                   overwrite: bool) -> None:
+    if not paths:
+        raise CptError("merge: nothing to merge (no checkpoints)")
+    if len(coefficients) != len(paths):
+        raise CptError(f"merge: {len(coefficients)} coefficients for {len(paths)} checkpoints")
+    if not all(math.isfinite(c) and c >= 0 for c in coefficients) or abs(sum(coefficients) - 1) > 1e-6:
+        raise CptError(f"merge: coefficients must be finite, >= 0 and sum to 1, got {coefficients} "
+                       f"(merge_coefficients normalises explicit weights)")
+    if dtype is not None and dtype not in DTYPES:
+        raise CptError(f"merge: dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    resolved = [p.resolve() for p in paths]
+    twice = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
+    if twice is not None:
+        raise CptError(f"{twice} is given twice (to weigh it more, give explicit weights)")
+    _check_order(paths)
+    target = out.resolve()
+    for p, r in zip(paths, resolved, strict=True):
+        if r == target or target in r.parents:
+            raise CptError(f"output dir {out} would overwrite the input {p}: choose another output dir")
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise CptError(f"{out} exists and is not empty: choose another output dir, or overwrite it (--overwrite)")
+
+
+def _lora_merged(path: Path, scratch: Path) -> Path:
+    """Where to read ``path``'s weights: itself, or for a LoRA checkpoint (peft names) its weights with the
+    adapter merged in (cpt's one loader does it, as for init_from), written to ``scratch``."""
+    from cpt.model import is_peft_checkpoint, load_causal_lm
+
+    if not is_peft_checkpoint(path):
+        return path
+    model = load_causal_lm(path, attn_implementation="eager")
+    scratch.mkdir(parents=True)
+    model.save_pretrained(scratch, safe_serialization=True)
+    del model
+    return scratch
+
+
+def _config_dtype(config: dict[str, Any]) -> str:
+    """The dtype a config names for its weights (float32 where it names none), as cpt.model.source_dtype."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    return name if name in _FLOATS.values() else "float32"
+
+
+_FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors header dtypes
+
+
+def _merge_file(inputs: list[_Input], coefficients: list[float], names: list[str], dest: Path,
+                out_dtype: str | None) -> int:
+    """Merge the tensors ``names`` (one file of the last input's layout) into ``dest``; its size in bytes.
+
+    Each tensor is accumulated in float32 from one input at a time (safe_open reads only that tensor);
+    integer tensors (buffers) are the last input's. Returns the tensors' total size."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    last = inputs[-1]
+    merged = {}
+    with _Handles(safe_open) as handles:
+        for name in names:
+            stored = _FLOATS.get(last.tensors[name][0])
+            if stored is None:  # an integer buffer (or a dtype not to average): the last input's
+                merged[name] = handles.get(last.weights[name]).get_tensor(name)
+                continue
+            acc = None
+            for inp, c in zip(inputs, coefficients, strict=True):
+                if c == 0:
+                    continue
+                t = handles.get(inp.weights[name]).get_tensor(name).to(torch.float32)
+                if not bool(torch.isfinite(t).all()):
+                    raise CptError(f"{inp.path}: tensor {name} holds NaN or inf values; refusing to merge it "
+                                   f"(leave that checkpoint out)")
+                acc = t * c if acc is None else acc.add_(t, alpha=c)
+            merged[name] = acc.to(getattr(torch, out_dtype or stored))
+    save_file(merged, str(dest), metadata={"format": "pt"})  # from_pretrained requires the format key
+    return sum(t.numel() * t.element_size() for t in merged.values())
+
+
+class _Handles:
+    """Open safetensors files by path, each once, all closed at the end."""
+
+    def __init__(self, opener) -> None:
+        self.opener, self.open = opener, {}
+
+    def get(self, f: Path):
+        if f not in self.open:
+            self.open[f] = self.opener(str(f), "pt").__enter__()
+        return self.open[f]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.open.values():
+            handle.__exit__(None, None, None)
+
+
+def _write_side_files(last: _Input, tmp: Path, out_dtype: str | None, total_size: int) -> None:
+    """config.json, tokenizer and generation config from the last input; the shard index if sharded."""
+    config = dict(last.config)
+    if out_dtype is not None:
+        config["dtype"] = out_dtype
+        config.pop("torch_dtype", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    else:
+        shutil.copy2(last.path / "config.json", tmp / "config.json")
+    for name in _TOKENIZER_FILES + _EXTRA_FILES:
+        if (last.path / name).is_file():
+            shutil.copy2(last.path / name, tmp / name)
+    if last.index is not None:
+        index = {**last.index, "metadata": {**last.index.get("metadata", {}), "total_size": total_size}}
+        (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _describe_input(path: Path, coefficient: float) -> dict[str, Any]:
+    from cpt.train.state import STATE_FILE
+
+    entry: dict[str, Any] = {"path": str(path.resolve()), "coefficient": coefficient}
+    state = path / STATE_FILE
+    if state.is_file():
+        try:
+            raw = json.loads(state.read_text())
+            entry.update({k: raw[k] for k in ("step", "tokens") if k in raw})
+        except (OSError, ValueError):
+            pass  # a record only; the weights were read and checked
+    return entry
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
