@@ -51,8 +51,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: TrainerState, recipe_yaml: str,
-                    keep_last: int, model=None, tokenizer=None) -> Path:
+                    keep_last: int, model=None, tokenizer=None, write_extra=None) -> Path:
     """Save model, optimizer, RNG (all ranks) and trainer state; prune untagged ones to ``keep_last``.
+    ``write_extra(dir)``: writes more of the run's state into the checkpoint (main process, before the
+    commit), e.g. the mitigations' reference and EMA weights.
 
     A write that fails (disk full, quota, a vanished mount) removes its temporary dir and is one line
     that says the earlier checkpoints are intact: the rename below is the commit, so nothing partial
@@ -62,7 +64,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: TrainerS
     tmp = root / f".tmp-{final.name}"
     try:
         return _save_checkpoint(accelerator, run_dir, root, final, tmp, state, recipe_yaml, keep_last, model,
-                                tokenizer)
+                                tokenizer, write_extra)
     except Exception as e:  # OSError from open(), RuntimeError from torch.save, SafetensorError, ...
         shutil.rmtree(tmp, ignore_errors=True)
         raise CptError(f"checkpoint {final} could not be written ({_why(e)}); nothing partial was kept and the "
@@ -75,7 +77,7 @@ def _why(e: BaseException) -> str:
 
 
 def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, state, recipe_yaml, keep_last,
-                     model, tokenizer) -> Path:
+                     model, tokenizer, write_extra) -> Path:
     if accelerator.is_main_process:
         for stale in root.glob(".tmp-*") if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save
@@ -101,6 +103,8 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
             tokenizer.save_pretrained(tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state.to_json(), indent=1))
         (tmp / "recipe.yaml").write_text(recipe_yaml)
+        if write_extra is not None:
+            write_extra(tmp)
         if final.exists():  # the same step saved again after a resume: replace it
             old = root / f".old-{final.name}"
             final.rename(old)

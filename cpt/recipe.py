@@ -278,6 +278,38 @@ class TrackingConfig(StrictModel):
     )
 
 
+class EmaConfig(StrictModel):
+    decay: float = Field(gt=0, lt=1, description="ema <- decay * ema + (1 - decay) * weights at each update; "
+                         "starts from the run's start weights (their share after n updates is decay^n).")
+    every: int = Field(1, ge=1, description="Update every this many optimizer steps.")
+
+
+class MitigateConfig(StrictModel):
+    """Forgetting mitigations beyond replay (cpt/mitigate.py). Patterns are regular expressions searched
+    (re.search) in the names of the trainable parameters, e.g. 'embed_tokens|lm_head', 'layers\\.[0-7]\\.'
+    (write the trailing dot: 'layers\\.1' also matches layers.10); a pattern matching nothing is an error."""
+
+    freeze: list[str] = Field(default_factory=list, description="Parameters not trained (e.g. the bottom "
+                              "layers); counts per pattern are printed at start.")
+    lr_multipliers: dict[str, float] = Field(
+        default_factory=dict, description="Pattern -> factor > 0 on the schedule's LR (layer-wise LR, e.g. "
+        "embeddings 0.1, lower layers 0.5); the first matching pattern wins; counts printed at start."
+    )
+    l2_init: float = Field(
+        0.0, ge=0, description="Decoupled L2 toward the weights the stage started from: after each update "
+        "w <- w - lr * l2_init * (w - w_stage_start), like AdamW's decoupled weight decay (lr * l2_init must "
+        "stay <= 1). The reference weights are in every checkpoint. Not with train.deepspeed / FSDP."
+    )
+    ema: EmaConfig | None = Field(
+        None, description="An exponential moving average of the weights: probed beside the raw weights "
+        "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. Not with train.deepspeed / FSDP."
+    )
+
+    @property
+    def stateful(self) -> bool:
+        return self.l2_init > 0 or self.ema is not None
+
+
 class Recipe(StrictModel):
     run: RunConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -302,6 +334,7 @@ class Recipe(StrictModel):
     probes: ProbesConfig = Field(default_factory=ProbesConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    mitigate: MitigateConfig = Field(default_factory=MitigateConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -320,6 +353,10 @@ class Recipe(StrictModel):
             raise ValueError("init_from.load.optimizer: not supported with train.deepspeed (DeepSpeed keeps the "
                              "optimizer state partitioned in its own format); set it to false, or train without "
                              "DeepSpeed")
+
+        if self.train.deepspeed is not None and self.mitigate.stateful:
+            raise ValueError("mitigate.l2_init / mitigate.ema: not supported with train.deepspeed (DeepSpeed "
+                             "updates fp32 master copies of its own and overwrites the module's weights)")
 
         L, G = self.data.seq_len, self.train.global_batch_tokens
         if G % L:

@@ -121,7 +121,7 @@ def test_fused_adamw_is_the_default_on_cpu_and_steps_like_foreach():
     for fused in ("auto", False):
         model = models()["llama"]
         model.load_state_dict(ref.state_dict())
-        opt = make_optimizer(model, OptimizerConfig(fused=fused), 1e-3, "cpu")
+        opt, _ = make_optimizer(model, OptimizerConfig(fused=fused), 1e-3, "cpu")
         assert opt.defaults["fused"] is (True if fused == "auto" else None)
         ids = torch.randint(500, (2, 16), generator=torch.Generator().manual_seed(4))
         for _ in range(3):

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cpt import checkpoint as ckpt_lib
+from cpt import mitigate
 from cpt.data.mixture import MixtureSampler
 from cpt.data.source import TokenSource, read_batch
 from cpt.errors import CptError, DivergedError
@@ -58,6 +59,10 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
         if run.tokens == run.plan.end:
             ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final",
                                   dtype=run.export_dtype)
+            if run.ema is not None:
+                with run.ema.applied():
+                    ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final_ema",
+                                          dtype=run.export_dtype)
     finally:
         bar.close()
         run.tracker.close(exit_code=0 if sys.exc_info()[0] is None else 1)  # a crash marks the W&B run failed
@@ -74,17 +79,21 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
     mid_stage = run.saved is not None and run.tokens > stage.start  # resumed inside this stage
     sampler = _stage_sampler(run, stage, mid_stage)
     probes, forgetting = _stage_probes(run, stage, probe_sets, mid_stage)
+    if run.l2_init is not None and not mid_stage:
+        run.l2_init.restart()  # mitigate.l2_init pulls toward the weights this stage starts from
     while run.tokens < stage.end:
         t0 = time.perf_counter()
         picks = sampler.draw(run.layout.sequences_per_step)  # the same global batch on every rank
         batches = [run.frame(read_batch(run.sources, micro, vocab_size=run.vocab))
                    for micro in run.layout.my_micro_batches(picks, run.accelerator.process_index)]
         stats = train_step(run.model, run.optimizer, run.accelerator, batches, stage.lr(run.tokens),
-                           recipe.train.grad_clip, run.guard, run.loss, t0)
+                           recipe.train.grad_clip, run.guard, run.loss, t0, run.l2_init)
         if stats.verdict == "halt":
             raise _diverged(run, stage, stats)
         before = run.tokens
         run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + step_tokens, run.elapsed + stats.seconds
+        if run.ema is not None:
+            run.ema.update(run.step)
         _log_step(run, stage, sampler, stats, bar)
 
         decision = after_step(before, run.tokens, stage, run.plan.end, step_tokens, recipe, has_probes=probes is not None,
@@ -93,6 +102,10 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
         tag = {"step": run.step, "tokens": run.tokens, "stage": stage.name}
         if decision.probe:
             measured = probes(run.model, run.accelerator)
+            if run.ema is not None:  # the averaged weights, probed as their own series
+                with run.ema.applied():
+                    averaged = probes(run.model, run.accelerator)
+                measured |= {k.replace("probe/", "probe_ema/", 1): v for k, v in averaged.items()}
             run.tracker.log({**tag, **measured, **forgetting.update(run.tokens, probe_losses(measured))})
         # saved as it stands before end_stage closes it: a run extended past this stage's old end
         # (train.tokens raised on --resume) goes on with the same baseline
@@ -222,8 +235,11 @@ def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict
         elapsed_s=run.elapsed, tags=tags, origin=run.plan.origin,
         next_lr=run.plan.stage_at(run.tokens).lr(run.tokens), probe_state=probe_state,
         metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict())
+    parts = run.mitigations
     ckpt_lib.save_checkpoint(run.accelerator, run.run_dir, run.step, state, run.recipe.to_yaml(),
-                             run.recipe.checkpoint.keep_last, model=run.model, tokenizer=run.tokenizer)
+                             run.recipe.checkpoint.keep_last, model=run.model, tokenizer=run.tokenizer,
+                             write_extra=(lambda d: mitigate.save_state(d / mitigate.STATE_FILE, parts))
+                             if parts else None)
 
 
 def _diverged(run: Run, stage: StagePlan, stats: StepStats) -> DivergedError:

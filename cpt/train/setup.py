@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from cpt import checkpoint as ckpt_lib
+from cpt import mitigate
 from cpt.data.source import SubsetSource, TokenSource, validate_source
 from cpt.data.tokenizer import load_tokenizer, tokenizer_identity
 from cpt.errors import CptError
@@ -51,6 +52,8 @@ class Run:
     elapsed: float
     consumed: dict[str, int]          # draws per source before the current stage (the next one's offsets)
     loss: Any = None                  # (model, inputs) -> loss, and .token_nll for probes (cpt.train.loss)
+    l2_init: Any = None               # cpt.mitigate.L2Init (mitigate.l2_init), or None
+    ema: Any = None                   # cpt.mitigate.EMA (mitigate.ema), or None
     warned: set[str] = field(default_factory=set)  # sources already warned about repeats
 
     def frame(self, ids):
@@ -71,6 +74,11 @@ class Run:
             return getattr(torch, want)
         model = self.accelerator.unwrap_model(self.model)
         return source_dtype((model.get_base_model() if self.recipe.peft is not None else model).config)
+
+    @property
+    def mitigations(self) -> dict:
+        """The mitigations with state of their own (saved in every checkpoint), by name."""
+        return _mitigation_parts(self.l2_init, self.ema)
 
     @property
     def run_dir(self) -> Path:
@@ -213,12 +221,17 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.peft is not None:  # frozen base + adapters; make_optimizer takes only what requires grad
         model = wrap_peft(model, recipe.peft, verbose=main)
+    mit = recipe.mitigate
+    if mit.freeze:  # before the optimizer and DDP, which take what requires grad
+        frozen = open_keyed("mitigate.freeze", mitigate.freeze, model, mit.freeze)
+        _print_counts(main, "frozen", frozen)
     n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters
     mfu = mfu_per_token_s(model, recipe, accelerator)
     if recipe.train.compile:
         model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
-    optimizer = make_optimizer(model, recipe.train.optimizer, plan.stages[0].lr(origin.tokens),
-                               accelerator.device.type)
+    optimizer, scaled = open_keyed("mitigate.lr_multipliers", make_optimizer, model, recipe.train.optimizer,
+                                   plan.stages[0].lr(origin.tokens), accelerator.device.type, mit.lr_multipliers)
+    _print_counts(main, "lr x", scaled, mit.lr_multipliers)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), params_sharded(accelerator), vocab)
     if note and main:
@@ -228,6 +241,16 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     elif recipe.init_from is not None and recipe.init_from.load.optimizer:
         open_keyed("init_from.load.optimizer", ckpt_lib.load_optimizer_state, optimizer, origin.path)
 
+    l2_init = ema = None
+    if mit.stateful:
+        if why := mitigate.unsupported(accelerator):
+            raise CptError(f"mitigate.l2_init / mitigate.ema: {why}")
+        weights = accelerator.unwrap_model(model)
+        l2_init = mitigate.L2Init(weights, mit.l2_init) if mit.l2_init > 0 else None
+        ema = mitigate.EMA(weights, mit.ema.decay, mit.ema.every) if mit.ema is not None else None
+        if resume_from is not None:
+            mitigate.load_state(resume_from / mitigate.STATE_FILE, _mitigation_parts(l2_init, ema))
+
     guard = StepGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, recipe.train.spike_factor,
                       recipe.train.spike_window, check_grad_norm=recipe.train.precision != "fp16")
     guard.load_state_dict(saved.guard if saved else None)
@@ -236,7 +259,7 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
                       wandb_cfg=recipe.tracking.wandb, keep_records=saved.metrics_records if saved else None)
     run = Run(recipe, accelerator, layout, plan, model, optimizer, tokenizer, sources, vocab, guard, tracker, mfu,
               saved, resume_from, step, tokens, saved.elapsed_s if saved else 0.0,
-              dict(saved.data_consumed) if saved else dict(origin.consumed), loss=loss)
+              dict(saved.data_consumed) if saved else dict(origin.consumed), loss=loss, l2_init=l2_init, ema=ema)
     if main:
         how = f"resumed from {resume_from}" if saved else "fresh start"
         print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "
@@ -248,6 +271,17 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         _log_init(run)
     model.train()
     return run, probe_sets
+
+
+def _mitigation_parts(l2_init, ema) -> dict:
+    return {k: v for k, v in (("l2_init", l2_init), ("ema", ema)) if v is not None}
+
+
+def _print_counts(main: bool, what: str, counts: dict[str, tuple[int, int]], factors=None) -> None:
+    """One line per mitigate pattern: what it matched."""
+    for pattern, (tensors, params) in counts.items() if main else ():
+        factor = f" {factors[pattern]:g}" if factors else ""
+        print(f"cpt: mitigate: {what}{factor} {pattern!r}: {tensors} tensors, {params / 1e6:.3f}M parameters")
 
 
 def _note_schedule_change(run: Run) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from cpt.errors import CptError
 from cpt.guard import StepGuard, Verdict
+from cpt.mitigate import param_groups, set_lr
 from cpt.recipe import Recipe
 
 
@@ -43,17 +44,17 @@ class Layout:
         return [picks[(a * w + rank) * m:(a * w + rank + 1) * m] for a in range(self.grad_accum)]
 
 
-def make_optimizer(model, cfg, lr: float, device_type: str):
-    """AdamW over what requires grad, decay on matrices only; fused where torch has the kernel (auto)."""
+def make_optimizer(model, cfg, lr: float, device_type: str, lr_multipliers=None):
+    """AdamW over what requires grad, decay on matrices only, groups scaled by mitigate.lr_multipliers
+    (cpt.mitigate.param_groups); fused where torch has the kernel (auto). Returns (optimizer, counts per
+    multiplier pattern)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups, counts = param_groups(model, cfg.weight_decay, lr_multipliers)
     fused = device_type in _get_fused_kernels_supported_devices() if cfg.fused == "auto" else cfg.fused
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
-    )
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    set_lr(optimizer, lr)
+    return optimizer, counts
 
 
 def document_starts(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -93,13 +94,13 @@ class StepStats:
 
 
 def train_step(model, optimizer, accelerator, batches: list[dict], lr: float, grad_clip: float | None,
-               guard: StepGuard, loss_fn, t0: float | None = None) -> StepStats:
+               guard: StepGuard, loss_fn, t0: float | None = None, l2_init=None) -> StepStats:
     """One optimizer step over this rank's micro-batches (:func:`model_inputs` on the CPU). ``loss_fn``:
     (model, inputs) -> mean loss (cpt.train.loss: chunked or the model's own). ``t0``: when the step
-    began, if the caller did work for it first (drawing the batch)."""
+    began, if the caller did work for it first (drawing the batch). ``l2_init``: a cpt.mitigate.L2Init
+    pulling the weights toward the stage's start after the update."""
     t0 = time.perf_counter() if t0 is None else t0
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)  # times each group's lr multiplier
     loss_sum = torch.zeros((), device=accelerator.device)
     for inputs in batches:
         inputs = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
@@ -114,5 +115,7 @@ def train_step(model, optimizer, accelerator, batches: list[dict], lr: float, gr
     verdict = guard.check(loss, norm)  # the same reduced numbers on every rank: one decision
     if verdict == "step":
         optimizer.step()
+        if l2_init is not None:
+            l2_init.apply(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return StepStats(loss, norm, verdict, time.perf_counter() - t0)
