@@ -310,6 +310,17 @@ class MitigateConfig(StrictModel):
         return self.l2_init > 0 or self.ema is not None
 
 
+class MergeConfig(StrictModel):
+    """Checkpoint merging in the run (cpt/merge.py): at the end of every stage, the stage's last ``last``
+    checkpoints are averaged into runs/<name>/merged/<stage>/ (an HF model dir) and probed as their own
+    series (probe_merge/<set>/loss). "Constant LR + merge" instead of a decay is then a recipe."""
+
+    last: int = Field(ge=2, description="How many of the stage's most recent checkpoints to merge (needs "
+                      "checkpoint.every to save that many in the stage, and checkpoint.keep_last >= it).")
+    weights: str = Field("wsm:1-sqrt", description="uniform | w1,w2,... | ema:<decay> | wsm:<shape> "
+                         "(WSM: the coefficients that emulate that decay over the checkpoints; see cpt merge).")
+
+
 class Recipe(StrictModel):
     run: RunConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -335,6 +346,7 @@ class Recipe(StrictModel):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     mitigate: MitigateConfig = Field(default_factory=MitigateConfig)
+    merge: MergeConfig | None = Field(None, description="Merge the last checkpoints of each stage (WSM); null = off.")
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
@@ -357,6 +369,20 @@ class Recipe(StrictModel):
         if self.train.deepspeed is not None and self.mitigate.stateful:
             raise ValueError("mitigate.l2_init / mitigate.ema: not supported with train.deepspeed (DeepSpeed "
                              "updates fp32 master copies of its own and overwrites the module's weights)")
+
+        if self.merge is not None:
+            from cpt.errors import CptError
+            from cpt.merge import merge_coefficients
+
+            try:
+                merge_coefficients(self.merge.weights, self.merge.last)
+            except CptError as e:
+                raise ValueError(f"merge.weights: {e}") from None
+            if self.checkpoint.every is None:
+                raise ValueError("merge: needs checkpoint.every (the checkpoints it merges)")
+            if self.checkpoint.keep_last < self.merge.last:
+                raise ValueError(f"checkpoint.keep_last = {self.checkpoint.keep_last}: merge.last = "
+                                 f"{self.merge.last} checkpoints must be kept")
 
         L, G = self.data.seq_len, self.train.global_batch_tokens
         if G % L:

@@ -281,3 +281,43 @@ def test_lora_checkpoints_merge_through_their_merged_weights(make_recipe, tmp_pa
         assert torch.allclose(t, (states[0][k] + states[1][k]) / 2, atol=1e-6, rtol=0), k
     assert AutoModelForCausalLM.from_pretrained(out) is not None
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # scratch removed
+
+
+def test_a_merge_block_merges_each_stages_last_checkpoints_and_probes_them(make_recipe, tmp_path):
+    """merge: {last: 3, weights: uniform} at the end of the run's one stage: merged/<stage>/ is the mean of
+    its last 3 checkpoints, probed as probe_merge/en/loss with the same probe as the weights; the weights
+    themselves are put back exactly (final/ = the last checkpoint)."""
+    from cpt.data.source import TokenSource
+    from cpt.probes import HeldOutLoss
+    from cpt.tracking import read_metrics
+    from cpt.train.loop import train
+    from cpt.train.loss import PlainLoss
+
+    r = make_recipe("merged", train__tokens=5 * 1024, checkpoint__every=1024, checkpoint__keep_last=3,
+                    schedule={"kind": "constant", "max_lr": 3e-3, "warmup": 0},
+                    merge={"last": 3, "weights": "uniform"})
+    assert train(r).completed
+    run = Path(r.run.output_dir)
+    merged = tensors(run / "merged" / r.run.name)
+    ckpts = [tensors(run / "checkpoints" / f"step-{s:08d}") for s in (3, 4, 5)]
+    for k in merged:
+        torch.testing.assert_close(merged[k], sum(c[k] for c in ckpts) / 3, rtol=0, atol=1e-6)
+    assert all(torch.equal(tensors(run / "final")[k], ckpts[-1][k]) for k in ckpts[-1])
+    record = [x for x in read_metrics(run / "metrics.jsonl") if x.get("event") == "merge"][-1]
+    assert record["merge/checkpoints"] == ["step-00000003", "step-00000004", "step-00000005"]
+    assert record["merge/coefficients"] == pytest.approx([1 / 3] * 3)
+    probe = HeldOutLoss({"en": TokenSource(r.probes.sets["en"])}, r.probes.max_sequences, 4, loss=PlainLoss())
+    model = AutoModelForCausalLM.from_pretrained(run / "merged" / r.run.name)
+    by_hand = probe(model, type("Acc", (), {"device": torch.device("cpu"), "reduce": staticmethod(lambda t, reduction: t)}))
+    assert record["probe_merge/en/loss"] == pytest.approx(by_hand["probe/en/loss"], abs=1e-5)
+    final_probe = [x for x in read_metrics(run / "metrics.jsonl") if "probe/en/loss" in x][-1]["probe/en/loss"]
+    assert abs(record["probe_merge/en/loss"] - final_probe) > 1e-4  # another model than the last weights
+
+
+def test_a_merge_block_needs_the_checkpoints_it_merges(make_recipe):
+    with pytest.raises(CptError, match="merge: needs checkpoint.every"):
+        make_recipe("m1", merge={"last": 3})
+    with pytest.raises(CptError, match="checkpoint.keep_last = 2: merge.last = 3 checkpoints must be kept"):
+        make_recipe("m2", checkpoint__every=1024, checkpoint__keep_last=2, merge={"last": 3})
+    with pytest.raises(CptError, match="merge.weights: .*wsm:nope"):
+        make_recipe("m3", checkpoint__every=1024, merge={"last": 3, "weights": "wsm:nope"})

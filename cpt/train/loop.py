@@ -14,6 +14,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,8 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
             run.tracker.log({**tag, "event": "stage_end", **forgetting.end_stage()})
         if decision.save:
             _save(run, stage, sampler, probe_state, decision.tags)
+        if run.tokens == stage.end and recipe.merge is not None:
+            run.tracker.log({**tag, "event": "merge", **_merge_stage(run, stage, probes)})
         if decision.halt:
             if run.main:
                 why = f"signal {stop.signum}" if stop.signum is not None else f"--max-steps {max_steps}"
@@ -240,6 +243,57 @@ def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict
                              run.recipe.checkpoint.keep_last, model=run.model, tokenizer=run.tokenizer,
                              write_extra=(lambda d: mitigate.save_state(d / mitigate.STATE_FILE, parts))
                              if parts else None)
+
+
+def _merge_stage(run: Run, stage: StagePlan, probes) -> dict[str, Any]:
+    """recipe.merge at the end of ``stage``: its last checkpoints averaged into merged/<stage>/ (cpt.merge),
+    then probed in place of the weights as probe_merge/<set>/... (not for LoRA runs: the merge is a full
+    model). Returns the record's fields."""
+    from cpt.merge import merge_checkpoints, merge_coefficients
+
+    cfg = run.recipe.merge
+    mine = [d for d in ckpt_lib.checkpoint_dirs(run.run_dir)
+            if stage.start < ckpt_lib.read_trainer_state(d).tokens <= stage.end]
+    paths = mine[-cfg.last:]
+    coefficients = merge_coefficients(cfg.weights, len(paths))
+    out = run.run_dir / "merged" / stage.name
+    if run.main:
+        merge_checkpoints(paths, coefficients, out, method=cfg.weights, overwrite=True)
+        few = f" (only {len(paths)} in the stage: checkpoint.every is too sparse)" if len(paths) < cfg.last else ""
+        tqdm.write(f"cpt: merged {len(paths)} checkpoints{few} with {cfg.weights} into {out}")
+    run.accelerator.wait_for_everyone()
+    record: dict[str, Any] = {"merge/path": str(out), "merge/checkpoints": [p.name for p in paths],
+                              "merge/coefficients": coefficients}
+    if probes is not None and run.recipe.peft is None:
+        with _weights_from(run, out):
+            measured = probes(run.model, run.accelerator)
+        record |= {k.replace("probe/", "probe_merge/", 1): v for k, v in measured.items()}
+    return record
+
+
+@contextmanager
+def _weights_from(run: Run, model_dir: Path):
+    """Within the block the model holds the weights of ``model_dir`` (an HF dir of the same model); after
+    it, its own again, bit for bit."""
+    from safetensors.torch import load_file
+
+    loaded: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        loaded |= load_file(f)
+    params = dict(run.accelerator.unwrap_model(run.model).named_parameters())
+    missing = sorted(set(params) - set(loaded))
+    if missing:
+        raise CptError(f"{model_dir}: lacks {missing[0]} ({len(missing)} parameters missing)")
+    raw = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(loaded[n])
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(raw[n])
 
 
 def _diverged(run: Run, stage: StagePlan, stats: StepStats) -> DivergedError:
