@@ -1,4 +1,5 @@
-"""`cpt probe`: held-out loss per prepared set and downstream scores for one model, outside training.
+"""`cpt probe`: held-out loss (nats per token, and bits per byte, which compares across tokenizers) per
+prepared set and downstream scores for one model, outside training.
 
 MODEL is a Hugging Face model dir (e.g. a run's ``final/``) or a cpt checkpoint dir
 (``RUN/checkpoints/step-N``; see :func:`load_model`). The held-out loss is the trainer's own
@@ -48,7 +49,8 @@ def load_model(path: str | Path):
 
 def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str, str], *,
               max_sequences: int = 64, micro_batch_size: int = 16) -> dict[str, Any]:
-    """Held-out loss per prepared set and downstream metrics per jsonl set, as a JSON-able dict.
+    """Held-out loss, ppl and bpb per prepared set (``bpb`` None for a set prepared before byte counts)
+    and downstream metrics per jsonl set, as a JSON-able dict.
 
     Runs on every process of an ``accelerate launch`` (probe sequences and downstream batches are
     sharded, results reduced); the caller writes and prints on the main process only.
@@ -80,8 +82,9 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
         probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
                             accelerator.num_processes, loss=loss)
         out = probe(model, accelerator)
+        # bpb None: prepared before byte counts
         result["sets"][name] = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
-                                "sequences": probe.counts[name]}
+                                "bpb": out.get(f"probe/{name}/bpb"), "sequences": probe.counts[name]}
     for name, path in downstream.items():
         result["downstream"][name] = ds.score(
             model, tokenizer, ds.load_items(path), batch_size=micro_batch_size, device=accelerator.device,
@@ -95,9 +98,13 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
 def format_table(result: dict[str, Any]) -> str:
     lines = []
     if result["sets"]:
-        lines.append(f"{'set':<20} {'loss':>8} {'ppl':>10} {'sequences':>10}")
+        lines.append(f"{'set':<20} {'loss':>8} {'ppl':>10} {'bpb':>8} {'sequences':>10}")
         for name, r in result["sets"].items():
-            lines.append(f"{name:<20} {r['loss']:>8.4f} {r['ppl']:>10.2f} {r['sequences']:>10d}")
+            bpb = "-" if r.get("bpb") is None else f"{r['bpb']:.4f}"
+            lines.append(f"{name:<20} {r['loss']:>8.4f} {r['ppl']:>10.2f} {bpb:>8} {r['sequences']:>10d}")
+        old = [name for name, r in result["sets"].items() if r.get("bpb") is None]
+        if old:
+            lines.append(f"bpb: - for {', '.join(old)} (prepared before byte counts; re-run cpt prepare)")
     if result["downstream"]:
         lines.append(f"{'downstream':<20} {'items':>6} {'acc':>7} {'acc_norm':>9} {'logprob/token':>14}")
         for name, r in result["downstream"].items():

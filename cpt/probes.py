@@ -20,7 +20,19 @@ from cpt.data.source import TokenSource, read_batch
 
 
 class HeldOutLoss:
-    """Mean next-token loss on the first ``max_sequences`` sequences of each probe set.
+    """Mean next-token loss on the first ``max_sequences`` sequences of each probe set, and bits per byte.
+
+    ``loss`` is the mean over sequences of each sequence's mean loss over its counted targets (nats per
+    token). ``bpb`` (bits per byte), for sets prepared with byte counts, compares across tokenizers:
+
+        bpb = sum over counted targets of NLL (nats) / (ln 2 * sum over the same targets of their bytes)
+
+    over all the set's measured sequences together. The targets of a row are its tokens 1..n-1 (token 0
+    is never predicted) whose label is not -100 (``frame``: document starts without the start loss);
+    each target's bytes are the UTF-8 bytes of document text that token covers
+    (:meth:`cpt.data.source.TokenSource.bytes_batch`, 0 for BOS / EOS, whose NLL still counts: predicting
+    where a document ends is part of coding the text). Token 0 of each row and ignored targets add
+    neither NLL nor bytes, so the ratio is exact for the text the counted targets cover.
 
     Every process runs the same number of forward passes (short shards are padded with weight-0
     rows), because sharded models (ZeRO-3, FSDP) need all ranks in every forward.
@@ -52,7 +64,8 @@ class HeldOutLoss:
 
     @torch.no_grad()
     def __call__(self, model, accelerator) -> dict[str, float]:
-        """{"probe/<name>/loss": ..., "probe/<name>/ppl": ..., "probe/seconds": ...}
+        """{"probe/<name>/loss": ..., "probe/<name>/ppl": ..., "probe/<name>/bpb": ..., "probe/seconds": ...};
+        no bpb for a set prepared before byte counts.
 
         ``accelerator`` needs only ``.device`` and ``.reduce(tensor, reduction="sum")``: an
         ``accelerate.Accelerator``, or any stand-in with those two for a single process.
@@ -62,20 +75,29 @@ class HeldOutLoss:
         model.eval()
         out: dict[str, float] = {}
         for name, (indices, weights) in self.shards.items():
-            total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (sum loss, sum weight)
+            src = self.sources[name]
+            # (sum of per-sequence losses, sequences, sum of target NLL, bytes of those targets), weighted
+            total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
             for i in range(0, len(indices), self.micro_batch_size):
-                ids = read_batch({name: self.sources[name]}, [(name, j) for j in indices[i:i + self.micro_batch_size]])
-                ids = ids.to(accelerator.device)
+                rows = indices[i:i + self.micro_batch_size]
+                ids = read_batch({name: src}, [(name, j) for j in rows]).to(accelerator.device)
                 w = torch.tensor(weights[i:i + self.micro_batch_size], device=accelerator.device)
                 inputs = self.frame(ids) if self.frame is not None else {"input_ids": ids, "labels": ids}
-                counted = (inputs["labels"][:, 1:] != -100).sum(dim=1).clamp(min=1)
-                nll = self.loss.token_nll(model, inputs).sum(dim=1) / counted  # ignored targets are 0
-                total[0] += (nll * w).sum().double()
+                is_target = inputs["labels"][:, 1:] != -100
+                counted = is_target.sum(dim=1).clamp(min=1)
+                nll_sum = self.loss.token_nll(model, inputs).sum(dim=1)  # ignored targets are 0
+                total[0] += (nll_sum / counted * w).sum().double()
                 total[1] += w.sum().double()
+                if src.has_bytes:  # position i predicts token i + 1: the targets' bytes are columns 1..n-1
+                    nbytes = torch.from_numpy(src.bytes_batch(rows)[:, 1:]).to(accelerator.device)
+                    total[2] += (nll_sum.double() * w.double()).sum()
+                    total[3] += ((nbytes * is_target).sum(dim=1).double() * w.double()).sum()
             total = accelerator.reduce(total, reduction="sum")
             loss = (total[0] / total[1]).item()
             out[f"probe/{name}/loss"] = loss
             out[f"probe/{name}/ppl"] = math.exp(min(loss, 50.0))
+            if src.has_bytes:
+                out[f"probe/{name}/bpb"] = (total[2] / (math.log(2) * total[3])).item() if total[3] > 0 else math.nan
         if was_training:
             model.train()
         out["probe/seconds"] = time.perf_counter() - t0

@@ -171,3 +171,25 @@ def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
         path.write_text(r.to_yaml())
         return r, path
     return make
+
+
+def on_two_simulated_ranks(work):
+    """Run ``work(rank, all_reduce)`` for ranks 0 and 1 in two threads whose ``all_reduce(tensor)`` sums
+    across them through a barrier (a 2-process reduce without processes); returns {rank: result}."""
+    import threading
+
+    parts, barrier, results = {}, threading.Barrier(2), {}
+
+    def all_reduce(rank, t):
+        parts[rank] = t.clone()
+        barrier.wait()
+        return parts[0] + parts[1]
+
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, work(r, lambda t: all_reduce(r, t))))
+               for r in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    return results
+

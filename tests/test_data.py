@@ -142,17 +142,30 @@ def test_packing_across_batches_and_writes(tmp_path, tokenizer_dir, monkeypatch)
 
     rng = np.random.default_rng(0)
     stream = rng.integers(0, 60000, size=10_000).astype(np.uint16)
+    nbytes = rng.integers(0, 8, size=len(stream)).astype(np.uint32)
+    nbytes[rng.integers(0, len(stream), size=20)] = rng.integers(256, 70_000, size=20)  # past uint8
     (tmp_path / "w").mkdir()
     writer = prep._ShardWriter(tmp_path / "w", seq_len=64, shard_sequences=10, dtype=np.dtype(np.uint16))
     cuts = np.sort(rng.integers(0, len(stream), size=300))
-    for piece in np.split(stream, cuts):
+    records = np.empty(len(stream), dtype=prep.token_records(np.uint16))
+    records["id"], records["bytes"] = stream, nbytes
+    for piece in np.split(records, cuts):
         writer.add(piece)
+    kept = len(stream) // 64 * 64
     assert writer.close() == len(stream) % 64
     written = np.concatenate(
         [np.fromfile(tmp_path / "w" / s["file"], dtype=np.uint16) for s in writer.shards]
     )
-    assert np.array_equal(written, stream[: len(stream) // 64 * 64])
+    assert np.array_equal(written, stream[:kept])
     assert [s["sequences"] for s in writer.shards] == [10] * 15 + [6]
+    # byte counts: uint8 files parallel to the shards, counts above 255 in the overflow file
+    written_bytes = np.concatenate(
+        [np.fromfile(tmp_path / "w" / s["bytes_file"], dtype=np.uint8) for s in writer.shards]
+    ).astype(np.int64)
+    overflow = np.load(tmp_path / "w" / "bytes-overflow.npy")
+    written_bytes[overflow[:, 0]] = overflow[:, 1]
+    assert np.array_equal(written_bytes, nbytes[:kept])
+    assert writer.bytes == int(nbytes[:kept].sum()) and writer.carry["bytes"].sum() == nbytes[kept:].sum()
 
 
 def test_prepare_real_text_round_trip(prepared, corpora, tokenizer_dir):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import on_two_simulated_ranks  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from cpt import downstream as ds
 from cpt.probes import ForgettingTracker, probe_due, probe_losses
@@ -165,22 +165,8 @@ def test_downstream_batching_padding_and_sharding_do_not_change_scores(tiny_lm, 
     padded = ds.score(tiny_lm, tok, items, batch_size=8)
     assert padded == pytest.approx(one, abs=1e-5)
     # two simulated processes (threads) whose reduce is an all-reduce (sum) through a barrier
-    parts, barrier, results = {}, threading.Barrier(2), {}
-
-    def all_reduce(rank, t):
-        parts[rank] = t.clone()
-        barrier.wait()
-        return parts[0] + parts[1]
-
-    def worker(rank):
-        results[rank] = ds.score(tiny_lm, tok, items, batch_size=2, rank=rank, world_size=2,
-                                 reduce=lambda t: all_reduce(rank, t))
-
-    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
+    results = on_two_simulated_ranks(lambda rank, reduce: ds.score(tiny_lm, tok, items, batch_size=2, rank=rank,
+                                                                   world_size=2, reduce=reduce))
     assert results[0] == results[1] == pytest.approx(one, abs=1e-5)
     assert one["mc_items"] == 2 and one["cloze_items"] == 1
 
@@ -285,6 +271,7 @@ def test_cpt_probe_matches_the_runs_last_probe(tmp_path, tokenizer_dir, prepared
         assert r["sets"]["en"]["loss"] == pytest.approx(last["probe/en/loss"], abs=1e-5)
         assert r["sets"]["en"]["sequences"] == 8
         assert r["sets"]["en"]["ppl"] == pytest.approx(math.exp(r["sets"]["en"]["loss"]))
+        assert r["sets"]["en"]["bpb"] == pytest.approx(last["probe/en/bpb"], rel=1e-5)  # the run logs bpb too
         assert r["downstream"]["mc"]["mc_items"] == 1 and r["seconds"] > 0
     for what in ("checkpoint", "bare checkpoint"):
         assert results[what]["downstream"]["mc"] == pytest.approx(results["final"]["downstream"]["mc"], abs=1e-5)

@@ -12,7 +12,17 @@ Layout of the output folder::
 
     manifest.json        what was read, counted, skipped and written (see MANIFEST_FORMAT)
     tokens-00000.bin     flat array of whole sequences, ``shard_sequences`` per shard (last: fewer)
+    bytes-00000.bin      uint8 parallel to it: the UTF-8 bytes of document text each token covers
     tokens-00001.bin     ...
+    bytes-overflow.npy   only where a token covers more than 255 bytes: int64 rows (flat token index, bytes)
+
+Byte counts (manifest ``token_bytes``) make losses comparable across tokenizers (bits per byte,
+cpt.probes.HeldOutLoss). Every token of a document's text gets the bytes from the end of the token
+before it to its own end, so the counts of a document's tokens sum to ``len(text.encode("utf-8"))``
+exactly, also where it was tokenized in pieces; the BOS and EOS of the framing get 0. The count of a
+token is exact where its text is its own (a character split over several tokens goes to the first of
+them, see :func:`offset_bytes`). A piece of text that gives no token at all (a normalizer removed it)
+adds no bytes.
 
 Documents are joined as ``[BOS] doc0 EOS [BOS] doc1 EOS ...`` (a BOS where the tokenizer itself adds
 one: :func:`document_frame`, recorded in the manifest) and cut every ``seq_len`` tokens, so a
@@ -42,7 +52,15 @@ import numpy as np
 
 from cpt import __version__
 from cpt.data.reader import InputStats, iter_pieces, resolve_inputs
-from cpt.data.source import MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION, SHARD_PATTERN
+from cpt.data.source import (
+    BYTES_DTYPE,
+    BYTES_OVERFLOW,
+    BYTES_PATTERN,
+    MANIFEST,
+    MANIFEST_FORMAT,
+    MANIFEST_VERSION,
+    SHARD_PATTERN,
+)
 from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, tokenizer_hash
 from cpt.errors import CptError
 
@@ -89,47 +107,142 @@ def document_frame(backend, eos_id: int) -> tuple[tuple[int, ...], int]:
     return tuple(full[:at]), eos_id
 
 
-def _encode(backend, frame: tuple[tuple[int, ...], int], dtype: str, batch) -> tuple[np.ndarray, int]:
-    """One batch of pieces -> (ids framed per document: prefix before its first piece, EOS after its
-    last; documents ended)."""
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def offset_bytes(text: str, offsets) -> np.ndarray:
+    """int64 UTF-8 bytes of ``text`` that each of its tokens covers, from the tokenizer's character
+    ``offsets``: token t gets the bytes from the end of token t-1 (the text's start for the first) to
+    its own end, and the last token ends at the end of the text. The counts sum to the text's bytes
+    whatever the offsets leave out: whitespace trimmed from a token (``trim_offsets``) goes to the next
+    one, a prefix space the tokenizer added counts nothing, and of several tokens that share one
+    character (byte-level pieces of an emoji, byte-fallback tokens) the first gets all its bytes."""
+    if not len(offsets):
+        return np.zeros(0, dtype=np.int64)
+    ends = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
+    ends = np.minimum(np.maximum.accumulate(ends), len(text))
+    ends[-1] = len(text)
+    if not text.isascii():  # character offset -> byte offset: cumulative UTF-8 length per character
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        width = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)
+        ends = np.concatenate(([0], np.cumsum(width)))[ends]
+    return np.diff(ends, prepend=0)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's ``bytes_to_unicode`` reversed: the character a byte-level BPE writes -> the byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(moved)}
+
+
+_NOT_BYTES = 1 << 40  # byte_table's count for an id that is not a byte string: no piece sums to it
+
+
+def byte_table(backend) -> np.ndarray | None:
+    """int64 bytes of text per token id where that is a property of the id: a byte-level BPE (GPT-2,
+    Llama 3, Qwen, cpt's own) whose encoding adds and changes nothing (no prefix space, no normalizer),
+    checked on sample texts; None otherwise, and then every text's counts come from its offsets.
+
+    The table is the faster way (``encode_batch_fast`` skips offsets; with them and reading them back
+    into Python, prepare took ~40% longer on the test corpora) and the more exact: a token's count is its own bytes, also for a
+    character split over several tokens. Its sums per piece equal the offsets' (both the text's bytes);
+    a piece where the table's do not (a normalizer changed the text) is counted from offsets instead.
+    Ids that are not byte strings get a count no piece can match, so pieces holding them do too."""
+    from tokenizers import decoders
+
+    if not isinstance(backend.decoder, decoders.ByteLevel):
+        return None
+    alphabet = _byte_level_alphabet()
+    table = np.full(backend.get_vocab_size(with_added_tokens=True), _NOT_BYTES, dtype=np.int64)
+    for token, i in backend.get_vocab(with_added_tokens=False).items():
+        if all(c in alphabet for c in token):
+            table[i] = len(token)
+    for i, added in backend.get_added_tokens_decoder().items():  # matched as literal text
+        table[i] = len(added.content.encode("utf-8"))
+    samples = ["The first line", " leading space and  two", "Öffnen Sie das Menü – Optionen",
+               "emoji 🔎︎ and tabs\tand\r\nCRLF", "def f(x):\n    return x\n", "日本語のテキスト"]
+    for text in samples:
+        ids = backend.encode(text, add_special_tokens=False).ids
+        if table[ids].sum() != _utf8_len(text):
+            return None
+    return table
+
+
+def token_records(dtype: str | np.dtype) -> np.dtype:
+    """One packed token as prepare streams it: its id and the bytes of text it covers."""
+    return np.dtype([("id", dtype), ("bytes", np.uint32)])
+
+
+def _encode(backend, frame: tuple[tuple[int, ...], int], dtype: str, table: np.ndarray | None,
+            batch) -> tuple[np.ndarray, int]:
+    """One batch of pieces -> (:func:`token_records`: ids framed per document, prefix before its first
+    piece, EOS after its last, with the bytes of text per id, 0 for the framing; documents ended). Byte
+    counts come from ``table`` (:func:`byte_table`) where it gives each piece its exact length, else
+    from offsets."""
     texts, firsts, lasts = batch
     prefix, eos = frame[0], (frame[1],)
-    encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
-    ids = [e.ids for e in encodings]
+    if table is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        ids = [e.ids for e in encodings]
+        counted = [offset_bytes(t, e.offsets) for t, e in zip(texts, encodings, strict=True)]
+    else:
+        encodings = backend.encode_batch_fast(texts, add_special_tokens=False)  # no offsets: faster
+        ids = [e.ids for e in encodings]
     del encodings  # most of the memory (offsets, token strings): keep only the ids
     n = sum(map(len, ids)) + sum(lasts) + len(prefix) * sum(firsts)
     stream = itertools.chain.from_iterable(
         itertools.chain(prefix if first else (), i, eos if last else ())
         for i, first, last in zip(ids, firsts, lasts, strict=True)
     )
-    return np.fromiter(stream, dtype=dtype, count=n), sum(lasts)
+    out = np.fromiter(stream, dtype=dtype, count=n)
+    # where the text tokens sit in the stream: runs of (prefix, text, eos) per piece
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    runs = np.stack([len(prefix) * np.asarray(firsts, dtype=np.int64), lengths,
+                     np.asarray(lasts, dtype=np.int64)], axis=1).reshape(-1)
+    is_text = np.repeat(np.tile(np.array([False, True, False]), len(ids)), runs)
+    if table is None:
+        text_bytes = np.concatenate(counted) if counted else np.zeros(0, dtype=np.int64)
+    else:
+        text_bytes = table[out[is_text]]
+        cum = np.concatenate(([0], np.cumsum(text_bytes)))
+        ends = np.cumsum(lengths)
+        expected = np.fromiter(map(_utf8_len, texts), dtype=np.int64, count=len(texts))
+        for k in np.flatnonzero(cum[ends] - cum[ends - lengths] != expected):  # a piece the table misses
+            offsets = backend.encode(texts[k], add_special_tokens=False).offsets
+            text_bytes[ends[k] - lengths[k]:ends[k]] = offset_bytes(texts[k], offsets)
+    records = np.zeros(n, dtype=token_records(dtype))
+    records["id"] = out
+    records["bytes"][is_text] = text_bytes
+    return records, sum(lasts)
 
 
-_worker: tuple | None = None  # (backend, frame, dtype) in a worker process
+_worker: tuple | None = None  # (backend, frame, dtype, byte table) in a worker process
 
 
-def _init_worker(tokenizer_json: str, frame: tuple, dtype: str) -> None:
+def _init_worker(tokenizer_json: str, frame: tuple, dtype: str, table: np.ndarray | None) -> None:
     global _worker
     from tokenizers import Tokenizer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process, one core
-    _worker = (Tokenizer.from_str(tokenizer_json), frame, dtype)
+    _worker = (Tokenizer.from_str(tokenizer_json), frame, dtype, table)
 
 
 def _encode_in_worker(batch) -> tuple[np.ndarray, int]:
     return _encode(*_worker, batch)
 
 
-def _encoded(batches, backend, frame: tuple, dtype: str, num_proc: int):
+def _encoded(batches, backend, frame: tuple, dtype: str, table: np.ndarray | None, num_proc: int):
     """``_encode`` of each batch, in order: in this process, or in ``num_proc`` workers."""
     if num_proc == 1:
         for batch in batches:
-            yield _encode(backend, frame, dtype, batch)
+            yield _encode(backend, frame, dtype, table, batch)
         return
     # spawn, not fork: the parent may hold threads (the tokenizer's, torch's) that fork would break
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_proc, _init_worker, (backend.to_str(), frame, dtype)) as pool:  # exit: terminate
+    with ctx.Pool(num_proc, _init_worker, (backend.to_str(), frame, dtype, table)) as pool:  # exit: terminate
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_encode_in_worker, (batch,)))
@@ -153,7 +266,8 @@ def _cuts_keep_tokens(backend) -> bool:
 
 
 class _ShardWriter:
-    """Packs a token stream into ``seq_len`` sequences and writes ``shard_sequences`` per file."""
+    """Packs a stream of :func:`token_records` into ``seq_len`` sequences and writes ``shard_sequences``
+    per pair of files: the ids, and their byte counts as uint8 (counts above 255 also go to ``overflow``)."""
 
     def __init__(self, out_dir: Path, seq_len: int, shard_sequences: int, dtype: np.dtype):
         self.out_dir, self.seq_len, self.shard_sequences, self.dtype = (
@@ -162,50 +276,66 @@ class _ShardWriter:
             shard_sequences,
             dtype,
         )
-        self.carry = np.empty(0, dtype=dtype)  # < seq_len tokens waiting for the next batch
+        self.carry = np.empty(0, dtype=token_records(dtype))  # < seq_len tokens waiting for the next batch
         self.shards: list[dict] = []
-        self.file = None
+        self.files: tuple | None = None  # (ids, bytes) of the open shard
         self.max_id = -1  # the largest id written, for checks against a model's embedding size
+        self.written = 0  # tokens written
+        self.bytes = 0  # bytes of text the written tokens cover
+        self.overflow: list[np.ndarray] = []  # [k, 2] (flat token index, bytes) for counts > 255
 
-    def add(self, ids: np.ndarray) -> None:
-        """Append tokens; write every completed sequence."""
+    def add(self, tokens: np.ndarray) -> None:
+        """Append token records; write every completed sequence."""
         if len(self.carry):
             need = self.seq_len - len(self.carry)
-            if len(ids) < need:
-                self.carry = np.concatenate([self.carry, ids])
+            if len(tokens) < need:
+                self.carry = np.concatenate([self.carry, tokens])
                 return
-            self._write(np.concatenate([self.carry, ids[:need]]).reshape(1, self.seq_len))
-            ids = ids[need:]
-        n_seq = len(ids) // self.seq_len
-        self._write(ids[: n_seq * self.seq_len].reshape(n_seq, self.seq_len))
-        self.carry = ids[n_seq * self.seq_len :].copy()
+            self._write(np.concatenate([self.carry, tokens[:need]]).reshape(1, self.seq_len))
+            tokens = tokens[need:]
+        n_seq = len(tokens) // self.seq_len
+        self._write(tokens[: n_seq * self.seq_len].reshape(n_seq, self.seq_len))
+        self.carry = tokens[n_seq * self.seq_len :].copy()
 
     def _write(self, seqs: np.ndarray) -> None:
         while len(seqs):
-            if self.file is None or self.shards[-1]["sequences"] == self.shard_sequences:
+            if self.files is None or self.shards[-1]["sequences"] == self.shard_sequences:
                 self._next_shard()
             room = self.shard_sequences - self.shards[-1]["sequences"]
             part, seqs = seqs[:room], seqs[room:]
-            part.tofile(self.file)
+            ids, nbytes = np.ascontiguousarray(part["id"]), part["bytes"].reshape(-1)
+            ids.tofile(self.files[0])
+            np.minimum(nbytes, 255).astype(BYTES_DTYPE).tofile(self.files[1])
+            big = np.flatnonzero(nbytes > 255)
+            if len(big):
+                self.overflow.append(np.stack([self.written + big, nbytes[big].astype(np.int64)], axis=1))
             self.shards[-1]["sequences"] += len(part)
-            self.max_id = max(self.max_id, int(part.max()))
+            self.max_id = max(self.max_id, int(ids.max()))
+            self.written += ids.size
+            self.bytes += int(nbytes.sum(dtype=np.int64))
 
     def _next_shard(self) -> None:
         self._close_file()
-        name = SHARD_PATTERN.format(len(self.shards))
-        self.file = open(self.out_dir / name, "wb")
-        self.shards.append({"file": name, "sequences": 0})
+        name, bytes_name = SHARD_PATTERN.format(len(self.shards)), BYTES_PATTERN.format(len(self.shards))
+        self.files = (open(self.out_dir / name, "wb"), open(self.out_dir / bytes_name, "wb"))
+        self.shards.append({"file": name, "sequences": 0, "bytes_file": bytes_name})
 
     def _close_file(self) -> None:
-        if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())  # on disk before the folder is renamed into place
-            self.file.close()
-            self.file = None
+        for f in self.files or ():
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the folder is renamed into place
+            f.close()
+        self.files = None
 
     def close(self) -> int:
-        """Close the last shard; return the number of tail tokens dropped."""
+        """Close the last shard and write the overflow file (if any count exceeded 255); return the
+        number of tail tokens dropped."""
         self._close_file()
+        if self.overflow:
+            with open(self.out_dir / BYTES_OVERFLOW, "wb") as f:
+                np.save(f, np.concatenate(self.overflow))
+                f.flush()
+                os.fsync(f.fileno())
         return len(self.carry)
 
 
@@ -260,6 +390,7 @@ def prepare(
     dtype = token_dtype(vocab_size)
     backend = tok.backend_tokenizer
     chunk_chars = _CHUNK_CHARS if _cuts_keep_tokens(backend) else None
+    table = byte_table(backend)
 
     tmp = _temporary(out_dir, "tmp")
     try:
@@ -271,13 +402,13 @@ def prepare(
         writer = _ShardWriter(tmp, seq_len, shard_sequences, dtype)
         documents = 0
         frame = document_frame(backend, eos_id)
-        encoded = _encoded(_batches(pieces), backend, frame, dtype.name, num_proc)
+        encoded = _encoded(_batches(pieces), backend, frame, dtype.name, table, num_proc)
         with contextlib.closing(encoded), tqdm(desc="tokenizing", unit=" tokens", unit_scale=True,
                                                disable=not progress) as bar:
-            for ids, ended in encoded:
-                writer.add(ids)
+            for tokens, ended in encoded:
+                writer.add(tokens)
                 documents += ended
-                bar.update(len(ids))
+                bar.update(len(tokens))
         tail = writer.close()
         shutil.rmtree(cache, ignore_errors=True)
 
@@ -313,6 +444,11 @@ def prepare(
             "sequences": sequences,
             "shard_sequences": shard_sequences,
             "shards": writer.shards,
+            # UTF-8 bytes of document text per token (module docstring); absent in older folders
+            "token_bytes": {"dtype": BYTES_DTYPE, "total": writer.bytes,
+                            "dropped_tail": int(writer.carry["bytes"].sum(dtype=np.int64)),
+                            "overflow": BYTES_OVERFLOW if writer.overflow else None,
+                            "counted_from": "offsets" if table is None else "byte-level vocabulary"},
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cpt_version": __version__,
         }

@@ -1,4 +1,5 @@
-"""Read prepared token shards: ``TokenSource(path)``, O(1) to open, random access by sequence."""
+"""Read prepared token shards: ``TokenSource(path)``, O(1) to open, random access by sequence (its
+tokens, and the bytes of text each token covers where the folder has them)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,17 @@ import numpy as np
 
 from cpt.errors import CptError
 
-# The on-disk format that `cpt prepare` writes and this module reads.
+# The on-disk format that `cpt prepare` writes and this module reads. The version changes only where a
+# reader of the previous one would misread a folder; additions that older readers can ignore keep it:
+# per-token byte counts (manifest "token_bytes", a "bytes_file" per shard) are such an addition, so
+# folders without them still load (no byte counts) and older cpt reads new folders (ignoring them).
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cpt-tokens"
 MANIFEST_VERSION = 1
 SHARD_PATTERN = "tokens-{:05d}.bin"
+BYTES_PATTERN = "bytes-{:05d}.bin"  # uint8 per token, parallel to the shard of the same number
+BYTES_DTYPE = "uint8"
+BYTES_OVERFLOW = "bytes-overflow.npy"  # int64 [k, 2]: (flat token index, bytes) where a count is > 255
 
 _REQUIRED = (
     "format",
@@ -49,21 +56,34 @@ class TokenSource:
         self.vocab_size: int = int(m["vocab_size"])
         # the largest id in the shards, to check against a model's embedding size; None: older manifests
         self.max_token_id: int | None = m.get("max_token_id")
+        # bytes of document text per token (cpt.data.prepare); None: prepared before byte counts
+        token_bytes = m.get("token_bytes")
+        self.bytes_total: int | None = int(token_bytes["total"]) if token_bytes else None
         counts = []
         for shard in m["shards"]:
-            file = self.path / shard["file"]
-            expected = int(shard["sequences"]) * self.seq_len * self.dtype.itemsize
-            if not file.is_file():
-                raise CptError(f"prepared data {self.path}: shard {file.name} is missing")
-            size = file.stat().st_size
-            if size != expected:
-                raise CptError(
-                    f"prepared data {self.path}: shard {file.name} has {size} bytes, the manifest expects "
-                    f"{expected} ({shard['sequences']} sequences of {self.seq_len} {self.dtype.name}); "
-                    "the folder is damaged, run cpt prepare again"
-                )
+            files = [(shard["file"], self.dtype)]
+            if token_bytes:
+                files.append((shard["bytes_file"], np.dtype(token_bytes["dtype"])))
+            for name, dtype in files:
+                file = self.path / name
+                expected = int(shard["sequences"]) * self.seq_len * dtype.itemsize
+                if not file.is_file():
+                    raise CptError(f"prepared data {self.path}: shard {file.name} is missing")
+                size = file.stat().st_size
+                if size != expected:
+                    raise CptError(
+                        f"prepared data {self.path}: shard {file.name} has {size} bytes, the manifest expects "
+                        f"{expected} ({shard['sequences']} sequences of {self.seq_len} {dtype.name}); "
+                        "the folder is damaged, run cpt prepare again"
+                    )
             counts.append(int(shard["sequences"]))
         self._files = [self.path / s["file"] for s in m["shards"]]
+        self._bytes_dtype = np.dtype(token_bytes["dtype"]) if token_bytes else None
+        self._bytes_files = [self.path / s["bytes_file"] for s in m["shards"]] if token_bytes else []
+        overflow = token_bytes.get("overflow") if token_bytes else None
+        self._overflow_file = self.path / overflow if overflow else None
+        if self._overflow_file is not None and not self._overflow_file.is_file():
+            raise CptError(f"prepared data {self.path}: {overflow} is missing; run cpt prepare again")
         # _ends[k] = sequences in shards 0..k; sequence i lives in shard searchsorted(_ends, i, "right")
         self._ends = np.cumsum(np.asarray(counts, dtype=np.int64))
         self._starts = self._ends - np.asarray(counts, dtype=np.int64)
@@ -74,6 +94,13 @@ class TokenSource:
                 f"the manifest says {m['sequences']}"
             )
         self._maps: list[np.ndarray | None] = [None] * len(self._files)
+        self._bytes_maps: list[np.ndarray | None] = [None] * len(self._bytes_files)
+        self._overflow: np.ndarray | None = None
+
+    @property
+    def has_bytes(self) -> bool:
+        """Whether the folder records the bytes of text per token (prepared since byte counts exist)."""
+        return self.bytes_total is not None
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -85,6 +112,7 @@ class TokenSource:
         # memmaps are reopened lazily in the receiving process (DataLoader workers, spawn)
         state = self.__dict__.copy()
         state["_maps"] = [None] * len(self._files)
+        state["_bytes_maps"] = [None] * len(self._bytes_files)
         return state
 
     def _shard(self, k: int) -> np.ndarray:
@@ -94,12 +122,38 @@ class TokenSource:
             self._maps[k] = mm
         return mm
 
+    def _bytes_shard(self, k: int) -> np.ndarray:
+        mm = self._bytes_maps[k]
+        if mm is None:
+            mm = np.memmap(self._bytes_files[k], dtype=self._bytes_dtype, mode="r").reshape(-1, self.seq_len)
+            self._bytes_maps[k] = mm
+        return mm
+
     def get(self, idx: int) -> np.ndarray:
         """Sequence ``idx`` as an int64 array of ``seq_len`` tokens (a copy)."""
         return self.batch([idx])[0]
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """Sequences at ``indices`` (any order, repeats allowed) as int64 ``[len(indices), seq_len]``."""
+        return self._gather(indices, self._shard)
+
+    def bytes_batch(self, indices: Sequence[int] | np.ndarray) -> np.ndarray | None:
+        """int64 ``[len(indices), seq_len]``: the UTF-8 bytes of document text each token of those
+        sequences covers (0 for BOS / EOS), as :meth:`batch` lays out the tokens; None for a folder
+        prepared before byte counts. A sequence's text bytes are its row's sum."""
+        if not self.has_bytes:
+            return None
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        out = self._gather(idx, self._bytes_shard)
+        if self._overflow_file is not None:  # counts above 255, stored apart (rare)
+            if self._overflow is None:
+                self._overflow = np.load(self._overflow_file)
+            flat, value = self._overflow[:, 0], self._overflow[:, 1]
+            for j in np.flatnonzero(np.isin(flat // self.seq_len, idx)):
+                out[idx == flat[j] // self.seq_len, flat[j] % self.seq_len] = value[j]
+        return out
+
+    def _gather(self, indices, shard_of) -> np.ndarray:
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         out = np.empty((len(idx), self.seq_len), dtype=np.int64)
         if not len(idx):
@@ -109,12 +163,12 @@ class TokenSource:
             bad = lo if lo < 0 else hi
             raise IndexError(f"sequence {bad} out of range for {self.path} ({self.num_sequences} sequences)")
         if len(self._files) == 1:
-            out[:] = self._shard(0)[idx]
+            out[:] = shard_of(0)[idx]
             return out
         shard = np.searchsorted(self._ends, idx, side="right")
         for k in np.unique(shard):
             rows = shard == k
-            out[rows] = self._shard(int(k))[idx[rows] - self._starts[k]]
+            out[rows] = shard_of(int(k))[idx[rows] - self._starts[k]]
         return out
 
 
@@ -141,6 +195,10 @@ def _read_manifest(path: Path) -> dict:
         )
     if m["dtype"] not in ("uint16", "uint32"):
         raise CptError(f"{file}: dtype {m['dtype']!r} is not uint16 or uint32")
+    tb = m.get("token_bytes")
+    if tb is not None and (not isinstance(tb, dict) or tb.get("dtype") not in ("uint8", "uint16", "uint32")
+                           or "total" not in tb or not all("bytes_file" in s for s in m["shards"])):
+        raise CptError(f"{file}: its token_bytes entry is damaged; run cpt prepare again")
     return m
 
 
@@ -164,6 +222,7 @@ class SubsetSource:
         self.max_token_id = source.max_token_id
         self.eos_token_id = source.eos_token_id
         self.manifest = source.manifest
+        self.has_bytes = source.has_bytes
         self.num_sequences = size
         self.indices = permute(np.arange(size), source.num_sequences, permutation_keys(seed, f"{name}/buffer", 0))
 
@@ -172,6 +231,9 @@ class SubsetSource:
 
     def batch(self, indices) -> np.ndarray:
         return self.source.batch(self.indices[np.asarray(indices, dtype=np.int64)])
+
+    def bytes_batch(self, indices) -> np.ndarray | None:
+        return self.source.bytes_batch(self.indices[np.asarray(indices, dtype=np.int64)])
 
 
 def read_batch(sources: Mapping[str, object], picks: list[tuple[str, int]], vocab_size: int | None = None):
