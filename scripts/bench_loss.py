@@ -3,7 +3,7 @@ the model's own loss (full logits, fp32) vs cpt's chunked loss (train.loss: chun
 
 Each configuration runs in a fresh subprocess (so peaks do not mix): build a Llama-shaped model, note the
 resident memory, run ``--steps`` forward + backward passes, report the peak resident memory above that
-baseline (ru_maxrss) and the median time per pass. Configurations alternate (model, chunked, model, ...)
+baseline (ru_maxrss, the high-water mark of all passes incl. a warm-up one) and the median time per pass. Configurations alternate (model, chunked, model, ...)
 for ``--rounds`` rounds. Prints measured numbers and ratios from this one run.
 
     python scripts/bench_loss.py                     # vocab 128K, hidden 256, seq 2048, batch 1
@@ -35,9 +35,8 @@ def one(mode: str, vocab: int, hidden: int, layers: int, seq: int, batch: int, s
                                          attn_implementation="sdpa"))
     loss_fn = PlainLoss() if mode == "model" else choose_loss("chunked", model, False, vocab)[0]
     ids = torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
-    # one pass first: allocates the gradients (.grad) and warms the allocator, counted in the baseline
-    loss_fn(model, {"input_ids": ids, "labels": ids}).backward()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the model built, no pass yet
+    loss_fn(model, {"input_ids": ids, "labels": ids}).backward()  # warm-up pass (allocates .grad), untimed
     times, losses = [], []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -77,7 +76,7 @@ def main() -> None:
     print(f"Llama {first['params_m']:.1f}M params (vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers), "
           f"batch {args.batch} x seq {args.seq}, fp32, {args.steps} passes x {args.rounds} rounds, "
           f"logits {args.batch * args.seq * args.vocab * 4 / 2**20:.0f} MiB in fp32")
-    print(f"{'loss':<10} {'peak above model+grads, MiB':>28} {'peak RSS, MiB':>14} {'s / pass':>9} {'loss':>9}")
+    print(f"{'loss':<10} {'peak above the model, MiB':>28} {'peak RSS, MiB':>14} {'s / pass':>9} {'loss':>9}")
     summary = {}
     for mode, rs in results.items():
         peak = statistics.median(r["peak_above_base_mib"] for r in rs)

@@ -171,3 +171,19 @@ def test_source_epochs_logged_and_heavy_repeats_warned(make_recipe, capsys, prep
     out = capsys.readouterr().out
     assert f"source en has been read {warn:.1f} times over (data.warn_epochs = {warn:g})" in out
     assert out.count("source en has been read") == 1  # once, not every step
+
+
+def test_compiled_runs_resume_exactly_and_follow_the_eager_curve(make_recipe):
+    """train.compile: true (torch.compile in place, CPU inductor here): a compiled run stopped and resumed
+    gives the uninterrupted compiled run's losses bit for bit; against eager the kernels differ, so the
+    curves agree to float rounding only."""
+    eager = make_recipe("eager", train__tokens=4 * 1024)
+    train(eager)
+    whole = make_recipe("compiled-whole", train__tokens=4 * 1024, train__compile=True)
+    train(whole)
+    split = make_recipe("compiled-split", train__tokens=4 * 1024, train__compile=True)
+    assert not train(split, max_steps=2).completed
+    assert train(split, resume=True).completed
+    a, b = train_losses(whole.run.output_dir), train_losses(split.run.output_dir)
+    assert len(a) == 4 and a == b
+    assert max(abs(x - y) for x, y in zip(a, train_losses(eager.run.output_dir), strict=True)) < 1e-4

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from cpt.errors import CptError
 
 IGNORE = -100
-CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MiB in fp32): ~2K positions at vocab 8K, 128 at 128K
+CHUNK_ELEMENTS = 2**25  # logits per chunk (128 MiB in fp32): 4K positions at vocab 8K, 256 at 128K
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -73,8 +73,11 @@ class LinearCrossEntropy(torch.autograd.Function):
             g = g.to(weight.dtype)
             if need_h:
                 torch.mm(g, weight, out=grad_h[s:s + chunk_rows])
-            if need_w:
-                grad_w += (g.t() @ h).float()
+            if need_w:  # in place where the dtypes allow: no [vocab, hidden] temporary per chunk
+                if weight.dtype == torch.float32:
+                    grad_w.addmm_(g.t(), h)
+                else:
+                    grad_w += (g.t() @ h).float()
             if need_b:
                 grad_b += g.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
