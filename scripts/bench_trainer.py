@@ -599,6 +599,7 @@ def probe_timing(cfg: Config, args) -> dict[str, Any]:
     from cpt.model import num_params
     from cpt.probes import HeldOutLoss
     from cpt.train.backend import eval_accelerator
+    from cpt.train.loss import choose_loss
     from cpt.train.step import model_inputs
 
     timed = args.warmup + args.rounds * args.per_round
@@ -611,7 +612,9 @@ def probe_timing(cfg: Config, args) -> dict[str, Any]:
     # as cpt.train.loop._stage_probes builds it: frame = the run's framing (Run.frame)
     frame = partial(model_inputs, eos_id=source.eos_token_id, document_masking=recipe.data.document_masking,
                     document_start_loss=recipe.data.document_start_loss)
-    held_out = HeldOutLoss({"en": source}, n_seq, micro, 0, 1, frame=frame)
+    # and with the run's loss path (train.loss: auto picks the chunked loss for this Llama)
+    loss, _ = choose_loss(recipe.train.loss, model, False, model.get_input_embeddings().num_embeddings)
+    held_out = HeldOutLoss({"en": source}, n_seq, micro, 0, 1, frame=frame, loss=loss)
     accelerator = eval_accelerator()
     n = min(n_seq, len(source))
     batches = [list(range(i, min(n, i + micro))) for i in range(0, n, micro)]
