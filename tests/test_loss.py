@@ -96,6 +96,10 @@ def test_models_that_post_process_logits_or_wrap_the_head_fall_back_to_their_own
     assert isinstance(loss, PlainLoss) and "not a plain Linear" in note
     loss, note = choose_loss("auto", models()["llama"], sharded=True, vocab=500)
     assert isinstance(loss, PlainLoss) and "ZeRO-3 / FSDP" in note
+    from transformers import MixtralConfig, MixtralForCausalLM
+    moe = MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=2, output_router_logits=True))
+    loss, note = choose_loss("auto", moe, sharded=False, vocab=500)  # its loss adds the router's aux loss
+    assert isinstance(loss, PlainLoss) and "router auxiliary loss" in note
     assert isinstance(choose_loss("model", models()["llama"], sharded=False, vocab=500)[0], PlainLoss)
 
 

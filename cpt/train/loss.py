@@ -170,6 +170,8 @@ def chunked_unsupported(hf_model, sharded: bool) -> str | None:
     """Why the chunked path cannot run on this model, or None."""
     if sharded:
         return "the weights are sharded (ZeRO-3 / FSDP): the head exists whole only inside its own forward"
+    if getattr(hf_model.config, "output_router_logits", False):
+        return "the model adds a router auxiliary loss to its own (MoE, output_router_logits)"
     head = hf_model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the output head is a {type(head).__name__}, not a plain Linear (e.g. LoRA on the head)"
