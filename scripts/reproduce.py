@@ -1,9 +1,13 @@
 """Reproduce the continual pre-training findings of ../shared/SCIENCE.md at tiny scale: one command, one report.
 
-    python scripts/reproduce.py --quick      # ~8.5M tokens in 24 runs: 15-20 minutes on 2 CPU cores
-    python scripts/reproduce.py              # the full suite: ~35M tokens in 49 runs, ~3 h on 2 busy cores
-    python scripts/reproduce.py --seeds 1    # the full budgets, one seed: ~20M tokens
+    python scripts/reproduce.py --quick      # ~10M tokens in 38 runs: 25-30 minutes on 2 idle CPU cores
+    python scripts/reproduce.py              # the full suite: ~55M tokens in 78 runs, ~5 h on 2 busy cores
+    python scripts/reproduce.py --seeds 1    # the full budgets, one seed: ~29M tokens
     python scripts/reproduce.py --experiments 1 2 5   # a subset (5 reads the runs of 2)
+    python scripts/reproduce.py --quick --experiments 6 7   # mitigations beyond replay; WSM merging vs WSD decay
+
+A subset is written into the existing page: its sections replace theirs (or are added in number order), the
+others stay as they were, the header gets a line on the subset's invocation and the commands are added.
 
 Runs the recipes of recipes/paper/ (tiny Llama, the shared English / German / code corpora) through
 `cpt train` with smaller or larger budgets, then writes docs/reproductions.md (full mode) or
@@ -17,6 +21,7 @@ script runs again (delete runs/repro/ to start over).
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import subprocess
@@ -25,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _runs import BASE_LR, ROOT, K, Runner, final, probes, table
+from _runs import BASE_LR, ROOT, K, Runner, cpt, final, probes, table
 
 
 @dataclass
@@ -36,14 +41,17 @@ class Budget:
     lr_scales: list[float]
     seeds: list[int]
     wsd_main: int
-    long_seeds: int | None = None  # seeds for experiments 3 and 4 (the longest runs): the first N; None = all
+    long_seeds: int | None = None  # seeds for experiments 3, 4 and 7 (the longest runs): the first N; None = all
+    mitigate: int | None = None     # tokens of experiment 6's German stage; None = cpt (experiment 2's runs reused)
+    wsm_pretrain: int | None = None  # tokens of experiment 7's pre-training runs; None = pretrain
+    wsm_k: int = 6                  # experiment 7: checkpoint spacing at most a k-th of the decay window
 
 
 QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0.5, 1.0, 2.0], seeds=[1234],
-               wsd_main=512 * K)
+               wsd_main=512 * K, mitigate=64 * K, wsm_pretrain=256 * K, wsm_k=3)
 FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
               seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=2)
-ALL = [1, 2, 3, 4, 5]
+ALL = [1, 2, 3, 4, 5, 6, 7]
 
 
 @dataclass
@@ -378,7 +386,277 @@ def stability_gap(s: Suite) -> str:
             + f"\n\n- Worst above final (a gap that recovers) in {gaps} of {len(rows) * len(s.b.seeds)} runs.\n")
 
 
-EXPERIMENTS = {1: rewarming, 2: replay, 3: infinite, 4: wsd, 5: stability_gap}
+# ------------------------------------------------------------------ 6. mitigations beyond replay
+
+STEP = 8 * K  # tokens per step of recipes/paper/
+L2_LR_COEFF = [1e-3, 1e-2, 1e-1]  # lr * l2_init at the stage's max LR (the pull per step toward the start)
+TOL = 0.01  # nats: a difference from "none" smaller than this is no change (one seed's noise is larger)
+EMA_START_SHARE = 0.05  # the EMA decay is set so that the start weights keep this share at the stage end
+MIT_BASE = "recipes/paper/replay-de-0.yaml"  # re-warm + re-decay on German, no replay: experiment 2's "0%"
+
+
+def bottom_half() -> tuple[str, int]:
+    """The pattern of the bottom half of the paper model's layers (its preset), and the layer count."""
+    from cpt.model import PRESETS
+    from cpt.recipe import load_recipe
+
+    n = PRESETS[load_recipe(ROOT / "recipes/paper/pretrain-en.yaml").model.preset]["num_hidden_layers"]
+    return "layers\\.(" + "|".join(str(i) for i in range(n // 2)) + ")\\.", n
+
+
+@dataclass
+class Mitigation:
+    label: str
+    stem: str                       # run name without the seed
+    recipe: str
+    overrides: list[str]
+    prefix: str = "probe"           # probe_ema: the row reads the EMA weights' probes
+    candidate: bool = True          # may be picked as the best mitigation (not the replay rows)
+
+
+def ema_decay(tokens: int) -> float:
+    """The EMA decay (updated every step) whose start weights keep EMA_START_SHARE after ``tokens``."""
+    return round(EMA_START_SHARE ** (STEP / tokens), 3)
+
+
+def mitigations(tokens: int) -> list[Mitigation]:
+    half, n = bottom_half()
+    rows = [Mitigation("none (re-warm + re-decay, 0% replay)", "replay-de-0", MIT_BASE, [], candidate=False),
+            Mitigation("replay 5%", "replay-de-5", "recipes/paper/replay-de-5.yaml", [], candidate=False),
+            Mitigation("replay 25%", "replay-de-25", "recipes/paper/replay-de-25.yaml", [], candidate=False)]
+    for x in L2_LR_COEFF:
+        c = x / BASE_LR
+        rows.append(Mitigation(f"L2-init {c:g} (lr·c = {x:.0e})", f"mit-l2-{c:g}", MIT_BASE, [f"mitigate.l2_init={c:g}"]))
+    decay = ema_decay(tokens)
+    ema = f"mitigate.ema={{decay: {decay}, every: 1}}"
+    rows.append(Mitigation(f"EMA {decay:g} (EMA weights)", "mit-ema", MIT_BASE, [ema], prefix="probe_ema"))
+    rows.append(Mitigation(f"freeze layers {' '.join(map(str, range(n // 2)))} of {n}", "mit-freeze", MIT_BASE,
+                           [f"mitigate.freeze=['{half}']"]))
+    rows.append(Mitigation(f"layer-wise LR (embeddings 0.1x, layers {' '.join(map(str, range(n // 2)))} 0.5x)",
+                           "mit-lrmult", MIT_BASE, [f"mitigate.lr_multipliers={{'embed_tokens': 0.1, '{half}': 0.5}}"]))
+    return rows
+
+
+def en_de(run_dir: Path, prefix: str) -> list[float]:
+    """[final English loss, worst English forgetting (max English loss of the stage minus its start, the
+    start counting), final English forgetting, final German loss] of a one-stage CPT run. The baseline is
+    the stage-start probe (raw weights; an EMA starts from them)."""
+    p = probes(run_dir)
+    base = p[0]["probe/en/loss"]
+    rs = [r for r in p[1:] if f"{prefix}/en/loss" in r]
+    en = [r[f"{prefix}/en/loss"] for r in rs]
+    return [en[-1], max([base, *en]) - base, en[-1] - base, rs[-1][f"{prefix}/de/loss"]]
+
+
+def mitigate_cols(s: Suite) -> tuple[dict[str, list[list[float]]], dict[str, str], list[Path], dict]:
+    """Per row and seed: en_de(); the rows' overrides; the first seed's run dirs; the best mitigation."""
+    per: dict[str, list[list[float]]] = {}
+    how: dict[str, str] = {}
+    dirs: list[Path] = []
+    tokens = s.b.mitigate or s.b.cpt
+    rows = mitigations(tokens)
+    tag = "" if tokens == s.b.cpt else f"-{tokens // K}K"  # experiment 2's runs at its budget, else their own
+
+    def go(m: Mitigation) -> None:
+        how[m.label] = " ".join(m.overrides) or Path(m.recipe).stem
+        for seed in s.b.seeds:
+            d = s.run(f"{m.stem}{tag}-s{seed}", m.recipe,
+                      [*s.init, f"train.tokens={tokens}", f"run.seed={seed}", *m.overrides])
+            per.setdefault(m.label, []).append(en_de(d, m.prefix))
+            dirs.extend([d] if seed == s.b.seeds[0] else [])
+
+    for m in rows:
+        go(m)
+    # the best mitigation: lowest mean of final English and German loss (both domains weigh the same)
+    best = min((m for m in rows if m.candidate),
+               key=lambda m: statistics.mean((v[0] + v[3]) / 2 for v in per[m.label]))
+    combo = Mitigation(f"{best.label} + replay 25%", f"{best.stem}-replay25", "recipes/paper/replay-de-25.yaml",
+                       best.overrides, best.prefix, candidate=False)
+    go(combo)
+    # a check: the EMA run's raw weights train as "none" does (the average only watches)
+    ema_raw = [en_de(s.run.out / f"mit-ema{tag}-s{seed}", "probe")[0] for seed in s.b.seeds]
+    return per, how, dirs, {"best": best.label, "combo": combo.label, "ema_raw_en": ema_raw, "tokens": tokens}
+
+
+def mitigate_section(s: Suite, per: dict[str, list[list[float]]], how: dict[str, str], dirs: list[Path],
+                     info: dict) -> str:
+    mean = {k: [statistics.mean(v[i] for v in vals) for i in range(4)] for k, vals in per.items()}
+    none_label = next(iter(per))
+    n = mean[none_label]
+    rows = [[k, *[mean_sd([v[i] for v in vals]) for i in range(4)], f"{mean[k][0] - n[0]:+.3f}",
+             f"{mean[k][1] - n[1]:+.3f}", f"{mean[k][3] - n[3]:+.3f}"] for k, vals in per.items()]
+    verdict = []
+    for k, m in mean.items():
+        if k == none_label:
+            continue
+        final_less, worst_less = m[0] < n[0] - TOL, m[1] < n[1] - TOL
+        what = ("reduces final and worst-case forgetting" if final_less and worst_less else
+                "reduces final forgetting only" if final_less else
+                "reduces worst-case forgetting only" if worst_less else "reduces neither")
+        de = m[3] - n[3]
+        verdict.append(f"- {k}: final English {m[0] - n[0]:+.3f}, worst forgetting {m[1] - n[1]:+.3f} vs none: "
+                       f"{what}; German {de:+.3f} ({'a cost in adaptation' if de > TOL else 'no German cost'}).")
+    helped = [k for k, m in mean.items() if k != none_label and m[0] < n[0] - TOL and m[1] < n[1] - TOL]
+    best, combo = info["best"], info["combo"]
+    r25 = mean["replay 25%"]
+    verdict += [
+        f"- Reduce both final and worst-case forgetting vs none by more than {TOL}: {len(helped)} of {len(mean) - 1} rows"
+        + (f" ({'; '.join(helped)})." if helped else "."),
+        f"- Best mitigation beyond replay (lowest mean of final English and German loss): {best}, "
+        f"{(mean[best][0] + mean[best][3]) / 2:.3f} vs none {(n[0] + n[3]) / 2:.3f}.",
+        f"- {combo} vs replay 25% alone: final English {mean[combo][0] - r25[0]:+.3f}, worst forgetting "
+        f"{mean[combo][1] - r25[1]:+.3f}, German {mean[combo][3] - r25[3]:+.3f}: "
+        + ("adds to replay." if mean[combo][0] + mean[combo][3] < r25[0] + r25[3] else "does not add to replay "
+           "(mean of both domains not lower)."),
+        f"- Check: the EMA run's raw weights end at English {statistics.mean(info['ema_raw_en']):.3f} vs none's "
+        f"{n[0]:.3f}: " + ("the same run, the average only watches." if abs(statistics.mean(info["ema_raw_en"]) - n[0])
+                            < 1e-3 else "not the same numbers (the EMA run's training differs from none's)."),
+    ]
+    b = s.b
+    setting = "\n".join(f"- {k}: `{v}`" for k, v in how.items())
+    _, layers = bottom_half()
+    return ("## 6. Mitigations beyond replay, English → German\n\nFrom the English model, "
+            f"{info['tokens'] // K}K tokens of German, re-warmed to {BASE_LR:g} (1% warmup) and re-decayed (cosine) "
+            "as experiment 2's 0% replay run (`recipes/paper/replay-de-0.yaml`), one mitigation "
+            f"(`mitigate.*`, cpt/mitigate.py) per row; the none / replay rows are experiment 2's recipes"
+            + (" and runs" if info["tokens"] == b.cpt else f" at this stage's {info['tokens'] // K}K tokens")
+            + ". Seeds "
+            f"{', '.join(map(str, b.seeds))} (mean ± std). 'en worst' = the highest English loss of the "
+            "stage minus its start (probed every 16K tokens for the first 128K, then every 128K), 'en "
+            f"forgetting' = final minus start; Δ = minus none; a verdict counts a change only beyond {TOL} nats. The EMA row reads the EMA weights' probes "
+            f"(probe_ema/, updated every step with decay {ema_decay(info['tokens']):g}, from the start weights, which "
+            f"keep {EMA_START_SHARE:.0%} of it at the stage end). L2-init "
+            f"pulls toward the stage's start weights, coefficient c with lr·c = "
+            f"{'/'.join(f'{x:.0e}' for x in L2_LR_COEFF)} at the max LR. The model has {layers} layers: "
+            "freezing the bottom half leaves the embeddings, the top layer, the final norm and the (untied) LM "
+            "head trained. The best mitigation (lowest mean of both final losses) is rerun with 25% replay.\n\n"
+            + table(["mitigation", "en final", "en worst", "en forgetting", "de final", "Δ en final",
+                     "Δ en worst", "Δ de final"], rows)
+            + "\n\n" + "\n".join(verdict) + "\n\nOverrides of each row:\n\n" + setting + "\n\n"
+            + s.plots("mitigate", dirs))
+
+
+def mitigate(s: Suite) -> str:
+    return mitigate_section(s, *mitigate_cols(s))
+
+
+# ------------------------------------------------------------------ 7. merging instead of decay (WSM)
+
+DECAY = 0.1  # WSD's decay, of each run's tokens (wsd-en.yaml's 10%)
+
+
+def merge_window(tokens: int, k_target: int) -> tuple[int, int]:
+    """(checkpoint spacing, k): the spacing is the largest power-of-two number of steps that is at most a
+    k_target-th of the window the WSD decay covers, k = how many checkpoints (the last at the end) fit in it."""
+    window = int(tokens * DECAY)
+    every = STEP
+    while every * 2 <= window // k_target:
+        every *= 2
+    return every, max(2, window // every)
+
+
+def probe_model(s: Suite, model: Path, out: Path, sets: list[str]) -> dict[str, float]:
+    """`cpt probe` of a model dir (the same first 64 held-out sequences per set for every model); reused while
+    newer than the model."""
+    args = ["probe", str(model), "--sets", *[f"{d}=data/shared/prepared/{d}/validation" for d in sets],
+            "--out", str(out)]
+    s.run.commands.append("cpt " + " ".join(args))
+    if not out.is_file() or out.stat().st_mtime < model.stat().st_mtime:
+        cpt(args, log=out.with_suffix(".log"))
+    return {d: v["loss"] for d, v in json.loads(out.read_text())["sets"].items()}
+
+
+def merge_ckpts(s: Suite, run_dir: Path, k: int, weights: str) -> Path:
+    """`cpt merge` of the run's last k checkpoints into RUN-merge-<weights>; redone when the run is newer."""
+    dest = run_dir.with_name(f"{run_dir.name}-merge-{weights.replace(':', '-')}-k{k}")
+    args = ["merge", str(run_dir), "--last", str(k), "--weights", weights, "--out", str(dest), "--overwrite"]
+    s.run.commands.append("cpt " + " ".join(args))
+    if not (dest / "merge.json").is_file() or dest.stat().st_mtime < (run_dir / "final").stat().st_mtime:
+        cpt(args, log=dest.with_name(dest.name + ".log"))
+    return dest
+
+
+def wsm_part(s: Suite, name: str, wsd: tuple[str, list[str]], const: tuple[str, list[str]], tokens: int,
+             k_target: int, sets: list[str]) -> tuple[dict[str, list[dict[str, float]]], list[Path], int, int]:
+    """One comparison at ``tokens``: per row and seed the held-out loss per domain; first seed's runs; k, spacing."""
+    every, k = merge_window(tokens, k_target)
+    per: dict[str, list[dict[str, float]]] = {}
+    dirs: list[Path] = []
+    for seed in s.long_seeds:
+        w = s.run(f"{name}-wsd-s{seed}", wsd[0], [*wsd[1], f"run.seed={seed}"])
+        c = s.run(f"{name}-constant-s{seed}", const[0],
+                  [*const[1], f"run.seed={seed}", f"checkpoint.every={every}", f"checkpoint.keep_last={k}"])
+        dirs += [w, c] if seed == s.long_seeds[0] else []
+        models = {f"WSD ({DECAY:.0%} 1-sqrt decay to {BASE_LR / 10:g})": w / "final",
+                  "constant LR, last checkpoint": c / "final",
+                  f"constant + WSM merge (1-sqrt) of last {k}": merge_ckpts(s, c, k, "wsm:1-sqrt"),
+                  f"constant + WSM merge (cosine) of last {k}": merge_ckpts(s, c, k, "wsm:cosine"),
+                  f"constant + uniform mean of last {k}": merge_ckpts(s, c, k, "uniform")}
+        for label, m in models.items():
+            out = s.run.out / "probes" / f"{m.parent.name if m.name == 'final' else m.name}.json"
+            per.setdefault(label, []).append(probe_model(s, m, out, sets))
+    return per, dirs, k, every
+
+
+def wsm_table(per: dict[str, list[dict[str, float]]], sets: list[str]) -> tuple[str, dict[str, dict[str, float]]]:
+    mean = {k: {d: statistics.mean(v[d] for v in vals) for d in sets} for k, vals in per.items()}
+    ref = next(iter(mean))
+    rows = [[k, *[mean_sd([v[d] for v in vals]) for d in sets], *[f"{mean[k][d] - mean[ref][d]:+.3f}" for d in sets]]
+            for k, vals in per.items()]
+    return table(["model", *sets, *[f"Δ {d} vs WSD" for d in sets]], rows), mean
+
+
+def wsm_verdict(mean: dict[str, dict[str, float]], domain: str, where: str) -> str:
+    ref, *rest = list(mean)
+    wsm = next(k for k in rest if "WSM merge (1-sqrt)" in k)
+    uni = next(k for k in rest if "uniform" in k)
+    const = next(k for k in rest if "last checkpoint" in k)
+
+    def word(d: float) -> str:
+        return "matches it (within 0.02)" if abs(d) <= 0.02 else "beats it" if d < 0 else "falls short of it"
+
+    d, du, dc = (mean[k][domain] - mean[ref][domain] for k in (wsm, uni, const))
+    return (f"- {where}: WSM merge (1-sqrt) vs the WSD decay on {domain}: {d:+.3f} nats, {word(d)}; uniform "
+            f"mean {du:+.3f} ({word(du)}); the constant run's last checkpoint {dc:+.3f}; merging recovers "
+            f"{(dc - d) / dc:.0%} of the decay's gain over the constant run." if dc > 0 else
+            f"- {where}: WSM merge (1-sqrt) vs the WSD decay on {domain}: {d:+.3f} nats, {word(d)}; uniform "
+            f"mean {du:+.3f}; the constant run's last checkpoint {dc:+.3f} (the decay gained nothing here).")
+
+
+def wsm(s: Suite) -> str:
+    b = s.b
+    p_tok = b.wsm_pretrain or b.pretrain
+    pre, pre_dirs, kp, ep = wsm_part(
+        s, f"wsm-en-{p_tok // K}K", ("recipes/paper/wsd-en.yaml", [f"train.tokens={p_tok}"]),
+        ("recipes/paper/constant-en.yaml", [f"train.tokens={p_tok}"]), p_tok, b.wsm_k, ["en", "de"])
+    stage, st_dirs, ks, es = wsm_part(
+        s, f"wsm-de-{b.cpt // K}K", ("recipes/paper/wsd-de.yaml", [*s.init, *s.tok]),
+        ("recipes/paper/constant-rewarm-de.yaml", [*s.init, *s.tok]), b.cpt, b.wsm_k, ["en", "de"])
+    t_pre, m_pre = wsm_table(pre, ["en", "de"])
+    t_st, m_st = wsm_table(stage, ["de", "en"])
+    return ("## 7. Merging instead of decay: WSM (Tian et al. 2025) vs WSD\n\nWSD (warmup, stable at "
+            f"{BASE_LR:g}, {DECAY:.0%} 1-sqrt decay to {BASE_LR / 10:g}) against a constant-LR run of the same "
+            "warmup, max LR and tokens whose last k checkpoints are merged by `cpt merge` (WSM weights "
+            "emulating a 1-sqrt or cosine decay to 0 over the span the checkpoints cover, or their uniform mean); "
+            "every model probed by `cpt probe` on the first 64 held-out sequences per domain. Seeds "
+            f"{', '.join(map(str, s.long_seeds))} (mean ± std); Δ = minus WSD.\n\n"
+            f"### Pre-training on English, {p_tok // K}K tokens\n\n"
+            + ("" if p_tok == b.pretrain else f"(Shorter than the suite's {b.pretrain // K}K pre-training, to fit "
+               "quick mode.) ")
+            + f"Checkpoints every {ep // K}K tokens; the last {kp} (at {(p_tok - (kp - 1) * ep) // K}K..{p_tok // K}K "
+            f"tokens) lie in the last {int(p_tok * DECAY) // K}K, where WSD decays "
+            f"(`recipes/paper/wsd-en.yaml` vs `recipes/paper/constant-en.yaml`).\n\n" + t_pre
+            + f"\n\n### Continual pre-training English → German, {b.cpt // K}K tokens\n\nFrom the English model "
+            f"(re-warm from 0 over 1%), checkpoints every {es // K}K tokens; the last {ks} (at "
+            f"{(b.cpt - (ks - 1) * es) // K}K..{b.cpt // K}K tokens of the stage) lie in the last "
+            f"{int(b.cpt * DECAY) // K}K, where WSD decays (`recipes/paper/wsd-de.yaml` vs "
+            "`recipes/paper/constant-rewarm-de.yaml`).\n\n" + t_st + "\n\n"
+            + wsm_verdict(m_pre, "en", "Pre-training") + "\n" + wsm_verdict(m_st, "de", "CPT stage")
+            + "\n\n" + s.plots("wsm", pre_dirs + st_dirs))
+
+
+EXPERIMENTS = {1: rewarming, 2: replay, 3: infinite, 4: wsd, 5: stability_gap, 6: mitigate,
+               7: wsm}
 
 
 # ------------------------------------------------------------------ the page
@@ -413,13 +691,53 @@ def header(args: argparse.Namespace, b: Budget, run: Runner, wall: float) -> str
             "finding does not reproduce at this scale.\n")
 
 
+def commands_block(commands: list[str]) -> str:
+    return "## Commands\n\n```\n" + "\n".join(commands) + "\n```\n"
+
+
+def subset_note(args: argparse.Namespace, b: Budget, run: Runner, wall: float) -> str:
+    """The paragraph a page's header gets when only some experiments were (re)measured into it."""
+    flags = (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds is not None else "")
+    exps = " ".join(map(str, args.experiments))
+    tokens = run.tokens()
+    runs_s = sum(run.wall.values())
+    return (f"Experiments {', '.join(map(str, args.experiments))} measured by `python scripts/reproduce.py{flags} "
+            f"--experiments {exps}` (seeds {', '.join(map(str, b.seeds))}): wall time {wall / 60:.1f} min"
+            + ("" if run.trained else " (it trained nothing: every run was reused)")
+            + f", {runs_s / 60:.1f} min summed over the {len(run.wall)} runs with a recorded time; "
+            f"{sum(tokens.values()) / 2**20:.1f}M tokens in the {len(tokens)} runs those sections read (English "
+            "pre-training included).")
+
+
+def merge_page(old: str, new: dict[int, str], note: str, commands: list[str]) -> str:
+    """``old`` page with the sections of ``new`` (experiment number -> section) put in place of theirs or
+    added in number order, ``note`` added to the header (replacing an earlier note on the same experiments)
+    and ``commands`` added to the commands block (each once)."""
+    parts = re.split(r"(?m)^(?=## )", old)
+    head, body = parts[0], parts[1:]
+    numbered: dict[int, str] = {}
+    cmd_lines: list[str] = []
+    for part in body:
+        if m := re.match(r"## (\d+)\. ", part):
+            numbered[int(m.group(1))] = part.rstrip()
+        elif part.startswith("## Commands"):
+            cmd_lines = [ln for ln in part.split("```")[1].splitlines() if ln.strip()] if "```" in part else []
+    numbered |= {n: text.rstrip() for n, text in new.items()}
+    key = note.split(" measured by ")[0]
+    lines = [ln for ln in head.rstrip().split("\n\n") if not ln.startswith(key + " measured by ")]
+    head = "\n\n".join([*lines, note]) + "\n"
+    return (head + "\n" + "\n\n".join(numbered[n] for n in sorted(numbered)) + "\n\n"
+            + commands_block(list(dict.fromkeys([*cmd_lines, *commands]))))
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="reproduce the papers' CPT findings at tiny scale")
-    ap.add_argument("--quick", action="store_true", help="small budgets, one seed (~8.5M tokens, 15-20 min)")
+    ap.add_argument("--quick", action="store_true", help="small budgets, one seed (~10M tokens, 25-30 min)")
     ap.add_argument("--out", type=Path, default=None, help="runs folder (default runs/repro/{quick,full})")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
     ap.add_argument("--experiments", type=int, nargs="+", default=ALL, choices=ALL,
-                    help="run and report only these experiments (5 reads the runs of 2)")
+                    help="run and report only these experiments (5 reads the runs of 2; 6 reuses 2's runs at its "
+                    "budget); their sections go into the existing page, the others are kept")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds for experiments 2-5 (default: 1 in quick mode, 3 in full)")
     return ap.parse_args()
@@ -439,10 +757,14 @@ def main() -> None:
     suite = Suite(run, b, [f"init_from.path={pre}"], args.docs, "repro" if mode == "full" else "repro-quick")
     sections = [experiment(suite) for n, experiment in EXPERIMENTS.items() if n in args.experiments]
     wall = time.time() - t_start
-    cmds = "## Commands\n\n```\n" + "\n".join(dict.fromkeys(run.commands)).replace(f"{ROOT}/", "") + "\n```\n"
-    doc = header(args, b, run, wall) + "\n" + "\n\n".join(sections) + "\n\n" + cmds
+    commands = [c.replace(f"{ROOT}/", "") for c in dict.fromkeys(run.commands)]
     args.docs.mkdir(parents=True, exist_ok=True)
     page = args.docs / ("reproductions.md" if mode == "full" else "reproductions-quick.md")
+    if args.experiments != ALL and page.is_file():  # a subset: into the page, the other sections kept
+        doc = merge_page(page.read_text(), dict(zip(args.experiments, sections, strict=True)),
+                         subset_note(args, b, run, wall), commands)
+    else:
+        doc = header(args, b, run, wall) + "\n" + "\n\n".join(sections) + "\n\n" + commands_block(commands)
     page.write_text(doc)
     print(f"wrote {page} ({wall / 60:.1f} min)")
 
