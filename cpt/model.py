@@ -181,11 +181,63 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path
             raise CptError(f"init_from.path: {weights_from}: parameter {bad} holds NaN or inf values; "
                            f"refusing to train from it (start from an earlier checkpoint)")
     if len(tokenizer) > model.config.vocab_size:
-        raise CptError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
-            f"{model.config.vocab_size}: they do not belong together"
-        )
+        if weights_from is None or cfg.extend_vocab is None:
+            raise CptError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                f"{model.config.vocab_size}: they do not belong together (an extended tokenizer: set "
+                f"model.extend_vocab to resize the embeddings)"
+            )
+        extend_vocab(model, tokenizer, cfg.extend_vocab, weights_from)
     return model
+
+
+def extend_vocab(model, tokenizer, cfg, old_tokenizer_dir) -> dict[str, int]:
+    """Resize ``model``'s embeddings (and untied head) to ``len(tokenizer)`` rounded up to
+    ``cfg.pad_to_multiple_of`` (model.extend_vocab). The rows of the model's own tokenizer's tokens
+    (``old_tokenizer_dir``) stay bit-identical; every row past them (new tokens, which may start inside the
+    model's old padding rows, and the new padding) is initialised as ``cfg.init`` says: subword_mean = the
+    mean of the rows of the old tokens a new token's text encodes to (padding rows: the mean of all old
+    token rows), mean = the mean of all old token rows, random = the model's init (rows it already had
+    keep their values). Returns {old, new} row counts."""
+    import torch
+
+    from cpt.data.tokenizer import load_tokenizer
+
+    old_rows = model.get_input_embeddings().num_embeddings
+    try:
+        old_tok = load_tokenizer(old_tokenizer_dir)
+    except CptError as e:
+        if cfg.init == "subword_mean":
+            raise CptError(f"model.extend_vocab.init: subword_mean needs the model's own tokenizer: {e}") from None
+        old_tok = None
+    known = min(len(old_tok), old_rows) if old_tok is not None else old_rows  # rows of real old tokens
+    with torch.random.fork_rng(devices=[]):  # random rows come from the model's init; the RNG stream stays
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=cfg.pad_to_multiple_of,
+                                      mean_resizing=False)
+    new_rows = model.get_input_embeddings().num_embeddings
+    if cfg.init == "random":
+        return {"old": old_rows, "new": new_rows}
+    sources: list[list[int] | None] = [None] * (new_rows - known)  # None: the mean of all old token rows
+    if cfg.init == "subword_mean":
+        added = tokenizer.added_tokens_decoder  # their text as written (decode would byte-map non-ASCII)
+        for i, new_id in enumerate(range(known, min(new_rows, len(tokenizer)))):
+            text = added[new_id].content if new_id in added else tokenizer.decode([new_id])
+            if "\ufffd" in text:  # a piece of a UTF-8 character: no text of its own, the mean row
+                continue
+            ids = old_tok.encode(text, add_special_tokens=False)
+            sources[i] = [t for t in ids if t < known] or None
+    tables = [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(head.weight)
+    with torch.no_grad():
+        for table in tables:
+            mean = table[:known].mean(dim=0)
+            for i, ids in enumerate(sources):
+                table[known + i] = mean if ids is None else table[ids].mean(dim=0)
+        if head is not None and getattr(head, "bias", None) is not None and head.bias.numel() == new_rows:
+            head.bias[known:] = head.bias[:known].mean()
+    return {"old": old_rows, "new": new_rows}
 
 
 # Where architectures keep their longest position: Llama, Qwen, Gemma, ... | GPT-2 | Bloom-style configs.

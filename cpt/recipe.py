@@ -31,6 +31,18 @@ class RunConfig(StrictModel):
     seed: int = Field(1234, description="Seed for model init, the mixture sampler and RNG states.")
 
 
+class ExtendVocabConfig(StrictModel):
+    init: Literal["subword_mean", "mean", "random"] = Field(
+        "subword_mean", description="The new rows of the embeddings (and of an untied head): subword_mean = "
+        "the mean of the rows of the old tokens the new token's text encodes to with the init_from model's "
+        "own tokenizer (FVT); mean = the mean of all old rows; random = the model's init."
+    )
+    pad_to_multiple_of: int | None = Field(
+        64, ge=1, description="Round the new vocabulary size up to a multiple of this (tensor-core friendly "
+        "on GPUs); the extra rows are initialised like the new ones and never produced by the tokenizer."
+    )
+
+
 class ModelConfig(StrictModel):
     preset: Literal["tiny-llama", "small-llama", "llama-1b"] | None = Field(
         None, description="Build a fresh Llama-shaped model from a preset. Leave null when init_from "
@@ -53,6 +65,11 @@ class ModelConfig(StrictModel):
     trust_remote_code: bool = Field(
         False, description="Run the modelling code a model dir ships (config.json auto_map). Off: such a "
         "model is refused with one line instead of a prompt in the middle of a batch job."
+    )
+    extend_vocab: ExtendVocabConfig | None = Field(
+        None, description="When model.tokenizer has more tokens than the init_from model's vocabulary (an "
+        "extended tokenizer, e.g. for a new language): resize the embeddings and head, old rows unchanged, "
+        "new rows as extend_vocab.init says; tied embeddings stay tied. null = refuse such a pair."
     )
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of final/ (training is in fp32 with autocast). auto = the init_from "

@@ -311,3 +311,51 @@ def test_lora_with_a_full_copy_of_gpt2s_tied_embeddings_exports_the_model_it_tra
     ids = torch.randint(3, 600, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(final(input_ids=ids).logits, adapted(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_an_extended_tokenizer_resizes_the_embeddings_old_rows_unchanged(tied, llama_tokenizer, corpora, tmp_path,
+                                                                         capsys):
+    """model.extend_vocab: the init_from model's tokenizer + new German words: embeddings (and an untied head)
+    grow to a multiple of 64, old rows bit-identical, a new row = the mean of the old rows of the subwords
+    its text had (FVT), padding rows = the mean of all old rows; the run trains and exports the new size."""
+    from cpt.data.tokenizer import load_tokenizer
+
+    source = hf_model_dir("llama", llama_tokenizer, tmp_path / "hf")
+    if tied:
+        cfg = json.loads((source / "config.json").read_text())
+        cfg["tie_word_embeddings"] = True
+        (source / "config.json").write_text(json.dumps(cfg))
+    words = ["Donaudampfschiff", "Straßenbahn", "Eichhörnchen"]
+    extended = AutoTokenizer.from_pretrained(source)
+    more = [f"Wortteil{i}" for i in range(70)]  # past the source's padded vocabulary (a multiple of 64)
+    assert extended.add_tokens(words + more) == 73
+    extended.save_pretrained(tmp_path / "tok-de")
+    data = prepare_with(tmp_path / "tok-de", corpora, tmp_path / "data")
+    with pytest.raises(CptError, match="set model.extend_vocab to resize the embeddings"):
+        train(recipe_for(source, data, tmp_path / "refused", model__tokenizer=str(tmp_path / "tok-de")))
+    r = recipe_for(source, data, tmp_path / "run", model__tokenizer=str(tmp_path / "tok-de"),
+                   model__extend_vocab={"init": "subword_mean", "pad_to_multiple_of": 64})
+    from cpt.model import build_model
+    before = AutoModelForCausalLM.from_pretrained(source)
+    model = build_model(r.model, load_tokenizer(tmp_path / "tok-de"), seed=1, weights_from=source)
+    old, new = before.get_input_embeddings().num_embeddings, model.get_input_embeddings().num_embeddings
+    assert new % 64 == 0 and new >= len(extended) > old
+    tables = [("embed", before.get_input_embeddings().weight, model.get_input_embeddings().weight)]
+    if not tied:
+        tables.append(("head", before.lm_head.weight, model.lm_head.weight))
+    else:
+        assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    own = AutoTokenizer.from_pretrained(source)
+    known = len(own)  # the new tokens' ids start there, inside the source's old padding rows
+    for _, was, now in tables:
+        assert torch.equal(now[:known], was[:known])
+        for word in words:
+            subwords = own.encode(word, add_special_tokens=False)
+            assert len(subwords) > 1
+            torch.testing.assert_close(now[extended.convert_tokens_to_ids(word)], was[subwords].mean(0))
+        torch.testing.assert_close(now[new - 1], was[:known].mean(0))  # a padding row
+    assert train(r).completed
+    assert "cpt: model.extend_vocab: " in capsys.readouterr().out
+    final = AutoModelForCausalLM.from_pretrained(Path(r.run.output_dir) / "final")
+    assert final.config.vocab_size == new and final.config.tie_word_embeddings == tied

@@ -213,6 +213,9 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     check_seq_len(model.config, recipe.data.seq_len,
                   f"config of {weights_from}" if weights_from else f"model.preset {recipe.model.preset}")
     vocab = model.get_input_embeddings().num_embeddings
+    if recipe.model.extend_vocab is not None and weights_from is not None and not saved and main:
+        print(f"cpt: model.extend_vocab: {vocab} embedding rows for the tokenizer's {len(tokenizer)} tokens "
+              f"(new rows: {recipe.model.extend_vocab.init})")
     for name, src in sources.items():  # what the manifest says, at start; read_batch checks the ids read
         if src.max_token_id is not None and src.max_token_id >= vocab:
             raise CptError(f"data.sources.{name}: {recipe.data.sources[name]} holds token ids up to "
