@@ -94,6 +94,16 @@ def cmd_tokenizer_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokenizer_extend(ns: argparse.Namespace) -> int:
+    from cpt.data.extend import extend_tokenizer, format_report
+
+    report = extend_tokenizer(ns.base, ns.train, ns.add, ns.out, old=ns.old, keep=ns.keep,
+                              max_documents=ns.max_documents, text_field=ns.text_field)
+    print(format_report(report))
+    print(f"tokenizer: {ns.out}")
+    return 0
+
+
 def cmd_probe(ns: argparse.Namespace) -> int:
     from accelerate import PartialState
 
@@ -256,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
     kt.add_argument("--max-documents-per-input", type=int, default=None,
                     help="the first N documents of each input (a sample of every corpus)")
     kt.set_defaults(func=cmd_tokenizer_train)
+    ke = ksub.add_parser("extend", help="append tokens learned on new-domain text to a BPE tokenizer (old ids kept)")
+    ke.add_argument("base", help="the tokenizer (or model) dir to extend")
+    ke.add_argument("--train", nargs="+", required=True, help="new-domain text (as cpt prepare reads it)")
+    ke.add_argument("--add", type=int, required=True, help="how many tokens to add")
+    ke.add_argument("--out", required=True, type=Path)
+    ke.add_argument("--old", nargs="+", default=None,
+                    help="old-domain text: fertility before/after and the share of its documents encoded differently")
+    ke.add_argument("--keep", nargs="+", default=None,
+                    help="old-domain text whose encodings must not change: merges of pairs adjacent in it are skipped")
+    ke.add_argument("--text-field", default="text")
+    ke.add_argument("--max-documents", type=int, default=20000, help="documents read from --train (and --old)")
+    ke.set_defaults(func=cmd_tokenizer_extend)
     return p
 
 

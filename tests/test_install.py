@@ -88,7 +88,7 @@ def test_every_module_imports_and_every_verb_answers_help_without_deepspeed():
         for name in modules:
             importlib.import_module(name)
         sub = next(a for a in build_parser()._actions if a.dest == "verb")
-        verbs = [[v] for v in sub.choices] + [["tokenizer", "train"]]
+        verbs = [[v] for v in sub.choices] + [["tokenizer", "train"], ["tokenizer", "extend"]]
         for verb in verbs:
             buf = io.StringIO()
             with contextlib.redirect_stdout(buf):
@@ -102,7 +102,7 @@ def test_every_module_imports_and_every_verb_answers_help_without_deepspeed():
     counts = re.search(r"modules (\d+) verbs (.*)", out.stdout)
     assert int(counts.group(1)) >= 20
     assert set(counts.group(2).split()) >= {"train", "schedule", "prepare", "probe", "compare", "predict",
-                                            "tokenizer/train"}
+                                            "tokenizer/train", "tokenizer/extend", "merge"}
 
 
 def test_train_deepspeed_without_the_package_is_one_clear_line(make_recipe, tmp_path):
