@@ -164,7 +164,10 @@ def test_sigint_stops_promptly_and_leaves_nothing(big_txt, tokenizer_dir, tmp_pa
     p = subprocess.Popen(cli(big_txt, "--tokenizer", tokenizer_dir, "--out", out, "--seq-len", 512,
                              "--num-proc", num_proc),
                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
+                         start_new_session=True,
+                         # a suite started in the background (`cmd &`) inherits SIGINT ignored, and Python
+                         # keeps it so: give the child a terminal's default, as a user's shell does
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     start_tokenizing(p, tmp_path)
     t0 = time.monotonic()
     os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
