@@ -136,10 +136,12 @@ def probe_due(tokens_before: int, tokens_after: int, stage_start: int, every: in
 # --------------------------------------------------------------------------------------- forgetting
 
 
-def probe_losses(record: Mapping[str, Any]) -> dict[str, float]:
-    """``{domain: loss}`` from the ``probe/<domain>/loss`` keys of a probe record (as HeldOutLoss returns)."""
-    return {k[len("probe/"):-len("/loss")]: float(v) for k, v in record.items()
-            if k.startswith("probe/") and k.endswith("/loss") and k.count("/") == 2}
+def probe_losses(record: Mapping[str, Any], metric: str = "loss") -> dict[str, float]:
+    """``{domain: value}`` from the ``probe/<domain>/<metric>`` keys of a probe record (as HeldOutLoss
+    returns it; metric loss or bpb)."""
+    tail = f"/{metric}"
+    return {k[len("probe/"):-len(tail)]: float(v) for k, v in record.items()
+            if k.startswith("probe/") and k.endswith(tail) and k.count("/") == 2}
 
 
 class ForgettingTracker:
@@ -154,8 +156,9 @@ class ForgettingTracker:
     stage is never below 0: if an old domain only improved, its worst point was the start.
     """
 
-    def __init__(self, domains: Iterable[str], new_domains: Iterable[str] = ()):
+    def __init__(self, domains: Iterable[str], new_domains: Iterable[str] = (), metric: str = "loss"):
         self.domains = list(domains)
+        self.suffix = "" if metric == "loss" else f"_{metric}"  # probe/<d>/forgetting_bpb, ...
         self.new_domains = self._check_new(new_domains)
         self.stage_start: int | None = None
         self.baseline: dict[str, float] = {}
@@ -204,13 +207,13 @@ class ForgettingTracker:
             # a diverged (NaN) loss is the worst point there is; the first one is where it happened
             if delta > worst or (math.isnan(delta) and not math.isnan(worst)):
                 self.worst[d] = (delta, tokens)
-            out[f"probe/{d}/delta"] = delta
+            out[f"probe/{d}/delta{self.suffix}"] = delta
             if self.is_old(d):
-                out[f"probe/{d}/forgetting"] = delta
-                out[f"probe/{d}/max_forgetting"] = self.worst[d][0]
-                out[f"probe/{d}/max_forgetting_tokens"] = self.worst[d][1]
+                out[f"probe/{d}/forgetting{self.suffix}"] = delta
+                out[f"probe/{d}/max_forgetting{self.suffix}"] = self.worst[d][0]
+                out[f"probe/{d}/max_forgetting_tokens{self.suffix}"] = self.worst[d][1]
             else:
-                out[f"probe/{d}/adaptation"] = -delta
+                out[f"probe/{d}/adaptation{self.suffix}"] = -delta
         return out
 
     def end_stage(self) -> dict[str, float]:
@@ -227,13 +230,13 @@ class ForgettingTracker:
         for d in self.domains:
             worst, at = self.worst[d]
             if self.is_old(d):
-                out[f"stage_end/{d}/forgetting"] = self.last[d]
-                out[f"stage_end/{d}/max_forgetting"] = worst
-                out[f"stage_end/{d}/max_forgetting_tokens"] = at
+                out[f"stage_end/{d}/forgetting{self.suffix}"] = self.last[d]
+                out[f"stage_end/{d}/max_forgetting{self.suffix}"] = worst
+                out[f"stage_end/{d}/max_forgetting_tokens{self.suffix}"] = at
             else:
-                out[f"stage_end/{d}/adaptation"] = -self.last[d]
-                out[f"stage_end/{d}/min_adaptation"] = -worst
-                out[f"stage_end/{d}/min_adaptation_tokens"] = at
+                out[f"stage_end/{d}/adaptation{self.suffix}"] = -self.last[d]
+                out[f"stage_end/{d}/min_adaptation{self.suffix}"] = -worst
+                out[f"stage_end/{d}/min_adaptation_tokens{self.suffix}"] = at
         self.stage_start = None
         return out
 
@@ -249,3 +252,52 @@ class ForgettingTracker:
         self.baseline = {d: float(v) for d, v in state["baseline"].items()}
         self.last = {d: float(v) for d, v in state["last"].items()}
         self.worst = {d: (float(w), int(t)) for d, (w, t) in state["worst"].items()}
+
+
+class Forgetting:
+    """A :class:`ForgettingTracker` per metric the probes report: the loss always, and bits per byte
+    (keys ``..._bpb``) where every probe set has byte counts: comparable across tokenizers, so a stage
+    that changes the tokenizer (extended vocabulary) still reads right. Same use as ForgettingTracker,
+    fed whole probe records."""
+
+    METRICS = ("loss", "bpb")
+
+    def __init__(self, domains: Iterable[str], new_domains: Iterable[str] = ()):
+        self.trackers = {m: ForgettingTracker(domains, new_domains, metric=m) for m in self.METRICS}
+
+    @property
+    def stage_start(self) -> int | None:
+        return self.trackers["loss"].stage_start
+
+    def start_stage(self, record: Mapping[str, Any], tokens: int) -> None:
+        for metric, tracker in list(self.trackers.items()):
+            values = probe_losses(record, metric)
+            if metric != "loss" and not set(tracker.domains) <= set(values):
+                del self.trackers[metric]  # a set without byte counts: no bpb for this stage
+                continue
+            tracker.start_stage(values, tokens)
+
+    def update(self, tokens: int, record: Mapping[str, Any]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for metric, tracker in self.trackers.items():
+            out |= tracker.update(tokens, probe_losses(record, metric))
+        return out
+
+    def end_stage(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for tracker in self.trackers.values():
+            out |= tracker.end_stage()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {metric: tracker.state_dict() for metric, tracker in self.trackers.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "baseline" in state:  # written before bpb: the loss tracker's state alone
+            state = {"loss": state}
+        for metric in list(self.trackers):
+            if metric in state:
+                self.trackers[metric].load_state_dict(state[metric])
+            else:
+                del self.trackers[metric]
+

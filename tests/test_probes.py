@@ -278,3 +278,30 @@ def test_cpt_probe_matches_the_runs_last_probe(tmp_path, tokenizer_dir, prepared
     printed = capsys.readouterr().out
     assert "en" in printed and f"{last['probe/en/loss']:.4f}" in printed
     assert main(["probe", str(run / "final"), "--sets", "en"]) == 2  # NAME=PATH expected: a one-line error
+
+
+def test_forgetting_in_bits_per_byte_beside_the_loss_and_old_states_load():
+    from cpt.probes import Forgetting
+
+    f = Forgetting(["en", "de"], new_domains=["de"])
+    f.start_stage({"probe/en/loss": 3.0, "probe/en/bpb": 1.2, "probe/de/loss": 5.0, "probe/de/bpb": 2.0}, 0)
+    out = f.update(100, {"probe/en/loss": 3.5, "probe/en/bpb": 1.4, "probe/de/loss": 4.0, "probe/de/bpb": 1.5,
+                         "probe_ema/en/loss": 9.0})
+    assert out["probe/en/forgetting"] == pytest.approx(0.5) and out["probe/en/forgetting_bpb"] == pytest.approx(0.2)
+    assert out["probe/de/adaptation"] == pytest.approx(1.0) and out["probe/de/adaptation_bpb"] == pytest.approx(0.5)
+    assert out["probe/en/max_forgetting_tokens_bpb"] == 100
+    end = f.end_stage()
+    assert end["stage_end/en/forgetting_bpb"] == pytest.approx(0.2) and end["stage_end/de/adaptation"] == 1.0
+    # sets prepared before byte counts: the loss alone, no bpb keys
+    g = Forgetting(["en"])
+    g.start_stage({"probe/en/loss": 3.0}, 0)
+    assert set(g.update(10, {"probe/en/loss": 2.5})) == {"probe/en/delta", "probe/en/forgetting",
+                                                          "probe/en/max_forgetting", "probe/en/max_forgetting_tokens"}
+    # a checkpoint written before bpb holds the loss tracker's state alone
+    old = ForgettingTracker(["en"])
+    old.start_stage({"en": 3.0}, 0)
+    old.update(10, {"en": 3.4})
+    h = Forgetting(["en"])
+    h.load_state_dict(old.state_dict())
+    assert h.stage_start == 0 and list(h.trackers) == ["loss"]
+    assert h.update(20, {"probe/en/loss": 3.2, "probe/en/bpb": 1.0})["probe/en/max_forgetting"] == pytest.approx(0.4)

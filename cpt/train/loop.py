@@ -27,7 +27,7 @@ from cpt import mitigate
 from cpt.data.mixture import MixtureSampler
 from cpt.data.source import TokenSource, read_batch
 from cpt.errors import CptError, DivergedError
-from cpt.probes import ForgettingTracker, HeldOutLoss, crossed, probe_due, probe_losses
+from cpt.probes import Forgetting, HeldOutLoss, crossed, probe_due
 from cpt.recipe import Recipe
 from cpt.stages import StagePlan
 from cpt.train.setup import Run, setup
@@ -107,7 +107,7 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
                 with run.ema.applied():
                     averaged = probes(run.model, run.accelerator)
                 measured |= {k.replace("probe/", "probe_ema/", 1): v for k, v in averaged.items()}
-            run.tracker.log({**tag, **measured, **forgetting.update(run.tokens, probe_losses(measured))})
+            run.tracker.log({**tag, **measured, **forgetting.update(run.tokens, measured)})
         # saved as it stands before end_stage closes it: a run extended past this stage's old end
         # (train.tokens raised on --resume) goes on with the same baseline
         probe_state = forgetting.state_dict() if forgetting else None
@@ -172,7 +172,7 @@ def _stage_sampler(run: Run, stage: StagePlan, mid_stage: bool) -> MixtureSample
 
 
 def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], mid_stage: bool):
-    """(HeldOutLoss, ForgettingTracker) of the stage, or (None, None) without probe sets; at a stage
+    """(HeldOutLoss, Forgetting) of the stage, or (None, None) without probe sets; at a stage
     start the baseline is measured and logged (before the stage's first step), on resume restored."""
     tag = {"step": run.step, "tokens": run.tokens, "stage": stage.name}
     probes = forgetting = None
@@ -181,14 +181,14 @@ def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource]
         probes = HeldOutLoss({n: probe_sets[n] for n in stage.probe_sets}, cfg.max_sequences,
                              cfg.micro_batch_size, run.accelerator.process_index, run.accelerator.num_processes,
                              frame=run.frame, loss=run.loss)
-        forgetting = ForgettingTracker(stage.probe_sets, stage.new_domains)
+        forgetting = Forgetting(stage.probe_sets, stage.new_domains)
     if not mid_stage:
         run.tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(run.tokens),
                          "stage_start/new_domains": stage.new_domains})
         if probes is not None:
             baseline = probes(run.model, run.accelerator)
-            forgetting.start_stage(probe_losses(baseline), run.tokens)
-            run.tracker.log({**tag, **baseline, **forgetting.update(run.tokens, probe_losses(baseline))})
+            forgetting.start_stage(baseline, run.tokens)
+            run.tracker.log({**tag, **baseline, **forgetting.update(run.tokens, baseline)})
     elif forgetting is not None and run.saved.probe_state:
         forgetting.load_state_dict(run.saved.probe_state)
         if forgetting.stage_start is None:  # saved after the stage closed (an older checkpoint)

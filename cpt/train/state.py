@@ -55,7 +55,7 @@ class TrainerState:
     tags: list[str]                  # stage_end:<name>, pre_anneal: kept whatever keep_last says
     origin: Origin
     next_lr: float | None = None     # the LR the schedule gives the next step (a resume checks it)
-    probe_state: dict[str, Any] | None = None  # ForgettingTracker.state_dict() of the open stage
+    probe_state: dict[str, Any] | None = None  # cpt.probes.Forgetting.state_dict() of the open stage
     metrics_records: int | None = None  # records in metrics.jsonl when saved: a resume cuts it there
     guard: dict[str, Any] | None = None  # StepGuard.state_dict(); None in version-1 records
     version: int = STATE_VERSION
