@@ -76,13 +76,41 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
 def cmd_prepare(ns: argparse.Namespace) -> int:
     from cpt.data.prepare import prepare
 
+    if (ns.num_shards is None) != (ns.shard_index is None):
+        raise CptError("--num-shards N and --shard-index I go together (part I of N; merge with cpt prepare merge)")
+    part = None if ns.num_shards is None else (ns.shard_index, ns.num_shards)
     m = prepare(ns.inputs, ns.tokenizer, ns.out, seq_len=ns.seq_len, text_field=ns.text_field,
                 num_proc=ns.num_proc, max_documents=ns.max_documents, overwrite=ns.overwrite,
-                eos_token=ns.eos_token)
+                eos_token=ns.eos_token, part=part)
     skipped = ", ".join(f"{k}: {v}" for k, v in m["skipped"].items() if v) or "none"
+    tail = "tail tokens kept for the merge" if part else "tail tokens dropped"
     print(f"{ns.out}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
-          f"({m['tokens']} tokens, {m['tokens_dropped_tail']} tail tokens dropped); skipped: {skipped}")
+          f"({m['tokens']} tokens, {m['tokens_dropped_tail']} {tail}); skipped: {skipped}")
     return 0
+
+
+def cmd_prepare_merge(ns: argparse.Namespace) -> int:
+    from cpt.data.prepare import merge_parts
+
+    m = merge_parts(ns.parts, ns.out, overwrite=ns.overwrite)
+    stitched = sum(s["sequences"] for s in m["shards"] if "/" not in s["file"])
+    print(f"{ns.out}: {len(m['parts'])} parts, {m['documents']} documents, {m['sequences']} sequences of "
+          f"{m['seq_len']} tokens ({m['tokens']} tokens, {m['tokens_dropped_tail']} tail tokens dropped; "
+          f"{stitched} sequences across part boundaries copied, the rest read from the parts)")
+    return 0
+
+
+def _prepare_merge_parser() -> argparse.ArgumentParser:
+    """`cpt prepare merge`: routed by main(), since `cpt prepare`'s own words are input files."""
+    p = argparse.ArgumentParser(prog="cpt prepare merge",
+                                description="join parts written by cpt prepare --num-shards N --shard-index I "
+                                            "into one prepared folder (no token data copied)")
+    p.add_argument("parts", nargs="+", type=Path, help="the part folders, all N of them (any order)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder (may be the one holding the parts; its shards are the parts' files)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier merge in --out")
+    p.set_defaults(func=cmd_prepare_merge)
+    return p
 
 
 def cmd_tokenizer_train(ns: argparse.Namespace) -> int:
@@ -182,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", type=Path, default=Path("lr_schedule.png"), help="PNG to write")
     s.set_defaults(func=cmd_schedule)
 
-    d = sub.add_parser("prepare", help="tokenize raw text once into memory-mapped token shards")
+    d = sub.add_parser("prepare", help="tokenize raw text once into memory-mapped token shards",
+                       epilog="in parts, on N machines: cpt prepare FILES ... --num-shards N --shard-index I "
+                              "--out DIR/part-I, then cpt prepare merge DIR/part-* --out DIR")
     d.add_argument("inputs", nargs="+", help="jsonl, jsonl.gz, json, parquet, txt files or saved HF datasets")
     d.add_argument("--tokenizer", required=True, help="HF tokenizer dir")
     d.add_argument("--out", required=True, type=Path, help="output dir for shards + manifest.json")
@@ -193,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--eos-token", default=None,
                    help="the token that ends each document, for a tokenizer without an eos token")
+    d.add_argument("--num-shards", type=int, default=None, metavar="N",
+                   help="prepare only part --shard-index of N contiguous parts of the inputs' records, "
+                        "balanced by size (join them with cpt prepare merge)")
+    d.add_argument("--shard-index", type=int, default=None, metavar="I", help="which part, 0..N-1")
     d.set_defaults(func=cmd_prepare)
 
     pr = sub.add_parser("probe", help="held-out loss and downstream scores of a model or checkpoint",
@@ -282,8 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    ns, extra = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["prepare", "merge"]:
+        parser = _prepare_merge_parser()
+        ns, extra = parser.parse_args(argv[2:]), []
+    else:
+        parser = build_parser()
+        ns, extra = parser.parse_known_args(argv)
     if extra:  # `cpt train R.yaml --resume train.tokens=32K`: argparse leaves what follows a flag over
         if getattr(ns, "args", None) is None or any("=" not in a or a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

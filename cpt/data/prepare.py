@@ -45,12 +45,14 @@ import re
 import shutil
 import signal
 import socket
+import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from cpt import __version__
+from cpt.data import reader
 from cpt.data.reader import InputStats, iter_pieces, resolve_inputs
 from cpt.data.source import (
     BYTES_DTYPE,
@@ -60,6 +62,8 @@ from cpt.data.source import (
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
     SHARD_PATTERN,
+    TokenSource,
+    _read_manifest,
 )
 from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, tokenizer_hash
 from cpt.errors import CptError
@@ -74,6 +78,12 @@ _CHUNK_CHARS = 1 << 18
 # once. 2M characters: ~60 MB, and 8 long pieces or thousands of short documents for its threads.
 # Measured on a 30 MiB .txt, 2 cores: peak RSS 425 MB (250 MB of it imports), 6.7 s; with 4M, 498 MB.
 _BATCH_CHARS = 1 << 21
+
+
+# A part (``prepare(part=(i, n))``) keeps its tail, the tokens after its last whole sequence, here:
+# in the documents' order they continue in the next part's first sequence (merge_parts).
+TAIL_TOKENS = "tail-tokens.bin"
+TAIL_BYTES = "tail-bytes.bin"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -310,6 +320,7 @@ class _ShardWriter:
             if len(big):
                 self.overflow.append(np.stack([self.written + big, nbytes[big].astype(np.int64)], axis=1))
             self.shards[-1]["sequences"] += len(part)
+            self.shards[-1]["max_token_id"] = max(self.shards[-1]["max_token_id"], int(ids.max()))
             self.max_id = max(self.max_id, int(ids.max()))
             self.written += ids.size
             self.bytes += int(nbytes.sum(dtype=np.int64))
@@ -318,7 +329,7 @@ class _ShardWriter:
         self._close_file()
         name, bytes_name = SHARD_PATTERN.format(len(self.shards)), BYTES_PATTERN.format(len(self.shards))
         self.files = (open(self.out_dir / name, "wb"), open(self.out_dir / bytes_name, "wb"))
-        self.shards.append({"file": name, "sequences": 0, "bytes_file": bytes_name})
+        self.shards.append({"file": name, "sequences": 0, "bytes_file": bytes_name, "max_token_id": -1})
 
     def _close_file(self) -> None:
         for f in self.files or ():
@@ -326,6 +337,21 @@ class _ShardWriter:
             os.fsync(f.fileno())  # on disk before the folder is renamed into place
             f.close()
         self.files = None
+
+    def keep_tail(self) -> dict:
+        """Write the tail (< seq_len tokens) to ``TAIL_TOKENS`` / ``TAIL_BYTES`` instead of dropping it: a
+        part's tail continues in the next part (:func:`merge_parts`). Its counts above 255 go to the
+        overflow like any other, indexed as if the tail followed the last sequence."""
+        ids, nbytes = np.ascontiguousarray(self.carry["id"]), self.carry["bytes"]
+        for name, data in ((TAIL_TOKENS, ids), (TAIL_BYTES, np.minimum(nbytes, 255).astype(BYTES_DTYPE))):
+            with open(self.out_dir / name, "wb") as f:
+                data.tofile(f)
+                f.flush()
+                os.fsync(f.fileno())
+        big = np.flatnonzero(nbytes > 255)
+        if len(big):
+            self.overflow.append(np.stack([self.written + big, nbytes[big].astype(np.int64)], axis=1))
+        return {"tokens": len(ids), "file": TAIL_TOKENS, "bytes_file": TAIL_BYTES}
 
     def close(self) -> int:
         """Close the last shard and write the overflow file (if any count exceeded 255); return the
@@ -351,6 +377,7 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     eos_token: str | None = None,
+    part: tuple[int, int] | None = None,
 ) -> dict:
     """Tokenize ``inputs`` with ``tokenizer``, pack into ``seq_len`` sequences, write to ``out_dir``.
 
@@ -363,6 +390,10 @@ def prepare(
 
     Each document is framed as the tokenizer frames a text (:func:`document_frame`: a BOS where it adds
     one) and ends with EOS; ``eos_token`` names the separator for a tokenizer that has no eos token.
+
+    ``part=(i, n)`` prepares only part ``i`` of ``n`` of the inputs' records (:func:`split_records`),
+    for n machines or processes, and keeps its tail; :func:`merge_parts` joins the n parts into the
+    folder one prepare of all inputs writes.
     """
     from tqdm import tqdm
 
@@ -374,6 +405,12 @@ def prepare(
         raise CptError(f"num_proc must be positive, got {num_proc}")
     if max_documents is not None and max_documents <= 0:
         raise CptError(f"max_documents must be positive, got {max_documents}")
+    if part is not None:
+        if not (part[1] >= 1 and 0 <= part[0] < part[1]):
+            raise CptError(f"shard index {part[0]} of {part[1]} shards: expected 0..{part[1] - 1} of at least 1")
+        if max_documents is not None:
+            raise CptError("max_documents caps the documents of all inputs together, which one part cannot "
+                           "count; prepare parts without it")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CptError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -398,7 +435,11 @@ def prepare(
         tmp.mkdir(parents=True)
         cache = tmp / ".cache"  # parquet inputs are converted to Arrow here, and removed with it
         stats: list[InputStats] = []
-        pieces = iter_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars=chunk_chars)
+        if part is None:
+            pieces = iter_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars=chunk_chars)
+        else:
+            split = split_records(resolved, text_field, cache, *part)
+            pieces = _part_pieces(resolved, split, text_field, stats, cache, chunk_chars)
         writer = _ShardWriter(tmp, seq_len, shard_sequences, dtype)
         documents = 0
         frame = document_frame(backend, eos_id)
@@ -409,12 +450,13 @@ def prepare(
                 writer.add(tokens)
                 documents += ended
                 bar.update(len(tokens))
+        kept = writer.keep_tail() if part is not None else None
         tail = writer.close()
         shutil.rmtree(cache, ignore_errors=True)
 
         sequences = sum(s["sequences"] for s in writer.shards)
         tokens = sequences * seq_len
-        if sequences == 0:
+        if sequences == 0 and part is None:
             raise CptError(
                 f"{_describe(resolved)} yields {tail} tokens, fewer than one sequence of {seq_len}"
             )
@@ -452,6 +494,14 @@ def prepare(
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cpt_version": __version__,
         }
+        if part is not None:  # what merge_parts needs: where this part lies, its tail, per-input counts
+            manifest["part"] = {
+                "index": part[0], "count": part[1], "records": [split["lo"], split["hi"]],
+                "records_total": split["records_total"], "weight_total": split["weight_total"],
+                "shard_sequences": shard_sequences, "tail": kept,
+                "inputs": [{"records": n, "objects": st.objects, "fields_seen": sorted(st.fields_seen)}
+                           for n, st in zip(split["records"], stats, strict=True)],
+            }
         with open(tmp / MANIFEST, "w") as f:  # last, and on disk before the rename commits the folder
             f.write(json.dumps(manifest, indent=1) + "\n")
             f.flush()
@@ -507,3 +557,317 @@ def _describe(resolved: list[tuple[Path, str]]) -> str:
     if len(resolved) == 1:
         return f"input {resolved[0][0]}"
     return f"{len(resolved)} inputs ({resolved[0][0]}, ...)"
+
+
+# ---------------------------------------------------------------- preparing in parts, and merging them
+#
+# The split rule. The inputs' records, in the order one prepare reads them (inputs in order, records in
+# file order; a record is a line of JSON lines, an element of a JSON array, a row of a table, a whole
+# .txt file; unusable records too), are cut into n contiguous ranges, balanced by size: a record's weight
+# is its size as read (the bytes of its line; a .txt file's bytes; for array, parquet and saved-dataset
+# records 1 + the UTF-8 bytes of the text field), and record r goes to part floor(n * C_r / W), C_r the
+# weight of the records before it and W of all. Parts then differ by less than one record's weight, and
+# part 0, part 1, ... read in order are the documents of one prepare in order. A file is thus split by
+# record, not only by file. Every part computes the same ranges from the inputs alone (a pass that
+# reads, and for .gz decompresses, every input but parses JSON lines not at all), so the parts need
+# not talk to each other; each records the totals it saw and merge_parts refuses parts that disagree.
+
+
+def _record_weights(path: Path, fmt: str, text_field: str, cache: Path) -> np.ndarray:
+    """int64 weight of each record of one input, one per record the reader yields (see the split rule)."""
+    if fmt == "txt":
+        return np.array([max(1, path.stat().st_size)], dtype=np.int64)
+    if fmt in ("jsonl", "json"):
+        try:
+            with reader._open_bytes(path) as f:
+                if not (fmt == "json" and reader._is_array(f)):
+                    return np.fromiter((max(1, len(line)) for line in f), dtype=np.int64)
+        except (OSError, EOFError, zlib.error) as e:
+            raise CptError(f"input {path} cannot be read: {e}") from None
+        records = reader._json_records(path, fmt, InputStats(str(path), fmt))
+    else:
+        records = reader._table_records(path, fmt, text_field, scratch := InputStats(str(path), fmt), cache)
+        records = list(records)
+        if not records and scratch.objects:  # the text column is missing: every row is one record
+            return np.ones(scratch.objects, dtype=np.int64)
+    return np.fromiter((1 + (_utf8_len(r[text_field]) if isinstance(r, dict) and isinstance(r.get(text_field), str)
+                             else 0) for r in records), dtype=np.int64)
+
+
+def split_records(resolved: list[tuple[Path, str]], text_field: str, cache: Path, index: int, count: int) -> dict:
+    """The records of part ``index`` of ``count`` (the split rule above): ``{"lo", "hi"}`` (global record
+    indices, ``hi`` excluded), ``records`` (per input), ``records_total`` and ``weight_total``."""
+    weights = [_record_weights(path, fmt, text_field, cache) for path, fmt in resolved]
+    flat = np.concatenate(weights) if weights else np.zeros(0, dtype=np.int64)
+    before = np.concatenate(([0], np.cumsum(flat)))  # C_r for r = 0..R; C_R = W
+    total = int(before[-1])
+    # record r is in part i where n * C_r >= i * W and < (i + 1) * W: the first record of part i
+    lo, hi = (int(np.searchsorted(count * before[:-1], i * total, side="left")) if i < count else len(flat)
+              for i in (index, index + 1))
+    return {"lo": lo, "hi": hi, "records": [len(w) for w in weights], "records_total": len(flat),
+            "weight_total": total}
+
+
+def _part_pieces(resolved, split: dict, text_field: str, stats: list[InputStats], cache: Path,
+                 chunk_chars: int | None):
+    """:func:`reader.iter_pieces` for the records ``split["lo"]..split["hi"]`` only: the same documents,
+    in pieces, and the same counts of skipped records, for those records. One InputStats per input
+    (zeros outside the range); the checks of an input as a whole wait for merge_parts."""
+    start = 0
+    for (path, fmt), n in zip(resolved, split["records"], strict=True):
+        st = InputStats(str(path), fmt)
+        stats.append(st)
+        a, b = max(split["lo"] - start, 0), min(split["hi"] - start, n)
+        start += n
+        if a >= b:
+            continue
+        for blocks in _documents_in(path, fmt, text_field, st, cache, chunk_chars, a, b):
+            st.documents += 1
+            yield from reader.split_text(blocks, chunk_chars)
+
+
+def _documents_in(path: Path, fmt: str, text_field: str, st: InputStats, cache: Path,
+                  chunk_chars: int | None, a: int, b: int):
+    """The usable documents among records ``a..b`` of one input (reader._documents for a range)."""
+    if fmt == "txt":  # one record: a == 0, b == 1
+        blocks = reader._txt_blocks(path, st, chunk_chars)
+        if blocks is not None:
+            yield blocks
+        return
+    # the reader counts a bad line just before it yields it: what it counted since the last record
+    # is this record's
+    scratch = InputStats(str(path), fmt)
+    if fmt in ("jsonl", "json"):
+        records = reader._json_records(path, fmt, scratch)
+    else:
+        records = reader._table_records(path, fmt, text_field, scratch, cache)
+    seen = Counter()
+    with contextlib.closing(records):
+        for k, record in enumerate(records):
+            if k >= b:
+                break
+            if scratch.skipped != seen:
+                if k >= a:
+                    st.skipped.update(scratch.skipped - seen)
+                seen = Counter(scratch.skipped)
+            if k >= a:
+                text = reader._text_of(record, text_field, st)
+                if text is not None:
+                    yield (text,)
+    if fmt not in ("jsonl", "json") and scratch.objects and not st.objects:  # no text column at all
+        st.objects, st.skipped["missing_field"] = b - a, b - a
+        st.fields_seen |= scratch.fields_seen
+
+
+# What every part must share with the others (else they are not parts of one prepare).
+_SAME = ("seq_len", "dtype", "vocab_size", "eos_token_id", "document_prefix", "tokenizer_hash",
+         "tokenizer_fingerprint", "text_field", "chunk_chars")
+
+
+def _read_part(path: Path) -> dict:
+    m = _read_manifest(path)
+    if "part" not in m:
+        raise CptError(f"{path} is not a part (prepared without --num-shards / --shard-index)")
+    TokenSource(path)  # its shard files are whole
+    tail = m["part"]["tail"]
+    for name, itemsize in ((tail["file"], np.dtype(m["dtype"]).itemsize), (tail["bytes_file"], 1)):
+        file = path / name
+        if not file.is_file() or file.stat().st_size != tail["tokens"] * itemsize:
+            raise CptError(f"part {path}: {name} is missing or damaged; prepare this part again")
+    return m
+
+
+class _Stream:
+    """The parts' tokens in order (each part's shard files, then its tail) as one flat stream."""
+
+    def __init__(self, parts: list[tuple[Path, dict]], seq_len: int):
+        self.pieces = []  # (global start, tokens, ids file, bytes file, max id or None)
+        at = 0
+        self.part_starts = []
+        overflow = []
+        for path, m in parts:
+            self.part_starts.append(at)
+            tail = m["part"]["tail"]
+            files = [(s["file"], s["bytes_file"], s["sequences"] * seq_len, s.get("max_token_id"))
+                     for s in m["shards"]] + [(tail["file"], tail["bytes_file"], tail["tokens"], None)]
+            for ids, nbytes, n, max_id in files:
+                if n:
+                    self.pieces.append((at, n, path / ids, path / nbytes, max_id))
+                    at += n
+            over = m["token_bytes"].get("overflow")
+            if over:
+                rows = np.load(path / over)
+                overflow.append(rows + np.array([self.part_starts[-1], 0]))
+        self.total = at
+        self.overflow = np.concatenate(overflow) if overflow else np.zeros((0, 2), dtype=np.int64)
+        self.dtype = np.dtype(parts[0][1]["dtype"])
+
+    def read(self, g0: int, g1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and int64 byte counts of stream tokens ``g0..g1`` (a few sequences: copied)."""
+        ids, nbytes = np.empty(g1 - g0, dtype=self.dtype), np.empty(g1 - g0, dtype=np.int64)
+        for start, n, ids_file, bytes_file, _ in self.pieces:
+            lo, hi = max(g0, start), min(g1, start + n)
+            if lo < hi:
+                at = lo - start
+                ids[lo - g0:hi - g0] = np.fromfile(ids_file, self.dtype, hi - lo, offset=at * self.dtype.itemsize)
+                nbytes[lo - g0:hi - g0] = np.fromfile(bytes_file, BYTES_DTYPE, hi - lo, offset=at)
+        inside = (self.overflow[:, 0] >= g0) & (self.overflow[:, 0] < g1)
+        nbytes[self.overflow[inside, 0] - g0] = self.overflow[inside, 1]
+        return ids, nbytes
+
+
+def merge_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = False) -> dict:
+    """Join the parts ``prepare(part=(i, n))`` wrote into one prepared folder ``out_dir``: the manifest
+    one prepare of all inputs writes (same sequences, tokens, byte counts, counts of skipped records),
+    whose shards are the parts' own files, named by paths relative to ``out_dir`` and read from an
+    offset; no token is copied but the few sequences that span two parts (or two of a part's shard
+    files), which go to one small stitch file in ``out_dir``. ``out_dir`` may be the folder that holds
+    the parts; keep them beside it. Returns the manifest."""
+    paths = [Path(p) for p in parts]
+    if not paths:
+        raise CptError("no parts given to merge")
+    out_dir = Path(out_dir)
+    loaded = sorted(((p, _read_part(p)) for p in paths), key=lambda pm: pm[1]["part"]["index"])
+    first_path, first = loaded[0]
+    count = first["part"]["count"]
+    indices = [m["part"]["index"] for _, m in loaded]
+    if sorted(set(indices)) != indices or len(loaded) != count or any(m["part"]["count"] != count for _, m in loaded):
+        given = ", ".join(f"{m['part']['index']}/{m['part']['count']} ({p})" for p, m in loaded)
+        raise CptError(f"parts to merge must be shards 0..{count - 1} of {count}, each once; got {given}")
+    same = {k: lambda m, k=k: m[k] for k in _SAME}
+    same |= {"shard_sequences": lambda m: m["part"]["shard_sequences"],
+             "inputs": lambda m: [(i["path"], i["format"]) for i in m["inputs"]],
+             "records": lambda m: (m["part"]["records_total"], m["part"]["weight_total"]),
+             "byte counts": lambda m: (m["token_bytes"]["dtype"], m["token_bytes"]["counted_from"])}
+    for path, m in loaded[1:]:
+        for key, of in same.items():
+            if of(m) != of(first):
+                raise CptError(f"parts differ in {key}: {first_path} has {of(first)!r}, {path} has {of(m)!r}; "
+                               "prepare every part with the same inputs, tokenizer and options")
+    ranges = [m["part"]["records"] for _, m in loaded]
+    if ranges[0][0] != 0 or ranges[-1][1] != first["part"]["records_total"] or any(
+            a[1] != b[0] for a, b in itertools.pairwise(ranges)):
+        raise CptError(f"parts' record ranges {ranges} do not cover the inputs' {first['part']['records_total']} "
+                       "records once, in order: prepare them again with one cpt version")
+
+    seq_len = first["seq_len"]
+    stream = _Stream(loaded, seq_len)
+    n_seq = stream.total // seq_len
+    end = n_seq * seq_len  # tokens after this are the one tail a single prepare drops
+    if n_seq == 0:
+        raise CptError(f"{count} parts yield {stream.total} tokens, fewer than one sequence of {seq_len}")
+
+    # per-input counts and checks, as one prepare reads them
+    stats = []
+    for k, (path, fmt) in enumerate(same["inputs"](first)):
+        st = InputStats(path, fmt)
+        for _, m in loaded:
+            st.documents += m["inputs"][k]["documents"]
+            st.skipped.update(m["inputs"][k]["skipped"])
+            st.objects += m["part"]["inputs"][k]["objects"]
+            st.fields_seen |= set(m["part"]["inputs"][k]["fields_seen"])
+        reader._check_input(st, first["text_field"])
+        stats.append(st)
+    if not any(st.documents for st in stats):
+        raise CptError(f"all {len(stats)} inputs are empty ({stats[0].path}, ...)" if len(stats) > 1
+                       else f"input {stats[0].path} is empty")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = None
+    if (out_dir / MANIFEST).exists():
+        old = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+        if "parts" not in old:
+            raise CptError(f"{out_dir} holds a prepared folder that is not a merge; merge into another folder")
+        if not overwrite:
+            raise CptError(f"{out_dir} holds a merge already; pass overwrite=True (--overwrite) to replace it")
+    stitch = (f"stitch-{os.getpid()}-tokens.bin", f"stitch-{os.getpid()}-bytes.bin")
+
+    def rel(file: Path) -> str:
+        return os.path.relpath(os.path.abspath(file), os.path.abspath(out_dir))
+
+    # sequences j of the stream: those inside one piece are read there, from an offset; the others
+    # (across a boundary between pieces) are copied into the stitch file
+    shards, stitched, next_j, max_id = [], [], 0, -1
+    try:
+        with open(out_dir / stitch[0], "wb") as f_ids, open(out_dir / stitch[1], "wb") as f_bytes:
+            def copy(j0: int, j1: int) -> None:
+                ids, nbytes = stream.read(j0 * seq_len, j1 * seq_len)
+                shards.append({"file": stitch[0], "sequences": j1 - j0, "bytes_file": stitch[1],
+                               "offset": sum(stitched) * seq_len})
+                stitched.append(j1 - j0)
+                ids.tofile(f_ids)
+                np.minimum(nbytes, 255).astype(BYTES_DTYPE).tofile(f_bytes)
+
+            for start, n, ids_file, bytes_file, piece_max in stream.pieces:
+                a, b = -(-start // seq_len), min((start + n) // seq_len, n_seq)
+                if start < end:  # the largest id written: from the part where all of the piece is written
+                    whole = start + n <= end and piece_max is not None
+                    max_id = max(max_id, piece_max if whole else int(stream.read(start, min(start + n, end))[0].max()))
+                if b <= a:
+                    continue
+                if a > next_j:
+                    copy(next_j, a)
+                shards.append({"file": rel(ids_file), "sequences": b - a, "bytes_file": rel(bytes_file),
+                               "offset": a * seq_len - start})
+                next_j = b
+            if n_seq > next_j:
+                copy(next_j, n_seq)
+            for f in (f_ids, f_bytes):
+                f.flush()
+                os.fsync(f.fileno())
+        if not stitched:
+            for name in stitch:
+                (out_dir / name).unlink()
+        overflow = stream.overflow[stream.overflow[:, 0] < end]
+        over_name = f"bytes-overflow-{os.getpid()}.npy" if len(overflow) else None
+        if over_name:
+            with open(out_dir / over_name, "wb") as f:
+                np.save(f, overflow)
+                f.flush()
+                os.fsync(f.fileno())
+        dropped_bytes = int(stream.read(end, stream.total)[1].sum())
+        all_bytes = sum(m["token_bytes"]["total"] + m["token_bytes"]["dropped_tail"] for _, m in loaded)
+        skipped: Counter = Counter()
+        for st in stats:
+            skipped.update(st.skipped)
+        manifest = {k: first[k] for k in ("format", "format_version", *_SAME[:5], "tokenizer", *_SAME[5:])}
+        manifest |= {
+            "max_token_id": max_id,
+            "inputs": [st.to_json() for st in stats],
+            "max_documents": None,
+            "documents": sum(st.documents for st in stats),
+            "skipped": dict(sorted(skipped.items())),
+            "tokens": end,
+            "tokens_dropped_tail": stream.total - end,
+            "sequences": n_seq,
+            "shard_sequences": first["part"]["shard_sequences"],
+            "shards": shards,
+            "token_bytes": {"dtype": BYTES_DTYPE, "total": all_bytes - dropped_bytes, "dropped_tail": dropped_bytes,
+                            "overflow": over_name, "counted_from": first["token_bytes"]["counted_from"]},
+            "parts": [{"path": rel(p), "records": m["part"]["records"], "tokens": m["tokens"] + m["part"]["tail"]["tokens"]}
+                      for p, m in loaded],
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "cpt_version": __version__,
+        }
+        tmp = out_dir / f"{MANIFEST}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:  # last, and renamed: a reader sees the old merge or the new one
+            f.write(json.dumps(manifest, indent=1) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out_dir / MANIFEST)
+    except BaseException as e:
+        for name in (*stitch, f"{MANIFEST}.tmp-{os.getpid()}", f"bytes-overflow-{os.getpid()}.npy"):
+            (out_dir / name).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CptError(f"cannot write {out_dir}: {e.strerror or e}") from None
+        raise
+    if old is not None:  # the files of the merge this one replaced
+        ours = {s["file"] for s in shards} | {s["bytes_file"] for s in shards} | {over_name}
+        for s in old["shards"]:
+            for name in (s["file"], s["bytes_file"]):
+                if "/" not in name and name not in ours:
+                    (out_dir / name).unlink(missing_ok=True)
+        over = old["token_bytes"].get("overflow")
+        if over and over not in ours:
+            (out_dir / over).unlink(missing_ok=True)
+    return manifest

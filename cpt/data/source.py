@@ -15,6 +15,10 @@ from cpt.errors import CptError
 # reader of the previous one would misread a folder; additions that older readers can ignore keep it:
 # per-token byte counts (manifest "token_bytes", a "bytes_file" per shard) are such an addition, so
 # folders without them still load (no byte counts) and older cpt reads new folders (ignoring them).
+# A shard entry may also name a file elsewhere (a path relative to the folder) and an "offset": the
+# tokens to skip at the start of that file before its sequences begin. `cpt prepare merge` writes such
+# entries to use the parts' files in place; a reader without offsets refuses them (its exact size check
+# fails) rather than misreading them, so the version stays.
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "cpt-tokens"
 MANIFEST_VERSION = 1
@@ -64,19 +68,22 @@ class TokenSource:
             files = [(shard["file"], self.dtype)]
             if token_bytes:
                 files.append((shard["bytes_file"], np.dtype(token_bytes["dtype"])))
+            offset = int(shard.get("offset", 0))  # tokens before the shard's first sequence (merged parts)
             for name, dtype in files:
                 file = self.path / name
                 expected = int(shard["sequences"]) * self.seq_len * dtype.itemsize
                 if not file.is_file():
-                    raise CptError(f"prepared data {self.path}: shard {file.name} is missing")
+                    raise CptError(f"prepared data {self.path}: shard {name} is missing")
                 size = file.stat().st_size
-                if size != expected:
+                # a file of our own holds exactly its sequences; a part's file, used from an offset, at least
+                if size != expected if "offset" not in shard else size < expected + offset * dtype.itemsize:
                     raise CptError(
-                        f"prepared data {self.path}: shard {file.name} has {size} bytes, the manifest expects "
-                        f"{expected} ({shard['sequences']} sequences of {self.seq_len} {dtype.name}); "
-                        "the folder is damaged, run cpt prepare again"
+                        f"prepared data {self.path}: shard {name} has {size} bytes, the manifest expects "
+                        f"{expected} ({shard['sequences']} sequences of {self.seq_len} {dtype.name}"
+                        f"{f' from token {offset}' if offset else ''}); the folder is damaged, run cpt prepare again"
                     )
             counts.append(int(shard["sequences"]))
+        self._offsets = [int(s.get("offset", 0)) for s in m["shards"]]
         self._files = [self.path / s["file"] for s in m["shards"]]
         self._bytes_dtype = np.dtype(token_bytes["dtype"]) if token_bytes else None
         self._bytes_files = [self.path / s["bytes_file"] for s in m["shards"]] if token_bytes else []
@@ -118,16 +125,21 @@ class TokenSource:
     def _shard(self, k: int) -> np.ndarray:
         mm = self._maps[k]
         if mm is None:
-            mm = np.memmap(self._files[k], dtype=self.dtype, mode="r").reshape(-1, self.seq_len)
+            mm = self._map(self._files[k], self.dtype, k)
             self._maps[k] = mm
         return mm
 
     def _bytes_shard(self, k: int) -> np.ndarray:
         mm = self._bytes_maps[k]
         if mm is None:
-            mm = np.memmap(self._bytes_files[k], dtype=self._bytes_dtype, mode="r").reshape(-1, self.seq_len)
+            mm = self._map(self._bytes_files[k], self._bytes_dtype, k)
             self._bytes_maps[k] = mm
         return mm
+
+    def _map(self, file: Path, dtype: np.dtype, k: int) -> np.ndarray:
+        rows = int(self._ends[k] - self._starts[k])
+        return np.memmap(file, dtype=dtype, mode="r", offset=self._offsets[k] * dtype.itemsize,
+                         shape=(rows, self.seq_len))
 
     def get(self, idx: int) -> np.ndarray:
         """Sequence ``idx`` as an int64 array of ``seq_len`` tokens (a copy)."""
