@@ -247,9 +247,10 @@ def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict
 
 def _merge_stage(run: Run, stage: StagePlan, probes) -> dict[str, Any]:
     """recipe.merge at the end of ``stage``: its last checkpoints averaged into merged/<stage>/ (cpt.merge),
-    then probed in place of the weights as probe_merge/<set>/... (not for LoRA runs: the merge is a full
-    model). Returns the record's fields."""
+    then probed in place of the weights as probe_merge/<set>/... (not for LoRA runs, whose merge is a full
+    model, nor with ZeRO-3/FSDP shards). Returns the record's fields."""
     from cpt.merge import merge_checkpoints, merge_coefficients
+    from cpt.train.backend import params_sharded
 
     cfg = run.recipe.merge
     mine = [d for d in ckpt_lib.checkpoint_dirs(run.run_dir)
@@ -264,7 +265,7 @@ def _merge_stage(run: Run, stage: StagePlan, probes) -> dict[str, Any]:
     run.accelerator.wait_for_everyone()
     record: dict[str, Any] = {"merge/path": str(out), "merge/checkpoints": [p.name for p in paths],
                               "merge/coefficients": coefficients}
-    if probes is not None and run.recipe.peft is None:
+    if probes is not None and run.recipe.peft is None and not params_sharded(run.accelerator):
         with _weights_from(run, out):
             measured = probes(run.model, run.accelerator)
         record |= {k.replace("probe/", "probe_merge/", 1): v for k, v in measured.items()}

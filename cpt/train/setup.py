@@ -231,7 +231,14 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters
     mfu = mfu_per_token_s(model, recipe, accelerator)
     if recipe.train.compile:
-        model.compile()  # in place: parameter names, and so checkpoints, stay those of the plain model
+        import torch
+
+        # compile afresh, as a new process would, and one static graph per shape: which kernels run must not
+        # depend on what ran before (graphs cached by an earlier run in this process; dynamic shapes that
+        # a resumed run, which skips the stage's baseline probe, would switch to at another step), or a
+        # resume would not be exact
+        torch._dynamo.reset()
+        model.compile(dynamic=False)  # in place: parameter names, and so checkpoints, stay the plain model's
     optimizer, scaled = open_keyed("mitigate.lr_multipliers", make_optimizer, model, recipe.train.optimizer,
                                    plan.stages[0].lr(origin.tokens), accelerator.device.type, mit.lr_multipliers)
     _print_counts(main, "lr x", scaled, mit.lr_multipliers)
