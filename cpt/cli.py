@@ -151,7 +151,7 @@ def cmd_probe(ns: argparse.Namespace) -> int:
 def cmd_compare(ns: argparse.Namespace) -> int:
     from cpt.compare import compare
 
-    page = compare(ns.runs, ns.out, smoothing=ns.smoothing)
+    page = compare(ns.runs, ns.out, smoothing=ns.smoothing, metric=ns.metric)
     print(f"compare: {page}")
     return 0
 
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="cpt compare RUN_DIR [RUN_DIR ...] [--out DIR]")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
     c.add_argument("--out", type=Path, default=Path("compare"), help="folder for the PNGs and index.html")
+    c.add_argument("--metric", choices=["loss", "bpb"], default="loss",
+                   help="probe panels and forgetting columns in nats per token (loss) or bits per byte (bpb: "
+                        "comparable across tokenizers, e.g. an extended vocabulary)")
     c.add_argument("--smoothing", type=float, default=0.9, help="EMA factor of the train-loss line")
     c.set_defaults(func=cmd_compare)
 

@@ -62,6 +62,22 @@ class Run:
             last_tokens = r["tokens"]
         return out
 
+    def stage_names(self) -> list[str]:
+        """The names of the stages that begin at :meth:`stage_boundaries`, in order."""
+        out, current = [], None
+        for r in self.records:
+            stage = r.get("stage")
+            if stage is not None:
+                if current is not None and stage != current:
+                    out.append(str(stage))
+                current = stage
+        return out
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run reached its end (its final/ export exists); a stopped run has not."""
+        return (self.path / "final").is_dir()
+
     def stage_starts(self, key: str) -> set[int]:
         """Indices into ``series(key)`` where a new stage begins."""
         out, current, i = set(), None, 0
@@ -106,12 +122,14 @@ def load_run(run_dir: str | Path) -> Run:
 # --------------------------------------------------------------------------------------- the summary
 
 
-def summarize(run: Run) -> dict[str, Any]:
-    """The numbers of a run's table row.
+def summarize(run: Run, metric: str = "loss") -> dict[str, Any]:
+    """The numbers of a run's table row, forgetting and adaptation in ``metric`` (loss, nats per token,
+    or bpb, bits per byte: comparable across tokenizers).
 
     ``forgetting``: {old domain: {"final", "worst", "worst_tokens"}}; ``adaptation``: {new domain:
-    final}; ``final_train_loss``, ``tokens``, ``wall_s`` and ``schedule`` (None where unknown).
+    final}; ``final_train_loss``, ``tokens``, ``wall_s``, ``finished`` and ``schedule`` (None where unknown).
     """
+    sfx = "" if metric == "loss" else f"_{metric}"
     _, train = run.series("train/loss")
     _, wall = run.series("time/elapsed_s")
     stages = run.recipe.get("stages") or []
@@ -120,6 +138,8 @@ def summarize(run: Run) -> dict[str, Any]:
     forgetting: dict[str, dict[str, float]] = {}
     adaptation: dict[str, float] = {}
     for d in run.probe_domains():
+        if not run.series(f"probe/{d}/{metric}")[0]:
+            continue  # no such metric for this set (bpb of a set prepared without byte counts)
         role = None  # from the last record that says which role the domain had (its last stage)
         for r in run.records:
             if f"probe/{d}/forgetting" in r:
@@ -129,14 +149,15 @@ def summarize(run: Run) -> dict[str, Any]:
         if role is None:
             role = "new" if d in new_in_recipe else "old"
         if role == "new":
-            _, ys = run.series(f"probe/{d}/adaptation")
+            _, ys = run.series(f"probe/{d}/adaptation{sfx}")
             if ys:
                 adaptation[d] = ys[-1]
             else:
-                _, losses = run.series(f"probe/{d}/loss")
+                _, losses = run.series(f"probe/{d}/{metric}")
                 adaptation[d] = losses[0] - losses[-1]
             continue
-        fk, mk, tk = f"probe/{d}/forgetting", f"probe/{d}/max_forgetting", f"probe/{d}/max_forgetting_tokens"
+        fk, mk, tk = (f"probe/{d}/forgetting{sfx}", f"probe/{d}/max_forgetting{sfx}",
+                      f"probe/{d}/max_forgetting_tokens{sfx}")
         logged = [r for r in run.records if _num(r.get(fk)) is not None]
         if logged:  # tracked by the trainer: per-stage baselines, running maximum and where it was
             worst = [_num(r.get(mk, r[fk])) for r in logged]
@@ -144,7 +165,7 @@ def summarize(run: Run) -> dict[str, Any]:
             forgetting[d] = {"final": _num(logged[-1][fk]), "worst": worst[i],
                              "worst_tokens": int(logged[i].get(tk, logged[i]["tokens"]))}
         else:
-            xs, losses = run.series(f"probe/{d}/loss")
+            xs, losses = run.series(f"probe/{d}/{metric}")
             deltas = [v - losses[0] for v in losses]
             i = _argmax(deltas)
             forgetting[d] = {"final": deltas[-1], "worst": deltas[i], "worst_tokens": xs[i]}
@@ -153,6 +174,8 @@ def summarize(run: Run) -> dict[str, Any]:
         "path": str(run.path),
         "schedule": _schedule_kinds(run.recipe),
         "tokens": max((r["tokens"] for r in run.records), default=None),
+        "finished": run.finished,
+        "metric": metric,
         "wall_s": wall[-1] if wall else None,
         "final_train_loss": train[-1] if train else None,
         "forgetting": forgetting,
@@ -198,21 +221,29 @@ def ema(values: list[float], beta: float, restart_at: set[int] = frozenset()) ->
     return out
 
 
-def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9) -> dict[str, Path]:
-    """Write one PNG per panel into ``out_dir``; returns {panel title: png path}, in display order."""
+UNITS = {"loss": "nats / token", "bpb": "bits / byte"}
+
+
+def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9, metric: str = "loss") -> dict[str, Path]:
+    """Write one PNG per panel into ``out_dir``; returns {panel title: png path}, in display order. Probe
+    panels show ``metric`` (loss or bpb); y-axes carry their units; stage boundaries are labelled with
+    the stage that begins there."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import EngFormatter
 
     domains: dict[str, None] = {}
-    for run in runs:
-        domains.update(dict.fromkeys(run.probe_domains()))
-    panels = [("lr", "learning rate", "lr"), ("train_loss", "train loss", "train/loss")]
-    panels += [(f"probe_{_slug(d)}", f"held-out loss: {d}", f"probe/{d}/loss") for d in domains]
+    for run in runs:  # the sets some run logged the metric for (a set without byte counts has no bpb)
+        domains.update(dict.fromkeys(d for d in run.probe_domains() if run.series(f"probe/{d}/{metric}")[0]))
+    what = {"loss": "held-out loss", "bpb": "held-out bits per byte"}[metric]
+    panels = [("lr", "learning rate", "lr", "learning rate"),
+              ("train_loss", "train loss", "train/loss", f"loss ({UNITS['loss']})")]
+    panels += [(f"probe_{_slug(d)}" + ("" if metric == "loss" else f"_{metric}"), f"{what}: {d}",
+                f"probe/{d}/{metric}", f"{metric} ({UNITS[metric]})") for d in domains]
 
     out: dict[str, Path] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stem, title, key in panels:
+    for stem, title, key, ylabel in panels:
         fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)  # attaches itself to the figure; no pyplot, no global state
         ax = fig.add_subplot()
@@ -228,10 +259,13 @@ def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9) -> dict[
                 ax.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1.4, label=run.name)
             else:
                 ax.plot(xs, ys, color=color, linewidth=1.4, label=run.name)
-            for b in run.stage_boundaries():
+            for b, name in zip(run.stage_boundaries(), run.stage_names(), strict=True):
                 ax.axvline(b, color=color, linestyle="--", linewidth=0.9, alpha=0.7)
+                ax.annotate(name, (b, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                            textcoords="offset points", rotation=90, va="top", fontsize=8, color=color)
         ax.set_title(title + (f" (EMA {smoothing:g}; raw faint)" if key == "train/loss" else ""))
         ax.set_xlabel("tokens")
+        ax.set_ylabel(ylabel)
         ax.xaxis.set_major_formatter(EngFormatter())
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -252,13 +286,14 @@ def _slug(name: str) -> str:
 def render_html(summaries: list[dict[str, Any]], pngs: dict[str, Path]) -> str:
     old = list(dict.fromkeys(d for s in summaries for d in s["forgetting"]))
     new = list(dict.fromkeys(d for s in summaries for d in s["adaptation"]))
+    metric = summaries[0]["metric"] if summaries else "loss"
     head = ["run", "schedule", "tokens", "wall time", "final train loss"]
     head += [h for d in old for h in (f"forgetting {d}: final", f"forgetting {d}: worst (at tokens)")]
     head += [f"adaptation {d}: final" for d in new]
     rows = []
     for s in summaries:
-        cells = [s["name"], s["schedule"] or "?", _fmt_tokens(s["tokens"]), _fmt_seconds(s["wall_s"]),
-                 _fmt(s["final_train_loss"])]
+        tokens = _fmt_tokens(s["tokens"]) + ("" if s["finished"] else " (stopped: no final/)")
+        cells = [s["name"], s["schedule"] or "?", tokens, _fmt_seconds(s["wall_s"]), _fmt(s["final_train_loss"])]
         for d in old:
             f = s["forgetting"].get(d)
             cells += [_fmt(f["final"]), f"{_fmt(f['worst'])} ({_fmt_tokens(f['worst_tokens'])})"] if f else ["", ""]
@@ -283,8 +318,10 @@ img {{ max-width: 100%; }}
 </style></head>
 <body>
 <h1>cpt compare</h1>
-<p>Forgetting = held-out loss minus its stage-start value on an old domain (worst = highest point of the
-curve); adaptation = the drop on a new domain. Dashed vertical lines mark stage boundaries.</p>
+<p>Forgetting = held-out {"loss (nats per token)" if metric == "loss" else "bits per byte"} minus its
+stage-start value on an old domain (worst = highest point of the curve); adaptation = the drop on a new
+domain. Dashed vertical lines mark stage boundaries, labelled with the stage that begins there. A run
+without final/ stopped before its end.</p>
 <table>
 <tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>
 {chr(10).join(rows)}
@@ -311,10 +348,13 @@ def _fmt_seconds(s: float | None) -> str:
     return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d} min"
 
 
-def compare(run_dirs: list[str | Path], out_dir: str | Path, smoothing: float = 0.9) -> Path:
-    """Plots and ``index.html`` for ``run_dirs`` in ``out_dir``; returns the HTML path."""
+def compare(run_dirs: list[str | Path], out_dir: str | Path, smoothing: float = 0.9, metric: str = "loss") -> Path:
+    """Plots and ``index.html`` for ``run_dirs`` in ``out_dir``; returns the HTML path. ``metric``: what the
+    probe panels and the forgetting columns use, loss (nats per token) or bpb (bits per byte)."""
     if not run_dirs:
         raise CptError("cpt compare needs at least one run directory")
+    if metric not in UNITS:
+        raise CptError(f"--metric {metric}: expected loss or bpb")
     if not 0 <= smoothing < 1:
         raise CptError(f"--smoothing {smoothing}: expected a value in [0, 1)")
     runs = [load_run(p) for p in run_dirs]
@@ -323,9 +363,12 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, smoothing: float = 
         if names.count(r.name) > 1:
             r.name = f"{r.name} ({r.path})"
     out = Path(out_dir)
-    pngs = plot_panels(runs, out, smoothing)
+    if metric != "loss" and not any(r.series(f"probe/{d}/{metric}")[0] for r in runs for d in r.probe_domains()):
+        raise CptError(f"--metric {metric}: no run logged probe/<set>/{metric} (probe sets prepared before byte "
+                       f"counts: re-run cpt prepare)")
+    pngs = plot_panels(runs, out, smoothing, metric)
     page = out / "index.html"
-    page.write_text(render_html([summarize(r) for r in runs], pngs), encoding="utf-8")
+    page.write_text(render_html([summarize(r, metric) for r in runs], pngs), encoding="utf-8")
     return page
 
 

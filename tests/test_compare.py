@@ -84,6 +84,7 @@ def test_ema_by_hand_restarts_at_stage_boundaries():
 def test_cli_compare_writes_pngs_and_a_self_contained_page(runs, tmp_path):
     from cpt.cli import main
 
+    (runs[0] / "final").mkdir()  # run-a reached its end; run-b stopped (no final/)
     out = tmp_path / "cmp"
     assert main(["compare", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
     pngs = sorted(p.name for p in out.glob("*.png"))
@@ -98,8 +99,27 @@ def test_cli_compare_writes_pngs_and_a_self_contained_page(runs, tmp_path):
     # columns: run, schedule, tokens, wall, train loss, en final, en worst (at), de adaptation, code adaptation
     assert cells["run-a"] == ["run-a", "cosine", "3,072", "4.5 s", "5.5000", "0.2500", "0.5000 (2,048)",
                               "1.1000", ""]
-    assert cells["run-b"] == ["run-b", "wsd", "3,000", "1:02:05", "3.5000", "0.1000", "0.3000 (2,000)",
-                              "", "1.5000"]
+    assert cells["run-b"] == ["run-b", "wsd", "3,000 (stopped: no final/)", "1:02:05", "3.5000", "0.1000",
+                              "0.3000 (2,000)", "", "1.5000"]
+    assert load_run(runs[1]).stage_names() == ["b"]
+
+
+def test_compare_in_bits_per_byte(runs, tmp_path):
+    """--metric bpb: probe panels and forgetting columns from probe/<d>/bpb (computed against the first
+    probe where the trainer logged no _bpb keys); refused where no run has bpb."""
+    from cpt.compare import compare
+    from cpt.errors import CptError
+
+    with pytest.raises(CptError, match="--metric bpb: no run logged probe/<set>/bpb"):
+        compare(list(runs), tmp_path / "none", metric="bpb")
+    records = [{**r, **({"probe/en/bpb": r["probe/en/loss"] / 4} if "probe/en/loss" in r else {})} for r in RUN_A]
+    a = write_run(tmp_path / "bpb", "run-bpb", "cosine", records)
+    s = summarize(load_run(a), "bpb")
+    assert s["forgetting"] == {"en": pytest.approx({"final": 0.0625, "worst": 0.125, "worst_tokens": 2048})}
+    assert s["adaptation"] == {}  # de has no bpb
+    page = compare([a], tmp_path / "cmp", metric="bpb")
+    assert sorted(p.name for p in page.parent.glob("probe_*.png")) == ["probe_en_bpb.png"]
+    assert "bits per byte" in page.read_text()
 
 
 def test_compare_errors_name_the_problem(tmp_path):
