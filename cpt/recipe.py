@@ -336,6 +336,9 @@ class MergeConfig(StrictModel):
                       "checkpoint.every to save that many in the stage, and checkpoint.keep_last >= it).")
     weights: str = Field("wsm:1-sqrt", description="uniform | w1,w2,... | ema:<decay> | wsm:<shape> "
                          "(WSM: the coefficients that emulate that decay over the checkpoints; see cpt merge).")
+    at_probes: bool = Field(False, description="Also at every probe: merge the stage's last checkpoints so far "
+                            "(once it has 2) into merged/<stage>-latest/ and probe them (probe_merge/<set>/loss), "
+                            "so the merged curve is seen during the stage, not only at its end.")
 
 
 class Recipe(StrictModel):

@@ -284,9 +284,10 @@ def test_lora_checkpoints_merge_through_their_merged_weights(make_recipe, tmp_pa
 
 
 def test_a_merge_block_merges_each_stages_last_checkpoints_and_probes_them(make_recipe, tmp_path):
-    """merge: {last: 3, weights: uniform} at the end of the run's one stage: merged/<stage>/ is the mean of
-    its last 3 checkpoints, probed as probe_merge/en/loss with the same probe as the weights; the weights
-    themselves are put back exactly (final/ = the last checkpoint)."""
+    """merge: {last: 3, weights: uniform, at_probes: true}: at each probe the stage's last checkpoints so far
+    are merged and probed; at the end of the run's one stage merged/<stage>/ is the mean of its last 3
+    checkpoints, probed as probe_merge/en/loss with the same probe as the weights; the weights themselves
+    are put back exactly (final/ = the last checkpoint)."""
     from cpt.data.source import TokenSource
     from cpt.probes import HeldOutLoss
     from cpt.tracking import read_metrics
@@ -295,7 +296,7 @@ def test_a_merge_block_merges_each_stages_last_checkpoints_and_probes_them(make_
 
     r = make_recipe("merged", train__tokens=5 * 1024, checkpoint__every=1024, checkpoint__keep_last=3,
                     schedule={"kind": "constant", "max_lr": 3e-3, "warmup": 0},
-                    merge={"last": 3, "weights": "uniform"})
+                    probes__every=2 * 1024, merge={"last": 3, "weights": "uniform", "at_probes": True})
     assert train(r).completed
     run = Path(r.run.output_dir)
     merged = tensors(run / "merged" / r.run.name)
@@ -303,7 +304,13 @@ def test_a_merge_block_merges_each_stages_last_checkpoints_and_probes_them(make_
     for k in merged:
         torch.testing.assert_close(merged[k], sum(c[k] for c in ckpts) / 3, rtol=0, atol=1e-6)
     assert all(torch.equal(tensors(run / "final")[k], ckpts[-1][k]) for k in ckpts[-1])
-    record = [x for x in read_metrics(run / "metrics.jsonl") if x.get("event") == "merge"][-1]
+    events = [x for x in read_metrics(run / "metrics.jsonl") if x.get("event") == "merge"]
+    # at_probes: at the probes of steps 2 and 4 the last checkpoints so far (into merged/<stage>-latest)
+    assert [(x["step"], x["merge/checkpoints"]) for x in events[:2]] == [
+        (2, ["step-00000001", "step-00000002"]), (4, ["step-00000002", "step-00000003", "step-00000004"])]
+    assert all(x["merge/path"].endswith("-latest") and "probe_merge/en/loss" in x for x in events[:2])
+    record = events[-1]
+    assert len(events) == 3 and record["merge/path"] == str(run / "merged" / r.run.name)
     assert record["merge/checkpoints"] == ["step-00000003", "step-00000004", "step-00000005"]
     assert record["merge/coefficients"] == pytest.approx([1 / 3] * 3)
     probe = HeldOutLoss({"en": TokenSource(r.probes.sets["en"])}, r.probes.max_sequences, 4, loss=PlainLoss())

@@ -115,8 +115,10 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
             run.tracker.log({**tag, "event": "stage_end", **forgetting.end_stage()})
         if decision.save:
             _save(run, stage, sampler, probe_state, decision.tags)
-        if run.tokens == stage.end and recipe.merge is not None:
-            run.tracker.log({**tag, "event": "merge", **_merge_stage(run, stage, probes)})
+        if recipe.merge is not None and (run.tokens == stage.end or (decision.probe and recipe.merge.at_probes)):
+            merged = _merge_stage(run, stage, probes, final=run.tokens == stage.end)
+            if merged is not None:
+                run.tracker.log({**tag, "event": "merge", **merged})
         if decision.halt:
             if run.main:
                 why = f"signal {stop.signum}" if stop.signum is not None else f"--max-steps {max_steps}"
@@ -245,10 +247,12 @@ def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict
                              if parts else None)
 
 
-def _merge_stage(run: Run, stage: StagePlan, probes) -> dict[str, Any]:
-    """recipe.merge at the end of ``stage``: its last checkpoints averaged into merged/<stage>/ (cpt.merge),
-    then probed in place of the weights as probe_merge/<set>/... (not for LoRA runs, whose merge is a full
-    model, nor with ZeRO-3/FSDP shards). Returns the record's fields."""
+def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, Any] | None:
+    """recipe.merge at the end of ``stage`` (``final``; else at a probe, merge.at_probes): its last
+    checkpoints so far averaged into merged/<stage>/ (merged/<stage>-latest/ at a probe) (cpt.merge), then
+    probed in place of the weights as probe_merge/<set>/... (not for LoRA runs, whose merge is a full
+    model, nor with ZeRO-3/FSDP shards). Returns the record's fields; None at a probe before the stage
+    has 2 checkpoints."""
     from cpt.merge import merge_checkpoints, merge_coefficients
     from cpt.train.backend import params_sharded
 
@@ -256,12 +260,15 @@ def _merge_stage(run: Run, stage: StagePlan, probes) -> dict[str, Any]:
     mine = [d for d in ckpt_lib.checkpoint_dirs(run.run_dir)
             if stage.start < ckpt_lib.read_trainer_state(d).tokens <= stage.end]
     paths = mine[-cfg.last:]
+    if not final and len(paths) < 2:
+        return None
     coefficients = merge_coefficients(cfg.weights, len(paths))
-    out = run.run_dir / "merged" / stage.name
+    out = run.run_dir / "merged" / (stage.name if final else f"{stage.name}-latest")
     if run.main:
         merge_checkpoints(paths, coefficients, out, method=cfg.weights, overwrite=True)
-        few = f" (only {len(paths)} in the stage: checkpoint.every is too sparse)" if len(paths) < cfg.last else ""
-        tqdm.write(f"cpt: merged {len(paths)} checkpoints{few} with {cfg.weights} into {out}")
+        if final:
+            few = f" (only {len(paths)} in the stage: checkpoint.every is too sparse)" if len(paths) < cfg.last else ""
+            tqdm.write(f"cpt: merged {len(paths)} checkpoints{few} with {cfg.weights} into {out}")
     run.accelerator.wait_for_everyone()
     record: dict[str, Any] = {"merge/path": str(out), "merge/checkpoints": [p.name for p in paths],
                               "merge/coefficients": coefficients}
