@@ -52,25 +52,43 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
     from cpt.schedules import describe
     from cpt.stages import staged_schedule
 
-    recipes, overrides = _split(ns.args)
-    if not recipes:
-        raise CptError("cpt schedule needs at least one recipe")
-    schedules = {}
-    for path in recipes:
+    groups = _schedule_groups(ns.args)
+    schedules, stages = {}, {}
+    for path, overrides, own in groups:
         r = load_recipe(path, overrides)
         plan = plan_run(r, allow_missing_init=True)  # a re-warm from the checkpoint's last LR where it exists
         if plan.note:
             print(f"{path}: {plan.note}")
         step_tokens = r.train.global_batch_tokens
         s = staged_schedule(plan.stages)
-        label = r.run.name if r.run.name not in schedules else f"{r.run.name} ({path})"
+        label = r.run.name + (f" ({', '.join(own)})" if own else "")
+        label = label if label not in schedules else f"{label} [{path}]"
         schedules[label] = s
+        stages[label] = [(st.start, st.name) for st in plan.stages[1:]]
         print(f"{label}: {len(plan.stages)} stage(s), tokens {plan.origin.tokens} -> {s.total_tokens}, "
               f"{(s.total_tokens - plan.origin.tokens) // step_tokens} steps")
         print(describe(s))
-    plot_schedules(schedules, ns.out)
+    plot_schedules(schedules, ns.out, title=ns.title or "learning rate against tokens", stages=stages)
     print(f"plot: {ns.out}")
     return 0
+
+
+def _schedule_groups(args: list[str]) -> list[tuple[str, list[str], list[str]]]:
+    """`cpt schedule`'s words as (recipe, its overrides, the overrides of its own): key=value words before
+    the first recipe apply to every recipe, those after a recipe to that recipe alone, so one recipe can
+    be compared with a variant of itself (`cpt schedule r.yaml r.yaml schedule.max_lr=1e-3`)."""
+    common: list[str] = []
+    groups: list[tuple[str, list[str], list[str]]] = []
+    for word in args:
+        if "=" not in word:
+            groups.append((word, common, []))
+        elif groups:
+            groups[-1][2].append(word)
+        else:
+            common.append(word)
+    if not groups:
+        raise CptError("cpt schedule needs at least one recipe")
+    return [(path, [*common, *own], own) for path, common, own in groups]
 
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
@@ -79,6 +97,8 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     if (ns.num_shards is None) != (ns.shard_index is None):
         raise CptError("--num-shards N and --shard-index I go together (part I of N; merge with cpt prepare merge)")
     part = None if ns.num_shards is None else (ns.shard_index, ns.num_shards)
+    if ns.validation_fraction is not None:
+        return _prepare_split(ns, part)
     m = prepare(ns.inputs, ns.tokenizer, ns.out, seq_len=ns.seq_len, text_field=ns.text_field,
                 num_proc=ns.num_proc, max_documents=ns.max_documents, overwrite=ns.overwrite,
                 eos_token=ns.eos_token, part=part)
@@ -86,6 +106,23 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     tail = "tail tokens kept for the merge" if part else "tail tokens dropped"
     print(f"{ns.out}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
           f"({m['tokens']} tokens, {m['tokens_dropped_tail']} {tail}); skipped: {skipped}")
+    return 0
+
+
+def _prepare_split(ns: argparse.Namespace, part) -> int:
+    from cpt.data.prepare import prepare_split
+
+    if part is not None:
+        raise CptError("--validation-fraction cannot be combined with --num-shards yet; prepare the split without parts")
+    ms = prepare_split(ns.inputs, ns.tokenizer, ns.out, ns.seq_len, ns.validation_fraction, split_seed=ns.split_seed,
+                       text_field=ns.text_field, num_proc=ns.num_proc, max_documents=ns.max_documents,
+                       overwrite=ns.overwrite, eos_token=ns.eos_token)
+    for side in ("train", "validation"):
+        m = ms[side]
+        print(f"{ns.out / side}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
+              f"({m['tokens']} tokens, {m['tokens_dropped_tail']} tail tokens dropped)")
+    skipped = ", ".join(f"{k}: {v}" for k, v in ms["train"]["skipped"].items() if v) or "none"
+    print(f"validation fraction {ns.validation_fraction} (seed {ns.split_seed}, by document hash); skipped: {skipped}")
     return 0
 
 
@@ -205,9 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("schedule", help="print a recipe's LR phases and plot LR against tokens",
-                       description="cpt schedule RECIPE [RECIPE ...] [key.path=value ...]")
+                       description="cpt schedule [key=value ...] RECIPE [key=value ...] [RECIPE [key=value ...] ...]: "
+                                   "key=value before the first recipe applies to all, after a recipe to that "
+                                   "recipe alone (compare a recipe with a variant of itself)")
     s.add_argument("args", nargs="+", metavar="RECIPE|key=value")
     s.add_argument("--out", type=Path, default=Path("lr_schedule.png"), help="PNG to write")
+    s.add_argument("--title", default=None, help="the plot's title (default: learning rate against tokens)")
     s.set_defaults(func=cmd_schedule)
 
     d = sub.add_parser("prepare", help="tokenize raw text once into memory-mapped token shards",
@@ -227,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepare only part --shard-index of N contiguous parts of the inputs' records, "
                         "balanced by size (join them with cpt prepare merge)")
     d.add_argument("--shard-index", type=int, default=None, metavar="I", help="which part, 0..N-1")
+    d.add_argument("--validation-fraction", type=float, default=None, metavar="F",
+                   help="also cut a validation split (0 < F < 0.5) by document: OUT/train and OUT/validation; "
+                        "a document goes to validation by a hash of its text, so identical documents share a side")
+    d.add_argument("--split-seed", type=int, default=0, help="seed of the validation split's hash")
     d.set_defaults(func=cmd_prepare)
 
     pr = sub.add_parser("probe", help="held-out loss and downstream scores of a model or checkpoint",

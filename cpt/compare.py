@@ -257,8 +257,8 @@ def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9, metric: 
                 ax.plot(xs, ema(ys, smoothing, run.stage_starts(key)), color=color, linewidth=1.6, label=run.name)
             elif key.startswith("probe/"):
                 ax.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1.4, label=run.name)
-            else:
-                ax.plot(xs, ys, color=color, linewidth=1.4, label=run.name)
+            else:  # the LR: identical schedules would hide each other
+                ax.plot(xs, ys, color=color, label=run.name, **_overlay_style(i, len(runs)))
             for b, name in zip(run.stage_boundaries(), run.stage_names(), strict=True):
                 ax.axvline(b, color=color, linestyle="--", linewidth=0.9, alpha=0.7)
                 ax.annotate(name, (b, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
@@ -274,6 +274,13 @@ def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9, metric: 
         fig.savefig(path)
         out[title] = path
     return out
+
+
+def _overlay_style(i: int, n: int) -> dict[str, Any]:
+    """Line style of curve ``i`` of ``n`` overlaid ones that may coincide: the first widest and solid,
+    each later one thinner and dashed differently, so every curve stays visible on top of the others."""
+    dashes = ["-", "--", "-.", ":"]
+    return {"linestyle": dashes[i % len(dashes)], "linewidth": 1.2 + 1.6 * (n - 1 - i) / max(1, n - 1)}
 
 
 def _slug(name: str) -> str:
@@ -383,8 +390,11 @@ def _num(v: Any) -> float | None:
     return None
 
 
-def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str | None = None) -> Path:
-    """Plot LR against tokens for several schedules on one axis, phase boundaries faint; save a PNG."""
+def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str | None = None,
+                   stages: dict[str, list[tuple[int, str]]] | None = None) -> Path:
+    """Plot LR against tokens for several schedules on one axis and save a PNG: phase boundaries (end of
+    warmup, start of a decay) faint dotted lines, stage starts (``stages``: {label: [(tokens, name)]})
+    dashed lines labelled with the stage's name."""
     # Imported here so that training never pays for matplotlib; a Figure on an Agg canvas (no
     # pyplot) renders headless and leaves the process-wide backend alone.
     import numpy as np
@@ -399,11 +409,20 @@ def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str 
         edges = sorted({p.start for p in sched.phases} | {p.end for p in sched.phases})
         # The edges are sampled exactly so corners (end of warmup, start of decay) stay sharp.
         xs = np.union1d(np.linspace(0, sched.total_tokens, 1001), edges)
-        ax.plot(xs, [sched(x) for x in xs], color=color, label=label)
+        # identical curves would hide each other: each later one thinner, in another dash pattern
+        ax.plot(xs, [sched(x) for x in xs], color=color, label=label, **_overlay_style(i, len(schedules)))
+        starts = dict((stages or {}).get(label, []))
         for e in edges:
-            if 0 < e < sched.total_tokens:
-                ax.axvline(e, color=color, alpha=0.25, linewidth=0.8, linestyle=":")
+            if 0 < e < sched.total_tokens and e not in starts:
+                ax.axvline(e, color=color, alpha=0.35, linewidth=0.8, linestyle=":")
+        for tokens, name in starts.items():
+            ax.axvline(tokens, color=color, alpha=0.8, linewidth=1.0, linestyle="--")
+            ax.annotate(name, (tokens, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
+                        textcoords="offset points", rotation=90, va="top", fontsize=8, color=color)
+    from matplotlib.ticker import EngFormatter
+
     ax.set_xlabel("tokens")
+    ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_ylabel("learning rate")
     ax.set_ylim(bottom=0)
     ax.legend()

@@ -408,3 +408,25 @@ def test_describe_and_plot(tmp_path):
     assert "inv_sqrt (timescale 1K)" in describe(inv)
     path = plot_schedules({"wsd": wsd, "inv_sqrt": inv}, tmp_path / "lr.png", title="schedules")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_verb_groups_overrides_by_recipe_and_labels_stages(tmp_path, capsys):
+    """key=value before the first recipe applies to all, after a recipe to it alone: one recipe against a
+    variant of itself in one call, each labelled with what it overrides."""
+    from pathlib import Path
+
+    from cpt.cli import _schedule_groups, main
+
+    assert _schedule_groups(["train.tokens=1M", "a.yaml", "b.yaml", "schedule.max_lr=1e-3", "run.seed=2"]) == [
+        ("a.yaml", ["train.tokens=1M"], []),
+        ("b.yaml", ["train.tokens=1M", "schedule.max_lr=1e-3", "run.seed=2"], ["schedule.max_lr=1e-3", "run.seed=2"])]
+    with pytest.raises(CptError, match="needs at least one recipe"):
+        _schedule_groups(["train.tokens=1M"])
+    root = Path(__file__).resolve().parents[1]
+    recipe = str(root / "recipes/paper/infinite-3stages.yaml")
+    out = tmp_path / "lr.png"
+    assert main(["schedule", recipe, recipe, "schedule.max_lr=1e-3", "--out", str(out), "--title", "two"]) == 0
+    printed = capsys.readouterr().out
+    assert "infinite-3stages: 3 stage(s)" in printed and "infinite-3stages (schedule.max_lr=1e-3): 3 stage(s)" in printed
+    assert printed.count("0.002") > printed.split("(schedule.max_lr=1e-3)")[1].count("0.002")  # the variant peaks lower
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
