@@ -117,10 +117,11 @@ _INIT_TIMEOUT_S = 30  # online init with a key but no route to the server fails 
 class Tracker:
     """Metrics sink of a run: JSONL always (via :class:`MetricsLog`), plus W&B when configured.
 
-    ``log(record)`` writes the JSONL record and sends its numeric values to W&B, where ``tokens`` is
-    the x-axis of every chart. The W&B run id is kept in ``RUN_DIR/wandb_id.txt``, so a ``--resume``
-    (``resume_step`` given) continues the same W&B run; steps recomputed after a resume are sent again
-    (W&B then holds both copies of those steps; the JSONL is trimmed and holds one). Any W&B failure
+    ``log(record)`` writes the JSONL record and sends its numeric values to W&B at W&B step = the
+    record's ``step``, where ``tokens`` is the x-axis of every chart. The W&B run id is kept in
+    ``RUN_DIR/wandb_id.txt``, so a ``--resume`` (``resume_step`` given) continues the same W&B run at the
+    step it resumes from (``resume="allow"``); the steps recomputed after a resume were already sent
+    and W&B keeps its first copy (a resume is exact: the same numbers; the JSONL is trimmed). Any W&B failure
     degrades to JSONL-only with one warning: tracking must never kill a training run.
     """
 
@@ -144,7 +145,11 @@ class Tracker:
             values = {k: v for k, v in record.items()
                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
             try:
-                self.wandb_run.log(values)
+                # W&B's step is cpt's optimizer step, not its call counter: a resumed run (a new offline
+                # segment, whose own counter would restart at 0 and so fall below the steps already
+                # synced, which W&B drops) goes on at the step it resumes from; records of one step
+                # (train, probe, events) become one history row
+                self.wandb_run.log(values, step=record["step"]) if "step" in record else self.wandb_run.log(values)
             except Exception as e:  # e.g. the W&B service died: keep training, keep the JSONL
                 _warn(f"W&B logging failed ({type(e).__name__}: {e}); continuing with metrics.jsonl only")
                 self.wandb_run = None

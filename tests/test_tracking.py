@@ -95,6 +95,7 @@ def test_wandb_offline_run_and_resume_continue_one_run(tmp_path, monkeypatch, ca
     history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     assert [h["tokens"] for h in history] == [0, 1024, 2048]
+    assert [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"] == [0, 1, 2]
     assert history[1]["train/loss"] == 4.5 and "stage" not in history[1]  # numbers only
     metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
     assert any(m.glob_name == "*" and m.step_metric == "tokens" for m in metrics)
@@ -114,6 +115,10 @@ def test_wandb_offline_run_and_resume_continue_one_run(tmp_path, monkeypatch, ca
     assert len(segments) == 2 and segments[0] == first  # the resumed segment: same W&B run id, own dir
     resumed = finished_records(segments[1] / f"run-{run_id}.wandb")
     assert [r.run.run_id for r in resumed if r.WhichOneof("record_type") == "run"] == [run_id]
+    # W&B's own step is cpt's: the resumed segment goes on at step 2, not at its own counter's 0
+    # (synced, a step below the run's last would be dropped by W&B)
+    steps = [r.history.step.num for r in resumed if r.WhichOneof("record_type") == "history"]
+    assert steps == [2]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]  # trimmed, then appended
 
 
