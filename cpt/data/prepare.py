@@ -37,8 +37,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as _dt
+import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -378,6 +380,7 @@ def prepare(
     progress: bool = True,
     eos_token: str | None = None,
     part: tuple[int, int] | None = None,
+    select: tuple[str, float, int] | None = None,
 ) -> dict:
     """Tokenize ``inputs`` with ``tokenizer``, pack into ``seq_len`` sequences, write to ``out_dir``.
 
@@ -394,6 +397,9 @@ def prepare(
     ``part=(i, n)`` prepares only part ``i`` of ``n`` of the inputs' records (:func:`split_records`),
     for n machines or processes, and keeps its tail; :func:`merge_parts` joins the n parts into the
     folder one prepare of all inputs writes.
+
+    ``select=(side, fraction, seed)`` keeps only the documents of one side of a validation split
+    (:func:`in_validation`; side ``"train"`` or ``"validation"``): :func:`prepare_split` writes both.
     """
     from tqdm import tqdm
 
@@ -405,12 +411,19 @@ def prepare(
         raise CptError(f"num_proc must be positive, got {num_proc}")
     if max_documents is not None and max_documents <= 0:
         raise CptError(f"max_documents must be positive, got {max_documents}")
+    if select is not None:
+        _check_fraction(select[1], select[2])
+        if select[0] not in ("train", "validation"):
+            raise CptError(f"split side must be 'train' or 'validation', got {select[0]!r}")
     if part is not None:
         if not (part[1] >= 1 and 0 <= part[0] < part[1]):
             raise CptError(f"shard index {part[0]} of {part[1]} shards: expected 0..{part[1] - 1} of at least 1")
         if max_documents is not None:
             raise CptError("max_documents caps the documents of all inputs together, which one part cannot "
                            "count; prepare parts without it")
+        if select is not None:
+            raise CptError("--validation-fraction cannot be combined with --num-shards yet; "
+                           "prepare the split without parts")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CptError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
@@ -435,7 +448,10 @@ def prepare(
         tmp.mkdir(parents=True)
         cache = tmp / ".cache"  # parquet inputs are converted to Arrow here, and removed with it
         stats: list[InputStats] = []
-        if part is None:
+        sides: Counter = Counter()  # with select: documents per side of the split
+        if select is not None:
+            pieces = _selected_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars, select, sides)
+        elif part is None:
             pieces = iter_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars=chunk_chars)
         else:
             split = split_records(resolved, text_field, cache, *part)
@@ -457,8 +473,11 @@ def prepare(
         sequences = sum(s["sequences"] for s in writer.shards)
         tokens = sequences * seq_len
         if sequences == 0 and part is None:
+            which = "" if select is None else (
+                f"the {select[0]} split ({sides[select[0]]} of {sum(sides.values())} documents at "
+                f"validation fraction {select[1]}) of ")
             raise CptError(
-                f"{_describe(resolved)} yields {tail} tokens, fewer than one sequence of {seq_len}"
+                f"{which}{_describe(resolved)} yields {tail} tokens, fewer than one sequence of {seq_len}"
             )
         skipped: Counter = Counter()
         for st in stats:
@@ -502,6 +521,9 @@ def prepare(
                 "inputs": [{"records": n, "objects": st.objects, "fields_seen": sorted(st.fields_seen)}
                            for n, st in zip(split["records"], stats, strict=True)],
             }
+        if select is not None:  # which side this is, and how the inputs' documents were divided
+            manifest["split"] = {"side": select[0], "validation_fraction": select[1], "seed": select[2],
+                                 "rule": SPLIT_RULE, "documents": {k: sides[k] for k in ("train", "validation")}}
         with open(tmp / MANIFEST, "w") as f:  # last, and on disk before the rename commits the folder
             f.write(json.dumps(manifest, indent=1) + "\n")
             f.flush()
@@ -513,6 +535,98 @@ def prepare(
         if isinstance(e, OSError):  # a full disk, no permission: one line naming the output
             raise CptError(f"cannot write {out_dir}: {e.strerror or e}") from None
         raise
+
+
+# ---------------------------------------------------------------- a validation split, by document
+#
+# A document goes to validation iff blake2b-64 of its UTF-8 text (keyed by the seed), read as a fraction
+# of 2**64, is below the validation fraction: a property of the text alone, so the split does not
+# depend on the inputs' order, num_proc or the cuts of long documents, and identical documents (exact
+# duplicates, also across inputs and formats) always land on the same side, never on both.
+SPLIT_RULE = "validation iff blake2b(utf8(text), digest_size=8, key=str(seed)) / 2**64 < validation_fraction"
+
+
+def _check_fraction(fraction, seed) -> None:
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (0 < fraction < 0.5):
+        raise CptError(f"validation fraction must be a number with 0 < F < 0.5, got {fraction!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 10**60:
+        raise CptError(f"split seed must be a non-negative integer, got {seed!r}")
+
+
+def _split_hash(seed: int):
+    return hashlib.blake2b(digest_size=8, key=str(seed).encode())
+
+
+def in_validation(text: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a document goes to the validation side of a split (SPLIT_RULE)."""
+    h = _split_hash(seed)
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest(), "big") < math.ceil(fraction * 2**64)
+
+
+def _side_of(path: Path, fmt: str, blocks, fraction: float, seed: int) -> str:
+    """The side of one document as reader._documents gives it: a .txt file is hashed from its bytes (its
+    UTF-8 text, checked, with newlines as in the file) without holding it, others from the text."""
+    if fmt != "txt":
+        return "validation" if in_validation("".join(blocks), fraction, seed) else "train"
+    h = _split_hash(seed)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except OSError as e:
+        raise CptError(f"input {path} cannot be read: {e}") from None
+    return "validation" if int.from_bytes(h.digest(), "big") < math.ceil(fraction * 2**64) else "train"
+
+
+def _selected_pieces(resolved, text_field: str, stats: list[InputStats], max_documents: int | None,
+                     cache: Path, chunk_chars: int | None, select: tuple[str, float, int], sides: Counter):
+    """reader.iter_pieces keeping only the documents of side ``select[0]``: the inputs' checks see all
+    documents, each InputStats then counts the kept ones; ``sides`` counts both sides. ``max_documents``
+    caps the documents read (both sides), so both sides come from the same first documents."""
+    side, fraction, seed = select
+    remaining = max_documents
+    read = 0
+    for path, fmt in resolved:
+        if remaining is not None and remaining <= 0:
+            break
+        st = InputStats(str(path), fmt)
+        stats.append(st)
+        kept = 0
+        for blocks in reader._documents(path, fmt, text_field, st, cache, chunk_chars):
+            st.documents += 1
+            here = _side_of(path, fmt, blocks, fraction, seed)
+            sides[here] += 1
+            if here == side:
+                kept += 1
+                yield from reader.split_text(blocks, chunk_chars)
+            if remaining is not None:
+                remaining -= 1
+                if remaining <= 0:
+                    break
+        reader._check_input(st, text_field)
+        read += st.documents
+        st.documents = kept
+    if stats and not read:
+        raise CptError(f"input {stats[0].path} is empty" if len(stats) == 1
+                       else f"all {len(stats)} inputs are empty ({stats[0].path}, ...)")
+
+
+def prepare_split(inputs, tokenizer, out_dir: str | Path, seq_len: int, validation_fraction: float,
+                  split_seed: int = 0, overwrite: bool = False, **kwargs) -> dict[str, dict]:
+    """:func:`prepare` twice, into ``out_dir/train`` and ``out_dir/validation``: each document of the
+    inputs goes to exactly one of them (SPLIT_RULE, about ``validation_fraction`` of them to validation).
+    Each pass reads and hashes all inputs but tokenizes only its own documents. Returns both manifests."""
+    _check_fraction(validation_fraction, split_seed)
+    if kwargs.get("part") is not None:
+        raise CptError("--validation-fraction cannot be combined with --num-shards yet; "
+                       "prepare the split without parts")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise CptError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    return {side: prepare(inputs, tokenizer, out_dir / side, seq_len, overwrite=overwrite,
+                          select=(side, float(validation_fraction), split_seed), **kwargs)
+            for side in ("validation", "train")}  # validation first: the small side fails first if empty
 
 
 def _temporary(out_dir: Path, kind: str) -> Path:
