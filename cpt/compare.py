@@ -36,16 +36,24 @@ class Run:
     name: str
     records: list[dict[str, Any]]
     recipe: dict[str, Any] = field(default_factory=dict)
+    offset: int = 0  # tokens added on the x-axis: the parent run's tokens where this one started (lineage)
+    parent: str | None = None  # the name of that parent run
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(tokens, values) of every record that has a finite-or-nan number under ``key``."""
+        """(tokens, values) of every record that has a finite-or-nan number under ``key``; tokens shifted
+        by :attr:`offset`."""
         xs, ys = [], []
         for r in self.records:
             v = _num(r.get(key))
             if v is not None:
-                xs.append(r["tokens"])
+                xs.append(r["tokens"] + self.offset)
                 ys.append(v)
         return xs, ys
+
+    def init_path(self) -> Path | None:
+        """The checkpoint or model dir this run started from (its ``init`` record), or None."""
+        path = next((r.get("init/path") for r in self.records if r.get("event") == "init"), None)
+        return Path(path) if path else None
 
     def stage_boundaries(self) -> list[int]:
         """Tokens at which a stage begins, from where the ``stage`` of the records changes (the first
@@ -59,7 +67,7 @@ class Run:
                 if current is not None and stage != current:
                     out.append(last_tokens)
                 current = stage
-            last_tokens = r["tokens"]
+            last_tokens = r["tokens"] + self.offset
         return out
 
     def stage_names(self) -> list[str]:
@@ -101,6 +109,38 @@ class Run:
 
 
 _PROBE_LOSS = re.compile(r"^probe/([^/]+)/loss$")
+
+
+def link_lineage(runs: list[Run]) -> None:
+    """Draw a run started with init_from after its parent when the parent is among ``runs``: a run whose
+    counter restarted at 0 (init_from without schedule_state) gets, as its x offset, the parent's tokens
+    at the checkpoint it started from (that checkpoint's trainer_state.json; a parent's final/: its last
+    tokens), so pre-training -> CPT reads as one trajectory. A run that continued the counter needs none."""
+    by_dir = {r.path.resolve(): r for r in runs}
+    for run in runs:
+        start = run.init_path()
+        first = min((r["tokens"] for r in run.records), default=None)
+        if start is None or first != 0:
+            continue
+        start = start.resolve()
+        if start.parent.name == "checkpoints":
+            parent = by_dir.get(start.parent.parent)
+            state = start / "trainer_state.json"
+            tokens = _read_tokens(state) if state.is_file() else None
+        else:  # final/ (or another model dir inside the parent's run dir)
+            parent = by_dir.get(start.parent)
+            tokens = max((r["tokens"] for r in parent.records), default=None) if parent else None
+        if parent is not None and parent is not run and tokens is not None:
+            run.offset, run.parent = tokens + parent.offset, parent.name
+
+
+def _read_tokens(state: Path) -> int | None:
+    import json
+
+    try:
+        return int(json.loads(state.read_text())["tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -176,6 +216,7 @@ def summarize(run: Run, metric: str = "loss") -> dict[str, Any]:
         "tokens": max((r["tokens"] for r in run.records), default=None),
         "finished": run.finished,
         "metric": metric,
+        "after": (run.parent, run.offset) if run.parent else None,
         "wall_s": wall[-1] if wall else None,
         "final_train_loss": train[-1] if train else None,
         "forgetting": forgetting,
@@ -300,6 +341,8 @@ def render_html(summaries: list[dict[str, Any]], pngs: dict[str, Path]) -> str:
     rows = []
     for s in summaries:
         tokens = _fmt_tokens(s["tokens"]) + ("" if s["finished"] else " (stopped: no final/)")
+        if s.get("after"):
+            tokens += f" (after {s['after'][0]} at {_fmt_tokens(s['after'][1])})"
         cells = [s["name"], s["schedule"] or "?", tokens, _fmt_seconds(s["wall_s"]), _fmt(s["final_train_loss"])]
         for d in old:
             f = s["forgetting"].get(d)
@@ -373,6 +416,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, smoothing: float = 
     if metric != "loss" and not any(r.series(f"probe/{d}/{metric}")[0] for r in runs for d in r.probe_domains()):
         raise CptError(f"--metric {metric}: no run logged probe/<set>/{metric} (probe sets prepared before byte "
                        f"counts: re-run cpt prepare)")
+    link_lineage(runs)
     pngs = plot_panels(runs, out, smoothing, metric)
     page = out / "index.html"
     page.write_text(render_html([summarize(r, metric) for r in runs], pngs), encoding="utf-8")

@@ -150,3 +150,28 @@ def test_page_renders_in_headless_chromium(runs, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(page)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("OK: ") and "images decoded" in proc.stdout
+
+
+def test_a_run_started_from_a_run_among_those_compared_is_drawn_after_it(runs, tmp_path):
+    """Lineage: run-c starts (counter at 0) from run-b's checkpoint at token 2000, run-d from run-b's
+    final/: they are drawn from 2000 and 3000 on; a run that continued the counter is left as it is."""
+    from cpt.compare import compare, link_lineage
+
+    ckpt = runs[1] / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"tokens": 2000, "step": 2}))
+    child = [{"step": 0, "tokens": 0, "event": "init", "init/path": str(ckpt)},
+             {"step": 0, "tokens": 0, "probe/en/loss": 4.3},
+             {"step": 1, "tokens": 500, "train/loss": 4.0, "lr": 1e-3},
+             {"step": 1, "tokens": 500, "probe/en/loss": 4.6}]
+    c = write_run(tmp_path / "c", "run-c", "cosine", child)
+    d = write_run(tmp_path / "d", "run-d", "cosine", [{**child[0], "init/path": str(runs[1] / "final")}, *child[1:]])
+    e = write_run(tmp_path / "e", "run-e", "cosine", [{**r, "tokens": r["tokens"] + 2000} for r in child])
+    loaded = [load_run(p) for p in (runs[1], c, d, e)]
+    link_lineage(loaded)
+    assert [(r.name, r.parent, r.offset) for r in loaded] == [
+        ("run-b", None, 0), ("run-c", "run-b", 2000), ("run-d", "run-b", 3000), ("run-e", None, 0)]
+    assert loaded[1].series("probe/en/loss") == ([2000, 2500], [4.3, 4.6])
+    page = compare([runs[1], c], tmp_path / "cmp").read_text()
+    assert "500 (stopped: no final/) (after run-b at 2,000)" in page
+    assert load_run(c).series("probe/en/loss")[0] == [0, 500]  # alone, as logged
