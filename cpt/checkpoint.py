@@ -33,7 +33,7 @@ from cpt.model import ADAPTER_DIR, is_peft, merged_copy
 from cpt.train.backend import weights_sharded
 from cpt.train.state import STATE_FILE, TrainerState
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
@@ -41,7 +41,7 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -180,7 +180,7 @@ def find_checkpoint(path: str | Path, selector: str = "latest") -> Path:
         raise CptError(f"{path}: no checkpoints (not a cpt run dir or checkpoint)")
     if selector == "latest":
         return dirs[-1]
-    if _STEP_DIR.match(selector):
+    if STEP_DIR.match(selector):
         if (path / "checkpoints" / selector).is_dir():
             return path / "checkpoints" / selector
         raise CptError(f"{path}: no checkpoint {selector} (have {', '.join(d.name for d in dirs)})")

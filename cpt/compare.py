@@ -125,8 +125,7 @@ def link_lineage(runs: list[Run]) -> None:
         start = start.resolve()
         if start.parent.name == "checkpoints":
             parent = by_dir.get(start.parent.parent)
-            state = start / "trainer_state.json"
-            tokens = _read_tokens(state) if state.is_file() else None
+            tokens = _checkpoint_tokens(start)
         else:  # final/ (or another model dir inside the parent's run dir)
             parent = by_dir.get(start.parent)
             tokens = max((r["tokens"] for r in parent.records), default=None) if parent else None
@@ -134,12 +133,13 @@ def link_lineage(runs: list[Run]) -> None:
             run.offset, run.parent = tokens + parent.offset, parent.name
 
 
-def _read_tokens(state: Path) -> int | None:
-    import json
+def _checkpoint_tokens(ckpt: Path) -> int | None:
+    """The token counter a cpt checkpoint was saved at (None when it cannot be read)."""
+    from cpt.checkpoint import read_trainer_state
 
     try:
-        return int(json.loads(state.read_text())["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_trainer_state(ckpt).tokens
+    except CptError:
         return None
 
 

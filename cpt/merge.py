@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +59,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
                     "chat_template.jinja", "chat_template.json")
 _EXTRA_FILES = ("generation_config.json",)
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # ---------------------------------------------------------------------------------------- coefficients
@@ -334,7 +332,9 @@ def _check_order(paths: list[Path]) -> None:
     """Checkpoints of one run given out of step order are a mistake: ema and wsm weigh by position."""
     seen: dict[Path, tuple[int, Path]] = {}
     for p in paths:
-        m = _STEP_DIR.match(p.name)
+        from cpt.checkpoint import STEP_DIR
+
+        m = STEP_DIR.match(p.name)
         if m is None or p.parent.name != "checkpoints":
             continue
         run, step = p.parent.resolve(), int(m.group(1))

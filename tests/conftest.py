@@ -193,3 +193,18 @@ def on_two_simulated_ranks(work):
         th.join(timeout=60)
     return results
 
+
+def save_bos_tokenizer(docs, vocab_size: int, out: Path) -> Path:
+    """A Llama-style tokenizer (not cpt's) trained on ``docs``: byte-level BPE with <s> / </s> / <pad>,
+    a BOS added to every text; saved to ``out`` (an HF tokenizer dir)."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(docs, vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
+    bpe._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    tok.save_pretrained(out)
+    return out
+

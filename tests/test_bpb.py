@@ -16,7 +16,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import on_two_simulated_ranks  # tests/ is on sys.path (pytest's rootdir conftest)
+from conftest import (  # tests/ is on sys.path (pytest's rootdir conftest)
+    on_two_simulated_ranks,
+    save_bos_tokenizer,
+)
 
 import cpt.data.prepare as prep
 from cpt.data.prepare import prepare
@@ -50,18 +53,8 @@ def utf8(text: str) -> int:
 @pytest.fixture(scope="module")
 def bos_tokenizer(corpora, tmp_path_factory) -> Path:
     """A Llama-style tokenizer (as tests/test_models.py builds one): byte-level BPE adding <s> to every text."""
-    from tokenizers import ByteLevelBPETokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(docs_of(corpora["en"]["train"], 100) + docs_of(corpora["de"]["train"], 100),
-                            vocab_size=600, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
-    bpe._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    out = tmp_path_factory.mktemp("bos-tok")
-    tok.save_pretrained(out)
-    return out
+    docs = docs_of(corpora["en"]["train"], 100) + docs_of(corpora["de"]["train"], 100)
+    return save_bos_tokenizer(docs, 600, tmp_path_factory.mktemp("bos-tok"))
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,10 @@ def test_a_run_started_from_a_run_among_those_compared_is_drawn_after_it(runs, t
 
     ckpt = runs[1] / "checkpoints" / "step-00000002"
     ckpt.mkdir(parents=True)
-    (ckpt / "trainer_state.json").write_text(json.dumps({"tokens": 2000, "step": 2}))
+    from cpt.train.state import STATE_FILE, Origin, TrainerState
+    state = TrainerState(step=2, tokens=2000, stage="b", sampler={}, data_consumed={}, mixture={}, lr=1e-3,
+                         elapsed_s=1.0, tags=[], origin=Origin())
+    (ckpt / STATE_FILE).write_text(json.dumps(state.to_json()))
     child = [{"step": 0, "tokens": 0, "event": "init", "init/path": str(ckpt)},
              {"step": 0, "tokens": 0, "probe/en/loss": 4.3},
              {"step": 1, "tokens": 500, "train/loss": 4.0, "lr": 1e-3},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers as tf
-from conftest import with_overrides  # tests/ is on sys.path (pytest's rootdir conftest)
+from conftest import save_bos_tokenizer, with_overrides  # tests/ is on sys.path (pytest's rootdir conftest)
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,21 +50,11 @@ ARCHS = {
 @pytest.fixture(scope="module")
 def llama_tokenizer(corpora, tmp_path_factory):
     """A Llama-style tokenizer (not cpt's): byte-level BPE with <s> / </s>, a BOS added to every text."""
-    from tokenizers import ByteLevelBPETokenizer, processors
-    from transformers import PreTrainedTokenizerFast
-
     from cpt.data.reader import InputStats, iter_documents, resolve_inputs
 
-    bpe = ByteLevelBPETokenizer()
     docs = iter_documents(resolve_inputs([corpora["en"]["train"]]), "text", [InputStats("x", "jsonl")],
                           max_documents=200)
-    bpe.train_from_iterator(docs, vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<pad>"], show_progress=False)
-    bpe._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
-    out = tmp_path_factory.mktemp("llama-tok")
-    tok.save_pretrained(out)
-    return out
+    return save_bos_tokenizer(docs, VOCAB, tmp_path_factory.mktemp("llama-tok"))
 
 
 @pytest.fixture(scope="module")

@@ -123,23 +123,18 @@ class TokenSource:
         return state
 
     def _shard(self, k: int) -> np.ndarray:
-        mm = self._maps[k]
-        if mm is None:
-            mm = self._map(self._files[k], self.dtype, k)
-            self._maps[k] = mm
-        return mm
+        return self._mapped(self._maps, self._files, self.dtype, k)
 
     def _bytes_shard(self, k: int) -> np.ndarray:
-        mm = self._bytes_maps[k]
-        if mm is None:
-            mm = self._map(self._bytes_files[k], self._bytes_dtype, k)
-            self._bytes_maps[k] = mm
-        return mm
+        return self._mapped(self._bytes_maps, self._bytes_files, self._bytes_dtype, k)
 
-    def _map(self, file: Path, dtype: np.dtype, k: int) -> np.ndarray:
-        rows = int(self._ends[k] - self._starts[k])
-        return np.memmap(file, dtype=dtype, mode="r", offset=self._offsets[k] * dtype.itemsize,
-                         shape=(rows, self.seq_len))
+    def _mapped(self, cache: list, files: list[Path], dtype: np.dtype, k: int) -> np.ndarray:
+        """Shard ``k`` of ``files`` as [sequences, seq_len], memory-mapped on first use (from its offset)."""
+        if cache[k] is None:
+            rows = int(self._ends[k] - self._starts[k])
+            cache[k] = np.memmap(files[k], dtype=dtype, mode="r", offset=self._offsets[k] * dtype.itemsize,
+                                 shape=(rows, self.seq_len))
+        return cache[k]
 
     def get(self, idx: int) -> np.ndarray:
         """Sequence ``idx`` as an int64 array of ``seq_len`` tokens (a copy)."""
