@@ -53,7 +53,7 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
     from cpt.stages import staged_schedule
 
     groups = _schedule_groups(ns.args)
-    schedules, stages = {}, {}
+    schedules, stages, mixtures = {}, {}, {}
     for path, overrides, own in groups:
         r = load_recipe(path, overrides)
         plan = plan_run(r, allow_missing_init=True)  # a re-warm from the checkpoint's last LR where it exists
@@ -65,10 +65,14 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
         label = label if label not in schedules else f"{label} [{path}]"
         schedules[label] = s
         stages[label] = [(st.start, st.name) for st in plan.stages[1:]]
+        mixtures[label] = [(st.start, st.end, st.mixture) for st in plan.stages]
         print(f"{label}: {len(plan.stages)} stage(s), tokens {plan.origin.tokens} -> {s.total_tokens}, "
               f"{(s.total_tokens - plan.origin.tokens) // step_tokens} steps")
         print(describe(s))
-    plot_schedules(schedules, ns.out, title=ns.title or "learning rate against tokens", stages=stages)
+        for st in plan.stages:
+            print(f"mixture of {st.name}: {st.mixture.describe()}")
+    plot_schedules(schedules, ns.out, title=ns.title or "learning rate against tokens", stages=stages,
+                   mixtures=mixtures)
     print(f"plot: {ns.out}")
     return 0
 

@@ -435,19 +435,28 @@ def _num(v: Any) -> float | None:
 
 
 def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str | None = None,
-                   stages: dict[str, list[tuple[int, str]]] | None = None) -> Path:
+                   stages: dict[str, list[tuple[int, str]]] | None = None,
+                   mixtures: dict[str, list[tuple[int, int, Any]]] | None = None) -> Path:
     """Plot LR against tokens for several schedules on one axis and save a PNG: phase boundaries (end of
     warmup, start of a decay) faint dotted lines, stage starts (``stages``: {label: [(tokens, name)]})
-    dashed lines labelled with the stage's name."""
+    dashed lines labelled with the stage's name. ``mixtures`` ({label: [(stage start, stage end,
+    MixtureSchedule)]}) adds a panel below with each source's share of the data against tokens, where
+    some recipe mixes more than one source."""
     # Imported here so that training never pays for matplotlib; a Figure on an Agg canvas (no
     # pyplot) renders headless and leaves the process-wide backend alone.
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter, PercentFormatter
 
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    mixed = any(len(m.active()) > 1 or not m.is_constant for parts in (mixtures or {}).values()
+                for _, _, m in parts)
+    fig = Figure(figsize=(8, 6.5 if mixed else 4.5), layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    if mixed:
+        ax, mx = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
+    else:
+        ax, mx = fig.add_subplot(), None
     for i, (label, sched) in enumerate(schedules.items()):
         color = f"C{i % 10}"
         edges = sorted({p.start for p in sched.phases} | {p.end for p in sched.phases})
@@ -460,12 +469,17 @@ def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str 
             if 0 < e < sched.total_tokens and e not in starts:
                 ax.axvline(e, color=color, alpha=0.35, linewidth=0.8, linestyle=":")
         for tokens, name in starts.items():
-            ax.axvline(tokens, color=color, alpha=0.8, linewidth=1.0, linestyle="--")
+            for a in (ax, mx) if mx is not None else (ax,):
+                a.axvline(tokens, color=color, alpha=0.8, linewidth=1.0, linestyle="--")
             ax.annotate(name, (tokens, 1), xycoords=("data", "axes fraction"), xytext=(2, -2),
                         textcoords="offset points", rotation=90, va="top", fontsize=8, color=color)
-    from matplotlib.ticker import EngFormatter
-
-    ax.set_xlabel("tokens")
+    if mx is not None:
+        _plot_shares(mx, mixtures, np)
+        mx.set_ylabel("share of sequences")
+        mx.yaxis.set_major_formatter(PercentFormatter(1.0))
+        mx.set_ylim(-0.02, 1.02)
+        mx.legend(fontsize=8)
+    (mx if mx is not None else ax).set_xlabel("tokens")
     ax.xaxis.set_major_formatter(EngFormatter())
     ax.set_ylabel("learning rate")
     ax.set_ylim(bottom=0)
@@ -476,3 +490,24 @@ def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _plot_shares(ax, mixtures: dict[str, list[tuple[int, int, Any]]], np) -> None:
+    """Each source's share against tokens, a colour per source and a line style per recipe; jumps drawn
+    sharp (the share just before a step point is sampled too)."""
+    sources = sorted({k for parts in mixtures.values() for _, _, m in parts for k in m.active()})
+    colors = {k: f"C{j % 10}" for j, k in enumerate(sources)}
+    for i, (label, parts) in enumerate(mixtures.items()):
+        xs, ys = [], {k: [] for k in sources}
+        for start, end, m in parts:
+            cut = [t for t, _, _ in m.points] + [t - 1 for t, _, _ in m.points if t > 0]
+            local = np.union1d(np.linspace(0, end - start, 201), [t for t in cut if 0 <= t <= end - start])
+            for t in local:
+                shares = m.share_at(float(t))
+                xs.append(start + t)
+                for k in sources:
+                    ys[k].append(shares.get(k, 0.0))
+        for k in sources:
+            if any(ys[k]):
+                name = k if len(mixtures) == 1 else f"{k} ({label})"
+                ax.plot(xs, ys[k], color=colors[k], label=name, **_overlay_style(i, len(mixtures)))

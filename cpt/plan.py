@@ -47,7 +47,7 @@ def resolve_init(recipe: Recipe) -> Origin:
         origin.consumed = dict(state.data_consumed)
         same_data = saved.get("data", {}).get("sources") == recipe.data.sources
         first = recipe.stage_list()[0]
-        if same_data and state.mixture == first.mixture and state.sampler:
+        if same_data and state.mixture == first.mixture and state.sampler and "schedule" not in state.sampler:
             origin.sampler = state.sampler  # same sources, same weights: the data order goes on exactly
     return origin
 
@@ -137,7 +137,13 @@ def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None
     data["model"] = {**data["model"], "preset": None, "config": {}}
     data["train"]["tokens"] = d
     data["stages"] = None
-    data["data"]["mixture"] = stage.mixture
+    # a mixture schedule: the shares at the branch point, or, where it switches at: decay, the shares the
+    # parent's own decay starts with (the branch is all decay)
+    spec = parent.stage_list()[stage.index].mixture
+    at = x
+    if isinstance(spec, list) and stage.anneal_start is not None and any(p.at == "decay" for p in spec):
+        at = stage.anneal_start
+    data["data"]["mixture"] = stage.mixture.share_at(at - stage.start)
     return validate_recipe(data, source=f"branch of {parent.run.name}")
 
 

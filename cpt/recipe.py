@@ -14,15 +14,26 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cpt.errors import CptError
 from cpt.schedules import ScheduleConfig
 from cpt.tracking import WandbConfig
-from cpt.units import StrictModel, TokenCount
+from cpt.units import Length, StrictModel, TokenCount, parse_length
 
 
 class RunConfig(StrictModel):
@@ -105,14 +116,52 @@ class InitFromConfig(StrictModel):
         return self
 
 
+def _parse_at(value: object) -> Length | str:
+    if value == "decay":
+        return "decay"
+    try:
+        return parse_length(value)
+    except ValueError:
+        raise ValueError(f"expected tokens (800K), steps (200 steps), a fraction of the stage (80%) or decay, "
+                         f"got {value!r}") from None
+
+
+MixtureAt = Annotated[
+    Length | str, BeforeValidator(_parse_at), PlainSerializer(str, return_type=str),
+]
+
+
+class MixturePoint(StrictModel):
+    at: MixtureAt = Field(
+        description="Where along the stage: tokens (800K), steps (200 steps), a fraction of the stage's budget "
+        "(80%, 0.8), or decay (the start of the stage's final LR decay: wsd/power decay, infinite anneal). "
+        "The first point is at 0."
+    )
+    weights: dict[str, float] = Field(description="Name -> share of the sequences from here; sums to 1.")
+    ramp: Literal["step", "linear"] = Field(
+        "step", description="How the mixture gets here from the previous point: step = jumps at `at`; "
+        "linear = interpolated between the two points."
+    )
+
+
+Mixture = Annotated[
+    # tags in brackets: error locations drop them (_locate), they are not keys the user wrote
+    Annotated[dict[str, float], Tag("mixture[dict]")] | Annotated[list[MixturePoint], Tag("mixture[list]")],
+    Discriminator(lambda v: "mixture[list]" if isinstance(v, list) else "mixture[dict]"),
+]
+MIXTURE_DOC = ("Name -> share of the sequences (sums to 1; replay = the old data's share), or a schedule "
+               "over the stage: a list of {at, weights, ramp} points, e.g. [{at: 0, weights: {de: 0.75, en: "
+               "0.25}}, {at: 100%, weights: {de: 0.95, en: 0.05}, ramp: linear}] (replay 25% -> 5%), or a "
+               "switch at: decay to a high-quality source. Logged per step as data/<name>/share.")
+
+
 class DataConfig(StrictModel):
     seq_len: int = Field(gt=0, description="Tokens per sequence; must match the prepared sources.")
     sources: dict[str, str] = Field(
         min_length=1, description="Name -> prepared token dir (written by `cpt prepare`)."
     )
-    mixture: dict[str, float] | None = Field(
-        None, description="Name -> share of training sequences; sums to 1. Replay = the old data's share. "
-        "With stages, each stage sets its own instead."
+    mixture: Mixture | None = Field(
+        None, description=MIXTURE_DOC + " With stages, each stage sets its own instead."
     )
     replay_buffer: dict[str, TokenCount] = Field(
         default_factory=dict, description="Name -> size of a fixed buffer (a seeded subset of the source, "
@@ -143,7 +192,16 @@ class DataConfig(StrictModel):
         return self
 
 
-def check_mixture(mixture: dict[str, float], sources: dict[str, str], key: str) -> None:
+def check_mixture(mixture: dict[str, float] | list[MixturePoint], sources: dict[str, str], key: str) -> None:
+    if isinstance(mixture, list):
+        if not mixture:
+            raise ValueError(f"{key}: an empty schedule; give at least the point at: 0")
+        first = mixture[0].at
+        if not isinstance(first, Length) or first.value != 0:
+            raise ValueError(f"{key}.0.at = {first}: a mixture schedule starts at 0")
+        for i, point in enumerate(mixture):
+            check_mixture(point.weights, sources, f"{key}.{i}.weights")
+        return
     for name, w in mixture.items():
         if name not in sources:
             raise ValueError(f"{key}.{name}: not one of data.sources ({', '.join(sources)})")
@@ -278,7 +336,7 @@ class CheckpointConfig(StrictModel):
 class StageConfig(StrictModel):
     name: str = Field(description="Stage name, e.g. the domain it adds; logged with every record.")
     tokens: TokenCount = Field(description="Token budget of this stage.")
-    mixture: dict[str, float] = Field(description="Name -> share of this stage's sequences (data.sources).")
+    mixture: Mixture = Field(description=MIXTURE_DOC)
     schedule: ScheduleConfig | None = Field(
         None, description="A schedule of this stage's own, counted from its start over its budget "
         "(re-warming: warmup_from: checkpoint starts at the LR the previous stage ended at). Null = "
@@ -626,6 +684,11 @@ def _field_names(loc: tuple[Any, ...], data: Any) -> list[str]:
     for item in loc:
         if isinstance(node, dict) and node.get("kind") == item:
             continue
+        if isinstance(item, str) and "[" in item:
+            continue  # a union member's tag
+        if isinstance(item, int) and isinstance(node, list):
+            node = node[item] if item < len(node) else None
+            continue  # an element of a list: _model_of(list[X]) finds X
         ann = _model_of(model, node)
         if ann is None or item not in ann.model_fields:
             return []

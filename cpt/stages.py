@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cpt.recipe import Recipe
+from cpt.data.mixture import MixtureSchedule
+from cpt.errors import CptError
+from cpt.recipe import MixturePoint, Recipe
 from cpt.schedules import Phase, Schedule, build_schedule
 from cpt.train.state import Origin
 
@@ -24,7 +26,7 @@ class StagePlan:
     name: str
     start: int                       # tokens on the run's counter
     end: int
-    mixture: dict[str, float]
+    mixture: MixtureSchedule         # shares along the stage, tokens counted from its start
     schedule: Schedule
     offset: int                      # the schedule is evaluated at tokens - offset
     probe_sets: list[str]
@@ -58,15 +60,43 @@ def plan_stages(recipe: Recipe, origin: Origin) -> list[StagePlan]:
         else:
             sched, offset = run_schedule, 0
         end = start + st.tokens
-        probe_sets = st.probes if st.probes is not None else list(recipe.probes.sets)
-        new = st.new_domains if st.new_domains is not None else _default_new(st.mixture, prev_mixture, probe_sets)
         anneal = _anneal_start(sched)
         anneal = anneal + offset if anneal is not None and start <= anneal + offset < end else None
-        plans.append(StagePlan(i, st.name, start, end, st.mixture, sched, offset, probe_sets,
+        where = f"stages[{i}].mixture" if recipe.stages is not None else "data.mixture"
+        mixture = resolve_mixture(st.mixture, st.tokens, tokens_per_step, recipe.data.seq_len,
+                                  None if anneal is None else anneal - start, where)
+        probe_sets = st.probes if st.probes is not None else list(recipe.probes.sets)
+        new = (st.new_domains if st.new_domains is not None
+               else _default_new(mixture.mean(st.tokens), prev_mixture, probe_sets))
+        plans.append(StagePlan(i, st.name, start, end, mixture, sched, offset, probe_sets,
                                [d for d in new if d in probe_sets], anneal))
         prev_lr = sched(end - tokens_per_step - offset)  # the LR of the stage's last step
-        prev_mixture, start = st.mixture, end
+        prev_mixture, start = mixture.share_at(st.tokens), end
     return plans
+
+
+def resolve_mixture(spec: dict[str, float] | list[MixturePoint], budget: int, tokens_per_step: int, seq_len: int,
+                    anneal: int | None, where: str) -> MixtureSchedule:
+    """A stage's mixture as written in the recipe -> its MixtureSchedule, points in tokens from the stage
+    start (``anneal``: where the stage's final decay starts, for ``at: decay``)."""
+    if isinstance(spec, dict):
+        return MixtureSchedule.constant(spec)
+    points = []
+    for j, p in enumerate(spec):
+        if p.at == "decay":
+            if anneal is None:
+                raise CptError(f"{where}.{j}.at: decay, but this stage's LR has no final decay or anneal "
+                               f"starting inside it")
+            t = anneal
+        else:
+            t = p.at.to_tokens(budget, tokens_per_step)
+        if t > budget:
+            raise CptError(f"{where}.{j}.at = {p.at}: {t} tokens is past the stage's end ({budget} tokens)")
+        if points and t < points[-1][0]:
+            raise CptError(f"{where}.{j}.at = {p.at}: {t} tokens comes before the previous point "
+                           f"({points[-1][0]} tokens); points go in order")
+        points.append((t, p.weights, p.ramp))
+    return MixtureSchedule(points, seq_len)
 
 
 @dataclass(frozen=True)

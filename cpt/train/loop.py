@@ -210,7 +210,8 @@ def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepSt
               **({"train/mfu": step_tokens / stats.seconds * run.mfu_per_token_s} if run.mfu_per_token_s else {}),
               **({"train/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
                  if run.accelerator.device.type == "cuda" else {}),
-              **{f"data/{n}/epochs": e for n, e in epochs.items() if stage.mixture.get(n, 0) > 0}}
+              **{f"data/{n}/epochs": epochs[n] for n in stage.mixture.active()},
+              **{f"data/{n}/share": v for n, v in sampler.last_shares().items()}}
     run.tracker.log(record)
     if stats.verdict == "skip" and run.main:
         tqdm.write(f"cpt: warning: step {run.step}: loss {stats.loss:.4g}, grad norm {stats.grad_norm}: not "
@@ -236,7 +237,7 @@ def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict
           tags: list[str]) -> None:
     state = TrainerState(
         step=run.step, tokens=run.tokens, stage=stage.name, sampler=sampler.state_dict(),
-        data_consumed=sampler.consumed(), mixture=stage.mixture, lr=run.optimizer.param_groups[0]["lr"],
+        data_consumed=sampler.consumed(), mixture=stage.mixture.share_at(run.tokens - stage.start), lr=run.optimizer.param_groups[0]["lr"],
         elapsed_s=run.elapsed, tags=tags, origin=run.plan.origin,
         next_lr=run.plan.stage_at(run.tokens).lr(run.tokens), probe_state=probe_state,
         metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict())
