@@ -353,7 +353,7 @@ def render_html(summaries: list[dict[str, Any]], pngs: dict[str, Path]) -> str:
                     + "</tr>")
     figures = "\n".join(
         f'<figure><img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode("ascii")}" '
-        f'alt="{html.escape(title)}"><figcaption>{html.escape(title)}</figcaption></figure>'
+        f'alt="{html.escape(title)}"></figure>'
         for title, p in pngs.items()
     )
     return f"""<!DOCTYPE html>
@@ -363,6 +363,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
+td:not(:first-child):not(:nth-child(3)) {{ white-space: nowrap; }}
 figure {{ display: inline-block; margin: 0.5em; }}
 img {{ max-width: 100%; }}
 </style></head>

@@ -1,11 +1,12 @@
 """Check in headless Chromium that every image of a `cpt compare` page decodes.
 
-    python scripts/check_compare_html.py compare/index.html [--chromium /usr/bin/chromium]
+    python scripts/check_compare_html.py compare/index.html [--chromium /usr/bin/chromium] [--screenshot page.png]
 
 A copy of the page gets a small script that, once the page has loaded, writes each image's
 ``naturalWidth`` into ``document.title``; ``--dump-dom`` prints the DOM after load and the title is
 read back from it. An image that did not decode has width 0. Exits 0 when all decoded, 1 when one did
 not, and 0 with a SKIP line when Chromium is not installed (so CI without a browser stays green).
+``--screenshot`` also saves the rendered page as a PNG (full height), to look at.
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ def main() -> int:
     ap.add_argument("html", type=Path)
     ap.add_argument("--chromium", default=None, help="browser binary (default: /usr/bin/chromium, then PATH)")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--screenshot", type=Path, default=None, help="also save the rendered page as this PNG")
     args = ap.parse_args()
 
+    if not args.html.is_file():
+        print(f"FAIL: {args.html}: no such page (write one with cpt compare RUN... --out DIR)")
+        return 1
     page = args.html.read_text(encoding="utf-8")
     expected = len(re.findall(r"<img\b", page))
     browser = find_chromium(args.chromium)
@@ -60,6 +65,10 @@ def main() -> int:
                "--dump-dom", probe_page.as_uri()]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            if args.screenshot is not None:
+                shot = [*cmd[:-2], "--hide-scrollbars", "--window-size=1280,4000",
+                        f"--screenshot={args.screenshot.resolve()}", probe_page.as_uri()]
+                subprocess.run(shot, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
             print(f"FAIL: Chromium did not finish within {args.timeout:g} s")
             return 1
