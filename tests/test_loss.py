@@ -82,6 +82,29 @@ def test_chunked_loss_in_bf16_stays_within_bf16_rounding():
         assert torch.allclose(got[n].float(), want[n].float(), rtol=5e-2, atol=2e-3), n
 
 
+def test_under_autocast_the_chunks_run_in_the_compute_dtype_and_auto_keeps_them():
+    """Mixed precision (fp32 weights, bf16 autocast: train.precision bf16, the GPU default): accelerate
+    wraps the model's forward in autocast, the loss runs outside it. The chunked head must run in bf16 as
+    the model's own head does, or its logits are not the model's (auto then fell back: the bug)."""
+    model = models()["llama"].eval()
+    model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # what accelerate does
+    fallback, note = choose_loss("auto", model, sharded=False, vocab=500)  # the compute dtype not given
+    assert isinstance(fallback, PlainLoss) and "relative difference" in note
+    loss, note = choose_loss("auto", model, sharded=False, vocab=500, compute_dtype=torch.bfloat16)
+    assert isinstance(loss, ChunkedLoss) and note is None
+    loss.chunk_rows = 16
+    ids = torch.randint(500, (2, 24), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "labels": ids}
+    want_loss, want = grads(model, PlainLoss(), inputs)
+    got_loss, got = grads(model, loss, inputs)
+    assert abs(got_loss - want_loss) < 1e-2 and all(g.dtype == torch.float32 for g in got.values())
+    scale = max(g.abs().max().item() for g in want.values())
+    for n in want:  # bf16 matmuls on both sides: equal to bf16 rounding
+        assert (got[n] - want[n]).abs().max().item() <= 2e-2 * scale, n
+    nll, ref = loss.token_nll(model, inputs), PlainLoss().token_nll(model, inputs)
+    assert (nll - ref).abs().max().item() < 5e-2
+
+
 def test_models_that_post_process_logits_or_wrap_the_head_fall_back_to_their_own_loss():
     torch.manual_seed(0)
     cohere = CohereForCausalLM(CohereConfig(**SMALL, logit_scale=0.5))  # logits = head(h) * 0.5
@@ -152,3 +175,16 @@ def test_runs_with_the_chunked_and_the_models_loss_log_the_same_losses(make_reci
     assert max(abs(a - b) for a, b in zip(train_c, train_m, strict=True)) < 1e-4
     assert max(abs(a - b) for a, b in zip(probe_c, probe_m, strict=True)) < 1e-4
     assert train_c[-1] < train_c[0] - 0.2  # it learns (7.64 -> 7.38 in 6 steps)
+
+
+def test_a_bf16_run_keeps_the_chunked_loss(make_recipe, capsys):
+    from cpt.train.loop import train
+
+    losses = {}
+    for mode in ("auto", "model"):
+        r = make_recipe(f"bf16-{mode}", train__loss=mode, train__precision="bf16", train__tokens=4 * 1024)
+        train(r)
+        losses[mode] = [x["train/loss"] for x in read_metrics(Path(r.run.output_dir) / "metrics.jsonl")
+                        if "train/loss" in x]
+    assert "train.loss: auto uses the model's own loss" not in capsys.readouterr().out
+    assert max(abs(a - b) for a, b in zip(losses["auto"], losses["model"], strict=True)) < 2e-2

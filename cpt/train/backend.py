@@ -23,8 +23,13 @@ def _accelerator(**kwargs):
     independent single-process runs (no gradient sync, no reduce); with it, N gloo processes. DeepSpeed
     is never engaged with cpu=True, so there the gloo backend of make_accelerator does that job."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
+    # AcceleratorState is process-wide: a second run in one process (a notebook, a sweep, the tests) with
+    # another precision would be refused ("has already been initialized"). Each run's settings are its
+    # own; the process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     deepspeed = kwargs.get("deepspeed_plugin") is not None
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed, **kwargs)
     world = int(os.environ.get("WORLD_SIZE", "1"))

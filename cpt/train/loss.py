@@ -12,6 +12,11 @@ the head (``softmax - onehot`` times the head weight / hidden states): the same 
 does, no recomputation, and only one chunk's logits alive at a time. The price is one fp32 buffer the
 size of the head weight for its gradient.
 
+Under mixed precision (autocast, ``train.precision: bf16``, the GPU default) the chunked matmuls run in
+the compute dtype the model's own head would use (the head weight cast once per call, as autocast casts
+it), the softmax and the loss in fp32, and the head's gradient is summed over chunks in fp32; without
+that the head would run in fp32 beside a bf16 model, and its logits would not be the model's.
+
 The chunked path needs the head to be a plain ``nn.Linear`` whose weights are whole on this rank (not
 ZeRO-3 / FSDP shards, which exist only inside the module's own forward) and the model's logits to be
 ``head(hidden)`` (with Gemma's final soft-capping, which it applies too). :func:`choose_loss` checks the
@@ -37,7 +42,7 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_logits(h, weight, bias, softcap):
-    logits = F.linear(h, weight, bias).float()
+    logits = F.linear(h.to(weight.dtype), weight, bias).float()
     if softcap is None:
         return logits, None
     capped = torch.tanh(logits / softcap)
@@ -49,8 +54,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     a chunk of rows at a time; the gradients are formed in the forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows, compute_dtype=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dt = compute_dtype or weight.dtype
+        w = weight.to(dt)  # once per call (a no-op in the weights' own dtype), as autocast casts it
+        b = None if bias is None else bias.to(dt)
         valid = targets != IGNORE
         count = valid.sum().clamp(min=1).float()
         safe = targets.clamp(min=0)
@@ -59,8 +67,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for s in range(0, hidden.size(0), chunk_rows):
-            h, t, v = hidden[s:s + chunk_rows], safe[s:s + chunk_rows], valid[s:s + chunk_rows]
-            logits, capped = _chunk_logits(h, weight, bias, softcap)
+            h, t, v = hidden[s:s + chunk_rows].to(dt), safe[s:s + chunk_rows], valid[s:s + chunk_rows]
+            logits, capped = _chunk_logits(h, w, b, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, t[:, None])[:, 0]) * v).sum()
             if not (need_h or need_w or need_b):
@@ -70,14 +78,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             g.mul_((v / count)[:, None])
             if capped is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
                 g.mul_(1.0 - capped * capped)
-            g = g.to(weight.dtype)
+            g = g.to(dt)
             if need_h:
-                torch.mm(g, weight, out=grad_h[s:s + chunk_rows])
+                if grad_h.dtype == dt:
+                    torch.mm(g, w, out=grad_h[s:s + chunk_rows])
+                else:
+                    grad_h[s:s + chunk_rows] = g @ w
             if need_w:  # in place where the dtypes allow: no [vocab, hidden] temporary per chunk
-                if weight.dtype == torch.float32:
+                if dt == torch.float32:
                     grad_w.addmm_(g.t(), h)
                 else:
-                    grad_w += (g.t() @ h).float()
+                    grad_w += g.t() @ h  # the chunk's product in dt, summed over chunks in fp32
             if need_b:
                 grad_b += g.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -91,7 +102,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
                 (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
                 (grad_b * grad_out).to(b_dtype) if grad_b is not None else None,
-                None, None, None)
+                None, None, None, None)
 
 
 class PlainLoss:
@@ -118,8 +129,9 @@ class ChunkedLoss:
 
     name = "chunked"
 
-    def __init__(self, hf_model, chunk_elements: int = CHUNK_ELEMENTS):
+    def __init__(self, hf_model, chunk_elements: int = CHUNK_ELEMENTS, compute_dtype: torch.dtype | None = None):
         self.head = hf_model.get_output_embeddings()
+        self.compute_dtype = compute_dtype  # autocast's dtype under mixed precision; None: the weights' own
         self.softcap = getattr(hf_model.config, "final_logit_softcapping", None)
         self.chunk_rows = max(1, chunk_elements // self.head.out_features)
         self._hidden = None
@@ -145,7 +157,13 @@ class ChunkedLoss:
         targets = next_token_targets(inputs.pop("labels"))
         h = self.hidden(model, inputs)
         return LinearCrossEntropy.apply(h.flatten(0, 1), self.head.weight, self.head.bias, targets.flatten(),
-                                        self.softcap, self.chunk_rows)
+                                        self.softcap, self.chunk_rows, self.compute_dtype)
+
+    def _head(self):
+        """The head's weight and bias in the compute dtype (cast once per call)."""
+        dt = self.compute_dtype or self.head.weight.dtype
+        bias = self.head.bias
+        return self.head.weight.to(dt), None if bias is None else bias.to(dt)
 
     @torch.no_grad()
     def token_nll(self, model, inputs: dict) -> torch.Tensor:
@@ -154,8 +172,9 @@ class ChunkedLoss:
         h = self.hidden(model, inputs).flatten(0, 1)
         flat = targets.flatten()
         out = torch.empty(flat.shape, dtype=torch.float32, device=h.device)
+        weight, bias = self._head()
         for s in range(0, h.size(0), self.chunk_rows):
-            logits, _ = _chunk_logits(h[s:s + self.chunk_rows], self.head.weight, self.head.bias, self.softcap)
+            logits, _ = _chunk_logits(h[s:s + self.chunk_rows], weight, bias, self.softcap)
             out[s:s + self.chunk_rows] = F.cross_entropy(logits, flat[s:s + self.chunk_rows], reduction="none",
                                                          ignore_index=IGNORE)
         return out.view_as(targets)
@@ -189,20 +208,21 @@ def same_logits(model, loss: ChunkedLoss, vocab: int) -> str | None:
     model.eval()
     try:
         want = model(input_ids=ids).logits.float()
-        got, _ = _chunk_logits(loss.hidden(model, {"input_ids": ids}), head.weight, head.bias, loss.softcap)
+        got, _ = _chunk_logits(loss.hidden(model, {"input_ids": ids}), *loss._head(), loss.softcap)
     except Exception as e:  # noqa: BLE001 - any failure means: use the model's own path
         return f"{type(e).__name__}: {e}"
     finally:
         model.train(was_training)
     if got.shape != want.shape:
         return f"its logits have shape {tuple(want.shape)}, head(hidden) {tuple(got.shape)}"
-    tol = 1e-4 if head.weight.dtype == torch.float32 else 2e-2
+    tol = 1e-4 if (loss.compute_dtype or head.weight.dtype) == torch.float32 else 2e-2
     err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
     return None if err <= tol else f"its logits are not head(final hidden states) (relative difference {err:.2e})"
 
 
-def choose_loss(mode: str, model, sharded: bool, vocab: int):
-    """(loss, note) for train.loss = auto | chunked | model; ``model`` unwrapped from DDP/DeepSpeed.
+def choose_loss(mode: str, model, sharded: bool, vocab: int, compute_dtype: torch.dtype | None = None):
+    """(loss, note) for train.loss = auto | chunked | model; ``model`` unwrapped from DDP/DeepSpeed (its
+    autocast wrapper kept). ``compute_dtype``: autocast's dtype under mixed precision (None: the weights').
     ``note`` says why auto fell back to the plain path (None otherwise)."""
     if mode == "model":
         return PlainLoss(), None
@@ -210,7 +230,7 @@ def choose_loss(mode: str, model, sharded: bool, vocab: int):
     why = chunked_unsupported(hf, sharded)
     loss = None
     if why is None:
-        loss = ChunkedLoss(hf)
+        loss = ChunkedLoss(hf, compute_dtype=compute_dtype)
         why = same_logits(model, loss, vocab)
     if why is None:
         return loss, None

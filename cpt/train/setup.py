@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from cpt import checkpoint as ckpt_lib
@@ -65,8 +66,6 @@ class Run:
     @property
     def export_dtype(self):
         """dtype of final/: model.export_dtype, or (auto) the dtype the weights came in."""
-        import torch
-
         from cpt.model import source_dtype
 
         want = self.recipe.model.export_dtype
@@ -231,8 +230,6 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters
     mfu = mfu_per_token_s(model, recipe, accelerator)
     if recipe.train.compile:
-        import torch
-
         # compile afresh, as a new process would, and one static graph per shape: which kernels run must not
         # depend on what ran before (graphs cached by an earlier run in this process; dynamic shapes that
         # a resumed run, which skips the stage's baseline probe, would switch to at another step), or a
@@ -243,7 +240,9 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
                                    plan.stages[0].lr(origin.tokens), accelerator.device.type, mit.lr_multipliers)
     _print_counts(main, "lr x", scaled, mit.lr_multipliers)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), params_sharded(accelerator), vocab)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), params_sharded(accelerator), vocab,
+                             compute_dtype=autocast)
     if note and main:
         print(f"cpt: {note}")
     if resume_from is not None:
