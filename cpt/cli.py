@@ -101,43 +101,71 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
     if (ns.num_shards is None) != (ns.shard_index is None):
         raise CptError("--num-shards N and --shard-index I go together (part I of N; merge with cpt prepare merge)")
     part = None if ns.num_shards is None else (ns.shard_index, ns.num_shards)
+    inputs = _prepare_inputs(ns)
     if ns.validation_fraction is not None:
-        return _prepare_split(ns, part)
-    m = prepare(ns.inputs, ns.tokenizer, ns.out, seq_len=ns.seq_len, text_field=ns.text_field,
+        return _prepare_split(ns, inputs, part)
+    m = prepare(inputs, ns.tokenizer, ns.out, seq_len=ns.seq_len, text_field=ns.text_field,
                 num_proc=ns.num_proc, max_documents=ns.max_documents, overwrite=ns.overwrite,
                 eos_token=ns.eos_token, part=part)
     skipped = ", ".join(f"{k}: {v}" for k, v in m["skipped"].items() if v) or "none"
     tail = "tail tokens kept for the merge" if part else "tail tokens dropped"
     print(f"{ns.out}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
           f"({m['tokens']} tokens, {m['tokens_dropped_tail']} {tail}); skipped: {skipped}")
+    _print_unsupported(m)
     return 0
 
 
-def _prepare_split(ns: argparse.Namespace, part) -> int:
+def _prepare_inputs(ns: argparse.Namespace) -> list:
+    """The positional inputs, then the --hf-dataset one (a reader.HubDataset) if given."""
+    from cpt.data.reader import HubDataset
+
+    if ns.hf_dataset is None:
+        given = [f for f, v in (("--hf-config", ns.hf_config), ("--hf-split", ns.hf_split),
+                                ("--streaming", ns.streaming)) if v]
+        if given:
+            raise CptError(f"{', '.join(given)} go with --hf-dataset NAME")
+        if not ns.inputs:
+            raise CptError("cpt prepare needs inputs: files or folders, and/or --hf-dataset NAME")
+        return ns.inputs
+    return [*ns.inputs, HubDataset(ns.hf_dataset, ns.hf_config, ns.hf_split or "train", ns.streaming)]
+
+
+def _print_unsupported(m: dict) -> None:
+    other = m.get("unsupported_files")
+    if other:
+        print(f"skipped {sum(other.values())} files of other types in input folders: "
+              + ", ".join(f"{ext} {n}" for ext, n in other.items()))
+
+
+def _prepare_split(ns: argparse.Namespace, inputs: list, part) -> int:
     from cpt.data.prepare import prepare_split
 
-    if part is not None:
-        raise CptError("--validation-fraction cannot be combined with --num-shards yet; prepare the split without parts")
-    ms = prepare_split(ns.inputs, ns.tokenizer, ns.out, ns.seq_len, ns.validation_fraction, split_seed=ns.split_seed,
+    ms = prepare_split(inputs, ns.tokenizer, ns.out, ns.seq_len, ns.validation_fraction, split_seed=ns.split_seed,
                        text_field=ns.text_field, num_proc=ns.num_proc, max_documents=ns.max_documents,
-                       overwrite=ns.overwrite, eos_token=ns.eos_token)
+                       overwrite=ns.overwrite, eos_token=ns.eos_token, part=part)
+    tail = "tail tokens kept for the merge" if part else "tail tokens dropped"
     for side in ("train", "validation"):
         m = ms[side]
         print(f"{ns.out / side}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
-              f"({m['tokens']} tokens, {m['tokens_dropped_tail']} tail tokens dropped)")
+              f"({m['tokens']} tokens, {m['tokens_dropped_tail']} {tail})")
     skipped = ", ".join(f"{k}: {v}" for k, v in ms["train"]["skipped"].items() if v) or "none"
     print(f"validation fraction {ns.validation_fraction} (seed {ns.split_seed}, by document hash); skipped: {skipped}")
+    _print_unsupported(ms["train"])
     return 0
 
 
 def cmd_prepare_merge(ns: argparse.Namespace) -> int:
-    from cpt.data.prepare import merge_parts
+    from cpt.data.prepare import is_split_part, merge_parts, merge_split_parts
 
-    m = merge_parts(ns.parts, ns.out, overwrite=ns.overwrite)
-    stitched = sum(s["sequences"] for s in m["shards"] if "/" not in s["file"])
-    print(f"{ns.out}: {len(m['parts'])} parts, {m['documents']} documents, {m['sequences']} sequences of "
-          f"{m['seq_len']} tokens ({m['tokens']} tokens, {m['tokens_dropped_tail']} tail tokens dropped; "
-          f"{stitched} sequences across part boundaries copied, the rest read from the parts)")
+    if any(is_split_part(p) for p in ns.parts):  # parts with a validation split: each side into OUT/side
+        merged = {ns.out / side: m for side, m in merge_split_parts(ns.parts, ns.out, overwrite=ns.overwrite).items()}
+    else:
+        merged = {ns.out: merge_parts(ns.parts, ns.out, overwrite=ns.overwrite)}
+    for out, m in merged.items():
+        stitched = sum(s["sequences"] for s in m["shards"] if "/" not in s["file"])
+        print(f"{out}: {len(m['parts'])} parts, {m['documents']} documents, {m['sequences']} sequences of "
+              f"{m['seq_len']} tokens ({m['tokens']} tokens, {m['tokens_dropped_tail']} tail tokens dropped; "
+              f"{stitched} sequences across part boundaries copied, the rest read from the parts)")
     return 0
 
 
@@ -145,7 +173,8 @@ def _prepare_merge_parser() -> argparse.ArgumentParser:
     """`cpt prepare merge`: routed by main(), since `cpt prepare`'s own words are input files."""
     p = argparse.ArgumentParser(prog="cpt prepare merge",
                                 description="join parts written by cpt prepare --num-shards N --shard-index I "
-                                            "into one prepared folder (no token data copied)")
+                                            "into one prepared folder (no token data copied); parts prepared "
+                                            "with --validation-fraction into OUT/train and OUT/validation")
     p.add_argument("parts", nargs="+", type=Path, help="the part folders, all N of them (any order)")
     p.add_argument("--out", required=True, type=Path,
                    help="output folder (may be the one holding the parts; its shards are the parts' files)")
@@ -257,11 +286,21 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("prepare", help="tokenize raw text once into memory-mapped token shards",
                        epilog="in parts, on N machines: cpt prepare FILES ... --num-shards N --shard-index I "
                               "--out DIR/part-I, then cpt prepare merge DIR/part-* --out DIR")
-    d.add_argument("inputs", nargs="+", help="jsonl, jsonl.gz, json, parquet, txt files or saved HF datasets")
+    d.add_argument("inputs", nargs="*",
+                   help="jsonl, jsonl.gz, json, parquet, csv, tsv files (a record / row per document); txt, md, "
+                        "markdown, rst files (a file per document); saved HF datasets; folders of them (recursive, "
+                        "sorted; hidden names and other file types skipped)")
+    d.add_argument("--hf-dataset", default=None, metavar="NAME",
+                   help="also read this dataset with datasets.load_dataset (a hub id, or a folder of data files), "
+                        "after the inputs")
+    d.add_argument("--hf-config", default=None, metavar="C", help="with --hf-dataset: its configuration (subset)")
+    d.add_argument("--hf-split", default=None, metavar="S", help="with --hf-dataset: the split (default train)")
+    d.add_argument("--streaming", action="store_true",
+                   help="with --hf-dataset: read rows as they arrive instead of downloading the whole split first")
     d.add_argument("--tokenizer", required=True, help="HF tokenizer dir")
     d.add_argument("--out", required=True, type=Path, help="output dir for shards + manifest.json")
     d.add_argument("--seq-len", type=int, required=True, help="tokens per packed sequence")
-    d.add_argument("--text-field", default="text")
+    d.add_argument("--text-field", default="text", help="the JSON field / table or CSV column holding the text")
     d.add_argument("--num-proc", type=int, default=1)
     d.add_argument("--max-documents", type=int, default=None, help="only the first N documents")
     d.add_argument("--overwrite", action="store_true")

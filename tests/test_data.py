@@ -221,7 +221,7 @@ def test_prepare_other_formats(tmp_path, tokenizer_dir):
     folder.mkdir()
     (folder / "a.txt").write_text(DOCS[0] + "\n\n" + DOCS[1], encoding="utf-8")
     (folder / "b.txt").write_text(DOCS[2], encoding="utf-8")
-    (folder / "notes.md").write_text("ignored", encoding="utf-8")
+    (folder / "notes.html").write_text("ignored", encoding="utf-8")
     m = prepare([folder], tokenizer_dir, tmp_path / "txt", seq_len=4, progress=False)
     assert m["documents"] == 2
     stream = reference_stream(tok, [DOCS[0] + "\n\n" + DOCS[1], DOCS[2]])
@@ -326,7 +326,7 @@ def test_empty_file_unusable_file_and_missing_path(tmp_path, tokenizer_dir):
         prepare([tmp_path / "nope.jsonl"], tokenizer_dir, tmp_path / "o3", seq_len=4, progress=False)
     with pytest.raises(CptError, match="unsupported file type"):
         prepare(
-            [empty.with_suffix(".csv").touch() or empty.with_suffix(".csv")],
+            [empty.with_suffix(".docx").touch() or empty.with_suffix(".docx")],
             tokenizer_dir,
             tmp_path / "o4",
             seq_len=4,

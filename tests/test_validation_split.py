@@ -102,15 +102,18 @@ def test_bad_fraction_is_one_line(inputs, tokenizer_dir, tmp_path, capsys, bad):
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_split_and_refusals(inputs, tokenizer_dir, tmp_path, capsys):
+def test_cli_split_parts_and_refusals(inputs, tokenizer_dir, tmp_path, capsys):
     common = ["--tokenizer", str(tokenizer_dir), "--seq-len", str(SEQ), "--validation-fraction", "0.25"]
     assert main(["prepare", *map(str, inputs[0]), *common, "--out", str(tmp_path / "o"), "--split-seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "o/train:" in out and "o/validation:" in out
     assert json.loads((tmp_path / "o" / "validation" / "manifest.json").read_text())["split"]["seed"] == 3
+    # with --num-shards each part writes both sides (tests/test_prepare_inputs.py merges them)
     assert main(["prepare", *map(str, inputs[0]), *common, "--out", str(tmp_path / "p"),
-                 "--num-shards", "2", "--shard-index", "0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "--num-shards" in err and "\n" not in err
+                 "--num-shards", "2", "--shard-index", "0"]) == 0
+    assert "tail tokens kept for the merge" in capsys.readouterr().out
+    for side in ("train", "validation"):
+        m = json.loads((tmp_path / "p" / side / "manifest.json").read_text())
+        assert m["part"]["index"] == 0 and m["split"]["side"] == side
     with pytest.raises(CptError, match="split seed"):
         prepare_split(inputs[0], tokenizer_dir, tmp_path / "q", SEQ, 0.1, split_seed=-1)

@@ -400,6 +400,7 @@ def prepare(
 
     ``select=(side, fraction, seed)`` keeps only the documents of one side of a validation split
     (:func:`in_validation`; side ``"train"`` or ``"validation"``): :func:`prepare_split` writes both.
+    With ``part`` too, the documents of that side among the part's records.
     """
     from tqdm import tqdm
 
@@ -421,13 +422,11 @@ def prepare(
         if max_documents is not None:
             raise CptError("max_documents caps the documents of all inputs together, which one part cannot "
                            "count; prepare parts without it")
-        if select is not None:
-            raise CptError("--validation-fraction cannot be combined with --num-shards yet; "
-                           "prepare the split without parts")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CptError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    resolved = resolve_inputs(inputs)
+    unsupported: Counter = Counter()  # files of other types in input folders, by extension
+    resolved = resolve_inputs(inputs, other=unsupported)
     tok = load_tokenizer(tokenizer)
     eos_id = tok.eos_token_id if eos_token is None else tok.convert_tokens_to_ids(eos_token)
     if eos_token is not None and (eos_id is None or tok.convert_ids_to_tokens(eos_id) != eos_token):
@@ -449,23 +448,26 @@ def prepare(
         cache = tmp / ".cache"  # parquet inputs are converted to Arrow here, and removed with it
         stats: list[InputStats] = []
         sides: Counter = Counter()  # with select: documents per side of the split
-        if select is not None:
-            pieces = _selected_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars, select, sides)
-        elif part is None:
+        read: list[int] = []  # with select or part: documents read per input (both sides)
+        if select is None and part is None:
             pieces = iter_pieces(resolved, text_field, stats, max_documents, cache, chunk_chars=chunk_chars)
         else:
-            split = split_records(resolved, text_field, cache, *part)
-            pieces = _part_pieces(resolved, split, text_field, stats, cache, chunk_chars)
+            split = None if part is None else split_records(resolved, text_field, cache, *part)
+            pieces = _chosen_pieces(resolved, text_field, stats, cache, chunk_chars, max_documents, split, select,
+                                    sides, read)
         writer = _ShardWriter(tmp, seq_len, shard_sequences, dtype)
         documents = 0
         frame = document_frame(backend, eos_id)
         encoded = _encoded(_batches(pieces), backend, frame, dtype.name, table, num_proc)
-        with contextlib.closing(encoded), tqdm(desc="tokenizing", unit=" tokens", unit_scale=True,
-                                               disable=not progress) as bar:
-            for tokens, ended in encoded:
-                writer.add(tokens)
-                documents += ended
-                bar.update(len(tokens))
+        with contextlib.closing(encoded):
+            # the first batch before the bar: an input that cannot be read at all (a hub set not cached, a
+            # missing column) is then the only line on stderr
+            first = list(itertools.islice(encoded, 1))
+            with tqdm(desc="tokenizing", unit=" tokens", unit_scale=True, disable=not progress) as bar:
+                for tokens, ended in itertools.chain(first, encoded):
+                    writer.add(tokens)
+                    documents += ended
+                    bar.update(len(tokens))
         kept = writer.keep_tail() if part is not None else None
         tail = writer.close()
         shutil.rmtree(cache, ignore_errors=True)
@@ -497,6 +499,7 @@ def prepare(
             "text_field": text_field,
             "chunk_chars": chunk_chars,
             "inputs": [st.to_json() for st in stats],
+            "unsupported_files": dict(sorted(unsupported.items())),  # in input folders, skipped, by extension
             "max_documents": max_documents,
             "documents": documents,
             "skipped": dict(sorted(skipped.items())),
@@ -518,8 +521,8 @@ def prepare(
                 "index": part[0], "count": part[1], "records": [split["lo"], split["hi"]],
                 "records_total": split["records_total"], "weight_total": split["weight_total"],
                 "shard_sequences": shard_sequences, "tail": kept,
-                "inputs": [{"records": n, "objects": st.objects, "fields_seen": sorted(st.fields_seen)}
-                           for n, st in zip(split["records"], stats, strict=True)],
+                "inputs": [{"records": n, "objects": st.objects, "fields_seen": sorted(st.fields_seen),
+                            "documents_read": r} for n, st, r in zip(split["records"], stats, read, strict=True)],
             }
         if select is not None:  # which side this is, and how the inputs' documents were divided
             manifest["split"] = {"side": select[0], "validation_fraction": select[1], "seed": select[2],
@@ -544,6 +547,7 @@ def prepare(
 # depend on the inputs' order, num_proc or the cuts of long documents, and identical documents (exact
 # duplicates, also across inputs and formats) always land on the same side, never on both.
 SPLIT_RULE = "validation iff blake2b(utf8(text), digest_size=8, key=str(seed)) / 2**64 < validation_fraction"
+SIDES = ("validation", "train")  # the small side first: it is the one that fails for too few tokens
 
 
 def _check_fraction(fraction, seed) -> None:
@@ -565,9 +569,9 @@ def in_validation(text: str, fraction: float, seed: int = 0) -> bool:
 
 
 def _side_of(path: Path, fmt: str, blocks, fraction: float, seed: int) -> str:
-    """The side of one document as reader._documents gives it: a .txt file is hashed from its bytes (its
-    UTF-8 text, checked, with newlines as in the file) without holding it, others from the text."""
-    if fmt != "txt":
+    """The side of one document as reader._documents gives it: a .txt (.md, .rst) file is hashed from its
+    bytes (its UTF-8 text, checked, with newlines as in the file) without holding it, others from the text."""
+    if fmt not in reader.WHOLE_FILE:
         return "validation" if in_validation("".join(blocks), fraction, seed) else "train"
     h = _split_hash(seed)
     try:
@@ -579,35 +583,47 @@ def _side_of(path: Path, fmt: str, blocks, fraction: float, seed: int) -> str:
     return "validation" if int.from_bytes(h.digest(), "big") < math.ceil(fraction * 2**64) else "train"
 
 
-def _selected_pieces(resolved, text_field: str, stats: list[InputStats], max_documents: int | None,
-                     cache: Path, chunk_chars: int | None, select: tuple[str, float, int], sides: Counter):
-    """reader.iter_pieces keeping only the documents of side ``select[0]``: the inputs' checks see all
-    documents, each InputStats then counts the kept ones; ``sides`` counts both sides. ``max_documents``
-    caps the documents read (both sides), so both sides come from the same first documents."""
-    side, fraction, seed = select
+def _chosen_pieces(resolved, text_field: str, stats: list[InputStats], cache: Path, chunk_chars: int | None,
+                   max_documents: int | None, split: dict | None, select: tuple[str, float, int] | None,
+                   sides: Counter, read: list[int]):
+    """reader.iter_pieces for the records ``split["lo"]..split["hi"]`` only (:func:`split_records`; None:
+    all) and, with ``select``, the documents of side ``select[0]`` only. Each InputStats counts the
+    documents kept; ``read`` gets the documents read per input and ``sides`` counts both sides. Without
+    ``split`` the inputs are checked here (with all their documents); a part's checks wait for
+    merge_parts, which sees every record. ``max_documents`` caps the documents read (both sides), so
+    both sides come from the same first documents."""
     remaining = max_documents
-    read = 0
-    for path, fmt in resolved:
+    start = 0
+    for k, (path, fmt) in enumerate(resolved):
         if remaining is not None and remaining <= 0:
             break
         st = InputStats(str(path), fmt)
         stats.append(st)
+        if split is None:
+            documents = reader._documents(path, fmt, text_field, st, cache, chunk_chars)
+        else:
+            n = split["records"][k]
+            a, b = max(split["lo"] - start, 0), min(split["hi"] - start, n)
+            start += n
+            documents = _documents_in(path, fmt, text_field, st, cache, chunk_chars, a, b) if a < b else ()
         kept = 0
-        for blocks in reader._documents(path, fmt, text_field, st, cache, chunk_chars):
+        for blocks in documents:
             st.documents += 1
-            here = _side_of(path, fmt, blocks, fraction, seed)
-            sides[here] += 1
-            if here == side:
+            if select is not None:
+                here = _side_of(path, fmt, blocks, select[1], select[2])
+                sides[here] += 1
+            if select is None or here == select[0]:
                 kept += 1
                 yield from reader.split_text(blocks, chunk_chars)
             if remaining is not None:
                 remaining -= 1
                 if remaining <= 0:
                     break
-        reader._check_input(st, text_field)
-        read += st.documents
+        if split is None:
+            reader._check_input(st, text_field)
+        read.append(st.documents)
         st.documents = kept
-    if stats and not read:
+    if split is None and stats and not sum(read):
         raise CptError(f"input {stats[0].path} is empty" if len(stats) == 1
                        else f"all {len(stats)} inputs are empty ({stats[0].path}, ...)")
 
@@ -616,17 +632,18 @@ def prepare_split(inputs, tokenizer, out_dir: str | Path, seq_len: int, validati
                   split_seed: int = 0, overwrite: bool = False, **kwargs) -> dict[str, dict]:
     """:func:`prepare` twice, into ``out_dir/train`` and ``out_dir/validation``: each document of the
     inputs goes to exactly one of them (SPLIT_RULE, about ``validation_fraction`` of them to validation).
-    Each pass reads and hashes all inputs but tokenizes only its own documents. Returns both manifests."""
+    Each pass reads and hashes all inputs but tokenizes only its own documents. Returns both manifests.
+
+    With ``part=(i, n)`` each side is that part of the side (the split is a property of each document's
+    text, so a part can tell the sides apart alone): :func:`merge_split_parts` joins the n parts into
+    the two folders one prepare_split writes."""
     _check_fraction(validation_fraction, split_seed)
-    if kwargs.get("part") is not None:
-        raise CptError("--validation-fraction cannot be combined with --num-shards yet; "
-                       "prepare the split without parts")
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise CptError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     return {side: prepare(inputs, tokenizer, out_dir / side, seq_len, overwrite=overwrite,
                           select=(side, float(validation_fraction), split_seed), **kwargs)
-            for side in ("validation", "train")}  # validation first: the small side fails first if empty
+            for side in SIDES}
 
 
 def _temporary(out_dir: Path, kind: str) -> Path:
@@ -676,11 +693,11 @@ def _describe(resolved: list[tuple[Path, str]]) -> str:
 # ---------------------------------------------------------------- preparing in parts, and merging them
 #
 # The split rule. The inputs' records, in the order one prepare reads them (inputs in order, records in
-# file order; a record is a line of JSON lines, an element of a JSON array, a row of a table, a whole
-# .txt file; unusable records too), are cut into n contiguous ranges, balanced by size: a record's weight
-# is its size as read (the bytes of its line; a .txt file's bytes; for array, parquet and saved-dataset
-# records 1 + the UTF-8 bytes of the text field), and record r goes to part floor(n * C_r / W), C_r the
-# weight of the records before it and W of all. Parts then differ by less than one record's weight, and
+# file order; a record is a line of JSON lines, an element of a JSON array, a row of a table, of a CSV /
+# TSV file or of a hub dataset, a whole .txt / .md / .rst file; unusable records too), are cut into n
+# contiguous ranges, balanced by size: a record's weight is its size as read (the bytes of its line; a
+# whole file's bytes; for other records 1 + the UTF-8 bytes of the text field), and record r goes to part
+# floor(n * C_r / W), C_r the weight of the records before it and W of all. Parts then differ by less than one record's weight, and
 # part 0, part 1, ... read in order are the documents of one prepare in order. A file is thus split by
 # record, not only by file. Every part computes the same ranges from the inputs alone (a pass that
 # reads, and for .gz decompresses, every input but parses JSON lines not at all), so the parts need
@@ -689,7 +706,7 @@ def _describe(resolved: list[tuple[Path, str]]) -> str:
 
 def _record_weights(path: Path, fmt: str, text_field: str, cache: Path) -> np.ndarray:
     """int64 weight of each record of one input, one per record the reader yields (see the split rule)."""
-    if fmt == "txt":
+    if fmt in reader.WHOLE_FILE:
         return np.array([max(1, path.stat().st_size)], dtype=np.int64)
     if fmt in ("jsonl", "json"):
         try:
@@ -698,14 +715,12 @@ def _record_weights(path: Path, fmt: str, text_field: str, cache: Path) -> np.nd
                     return np.fromiter((max(1, len(line)) for line in f), dtype=np.int64)
         except (OSError, EOFError, zlib.error) as e:
             raise CptError(f"input {path} cannot be read: {e}") from None
-        records = reader._json_records(path, fmt, InputStats(str(path), fmt))
-    else:
-        records = reader._table_records(path, fmt, text_field, scratch := InputStats(str(path), fmt), cache)
-        records = list(records)
-        if not records and scratch.objects:  # the text column is missing: every row is one record
-            return np.ones(scratch.objects, dtype=np.int64)
-    return np.fromiter((1 + (_utf8_len(r[text_field]) if isinstance(r, dict) and isinstance(r.get(text_field), str)
-                             else 0) for r in records), dtype=np.int64)
+    records = reader._records(path, fmt, text_field, scratch := InputStats(str(path), fmt), cache)
+    weights = np.fromiter((1 + (_utf8_len(r[text_field]) if isinstance(r, dict) and isinstance(r.get(text_field), str)
+                                else 0) for r in records), dtype=np.int64)
+    if not len(weights) and scratch.objects:  # a table without the text column: every row is one record
+        return np.ones(scratch.objects, dtype=np.int64)
+    return weights
 
 
 def split_records(resolved: list[tuple[Path, str]], text_field: str, cache: Path, index: int, count: int) -> dict:
@@ -722,28 +737,10 @@ def split_records(resolved: list[tuple[Path, str]], text_field: str, cache: Path
             "weight_total": total}
 
 
-def _part_pieces(resolved, split: dict, text_field: str, stats: list[InputStats], cache: Path,
-                 chunk_chars: int | None):
-    """:func:`reader.iter_pieces` for the records ``split["lo"]..split["hi"]`` only: the same documents,
-    in pieces, and the same counts of skipped records, for those records. One InputStats per input
-    (zeros outside the range); the checks of an input as a whole wait for merge_parts."""
-    start = 0
-    for (path, fmt), n in zip(resolved, split["records"], strict=True):
-        st = InputStats(str(path), fmt)
-        stats.append(st)
-        a, b = max(split["lo"] - start, 0), min(split["hi"] - start, n)
-        start += n
-        if a >= b:
-            continue
-        for blocks in _documents_in(path, fmt, text_field, st, cache, chunk_chars, a, b):
-            st.documents += 1
-            yield from reader.split_text(blocks, chunk_chars)
-
-
 def _documents_in(path: Path, fmt: str, text_field: str, st: InputStats, cache: Path,
                   chunk_chars: int | None, a: int, b: int):
     """The usable documents among records ``a..b`` of one input (reader._documents for a range)."""
-    if fmt == "txt":  # one record: a == 0, b == 1
+    if fmt in reader.WHOLE_FILE:  # one record: a == 0, b == 1
         blocks = reader._txt_blocks(path, st, chunk_chars)
         if blocks is not None:
             yield blocks
@@ -751,10 +748,7 @@ def _documents_in(path: Path, fmt: str, text_field: str, st: InputStats, cache: 
     # the reader counts a bad line just before it yields it: what it counted since the last record
     # is this record's
     scratch = InputStats(str(path), fmt)
-    if fmt in ("jsonl", "json"):
-        records = reader._json_records(path, fmt, scratch)
-    else:
-        records = reader._table_records(path, fmt, text_field, scratch, cache)
+    records = reader._records(path, fmt, text_field, scratch, cache)
     seen = Counter()
     with contextlib.closing(records):
         for k, record in enumerate(records):
@@ -836,7 +830,8 @@ def merge_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = 
     whose shards are the parts' own files, named by paths relative to ``out_dir`` and read from an
     offset; no token is copied but the few sequences that span two parts (or two of a part's shard
     files), which go to one small stitch file in ``out_dir``. ``out_dir`` may be the folder that holds
-    the parts; keep them beside it. Returns the manifest."""
+    the parts; keep them beside it. Parts of one side of a validation split merge into that side of
+    a single prepare_split (:func:`merge_split_parts` merges both). Returns the manifest."""
     paths = [Path(p) for p in parts]
     if not paths:
         raise CptError("no parts given to merge")
@@ -851,6 +846,7 @@ def merge_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = 
     same = {k: lambda m, k=k: m[k] for k in _SAME}
     same |= {"shard_sequences": lambda m: m["part"]["shard_sequences"],
              "inputs": lambda m: [(i["path"], i["format"]) for i in m["inputs"]],
+             "validation split": lambda m: {k: v for k, v in m.get("split", {}).items() if k != "documents"},
              "records": lambda m: (m["part"]["records_total"], m["part"]["weight_total"]),
              "byte counts": lambda m: (m["token_bytes"]["dtype"], m["token_bytes"]["counted_from"])}
     for path, m in loaded[1:]:
@@ -871,18 +867,21 @@ def merge_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = 
     if n_seq == 0:
         raise CptError(f"{count} parts yield {stream.total} tokens, fewer than one sequence of {seq_len}")
 
-    # per-input counts and checks, as one prepare reads them
-    stats = []
+    # per-input counts and checks, as one prepare reads them: with all documents read (both sides of a
+    # split), then counting the kept ones
+    stats, read = [], []
     for k, (path, fmt) in enumerate(same["inputs"](first)):
         st = InputStats(path, fmt)
         for _, m in loaded:
-            st.documents += m["inputs"][k]["documents"]
+            st.documents += m["part"]["inputs"][k].get("documents_read", m["inputs"][k]["documents"])
             st.skipped.update(m["inputs"][k]["skipped"])
             st.objects += m["part"]["inputs"][k]["objects"]
             st.fields_seen |= set(m["part"]["inputs"][k]["fields_seen"])
         reader._check_input(st, first["text_field"])
+        read.append(st.documents)
+        st.documents = sum(m["inputs"][k]["documents"] for _, m in loaded)
         stats.append(st)
-    if not any(st.documents for st in stats):
+    if not any(read):
         raise CptError(f"all {len(stats)} inputs are empty ({stats[0].path}, ...)" if len(stats) > 1
                        else f"input {stats[0].path} is empty")
 
@@ -948,6 +947,7 @@ def merge_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = 
         manifest |= {
             "max_token_id": max_id,
             "inputs": [st.to_json() for st in stats],
+            "unsupported_files": first.get("unsupported_files", {}),
             "max_documents": None,
             "documents": sum(st.documents for st in stats),
             "skipped": dict(sorted(skipped.items())),
@@ -963,6 +963,9 @@ def merge_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = 
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "cpt_version": __version__,
         }
+        if "split" in first:  # one side of a validation split: the documents of both sides, all parts
+            manifest["split"] = first["split"] | {"documents": {
+                k: sum(m["split"]["documents"][k] for _, m in loaded) for k in ("train", "validation")}}
         tmp = out_dir / f"{MANIFEST}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:  # last, and renamed: a reader sees the old merge or the new one
             f.write(json.dumps(manifest, indent=1) + "\n")
@@ -985,3 +988,24 @@ def merge_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = 
         if over and over not in ours:
             (out_dir / over).unlink(missing_ok=True)
     return manifest
+
+
+def is_split_part(path: str | Path) -> bool:
+    """Whether ``path`` is a part prepared with a validation split: PART/train and PART/validation."""
+    path = Path(path)
+    return not (path / MANIFEST).exists() and all((path / side / MANIFEST).is_file() for side in SIDES)
+
+
+def merge_split_parts(parts: list[str | Path], out_dir: str | Path, overwrite: bool = False) -> dict[str, dict]:
+    """:func:`merge_parts` for parts written by ``prepare_split(..., part=(i, n))``: each side of the n
+    parts (``PART/train``, ``PART/validation``) into ``out_dir/train`` and ``out_dir/validation``, the
+    folders one prepare_split of all inputs writes. Returns both manifests."""
+    paths = [Path(p) for p in parts]
+    if not paths:
+        raise CptError("no parts given to merge")
+    for path in paths:
+        if not is_split_part(path):
+            raise CptError(f"{path} is not a part prepared with --validation-fraction (no {path / 'train'} and "
+                           f"{path / 'validation'} holding a {MANIFEST}); merge parts of one kind")
+    return {side: merge_parts([p / side for p in paths], Path(out_dir) / side, overwrite=overwrite)
+            for side in SIDES}

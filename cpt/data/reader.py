@@ -5,12 +5,23 @@ Formats, chosen by the path:
   * ``.json`` / ``.json.gz``: a JSON array of objects, or JSON lines (as ``datasets``' json loader); an
     array is parsed whole, so big corpora belong in JSON lines.
   * ``.parquet``: a column named ``text_field``.
-  * ``.txt``: the whole file is ONE document. A folder of ``.txt`` files (books, manuals, web pages)
-    is then a corpus with one document per file; splitting on blank lines would cut documents into
-    paragraphs and lose the long-range context continual pre-training is meant to teach. ``cpt prepare``
-    reads it in pieces (:func:`split_text`), so a file of any size is never whole in memory.
+  * ``.csv`` / ``.tsv``: one document per row, the column named ``text_field`` (a header row names the
+    columns; quoting as Python's csv module and pandas write it, so a text may hold newlines, tabs and
+    quotes). A file without that column is an error naming its columns.
+  * ``.txt``, ``.md`` / ``.markdown``, ``.rst``: the whole file is ONE document, read as UTF-8 text. A
+    folder of them (books, manuals, a documentation tree) is then a corpus with one document per file;
+    splitting on blank lines would cut documents into paragraphs and lose the long-range context
+    continual pre-training is meant to teach. ``cpt prepare`` reads it in pieces (:func:`split_text`), so
+    a file of any size is never whole in memory.
   * a folder written by ``datasets.Dataset.save_to_disk``.
-  * any other folder: every supported file below it, in sorted order.
+  * any other folder: every supported file below it, walked recursively in sorted path order (as
+    ``sorted()`` orders ``Path`` objects: by path component), so the order never depends on the file
+    system. Hidden files and folders (a name starting with ``.``: ``.git``, ``.venv``) are not read;
+    files of other types are skipped and counted by extension (``resolve_inputs(..., other=)``, the
+    manifest's ``unsupported_files``, one line of ``cpt prepare``'s summary).
+  * :class:`HubDataset`: a dataset by name, read with ``datasets.load_dataset`` (a hub id, or a local
+    folder of data files), streamed when asked; the hub unreachable or switched off is one line saying
+    what to do.
 
 JSON inputs are parsed line by line here (not by ``datasets``) so that one bad line is a counted
 skip instead of a failed run, the first line as any other. Reasons: ``blank_line``, ``invalid_utf8``,
@@ -23,8 +34,10 @@ run in which no input has a document, are errors, never a silent zero.
 from __future__ import annotations
 
 import codecs
+import csv
 import gzip
 import json
+import os
 import re
 import zlib
 from collections import Counter
@@ -34,7 +47,29 @@ from pathlib import Path
 
 from cpt.errors import CptError
 
-SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".txt")
+# suffix -> format; a format in WHOLE_FILE is one document per file
+FORMATS = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".json.gz": "json", ".parquet": "parquet",
+           ".csv": "csv", ".tsv": "tsv", ".txt": "txt", ".md": "md", ".markdown": "md", ".rst": "rst"}
+SUFFIXES = tuple(FORMATS)
+WHOLE_FILE = ("txt", "md", "rst")
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A dataset read with ``datasets.load_dataset(name, config, split=split, streaming=streaming)``:
+    a hub id (``allenai/c4``) or a local folder of data files. ``streaming`` iterates the rows as they
+    arrive instead of downloading (and converting to Arrow) the whole split first; a downloaded set
+    is cached (``HF_DATASETS_CACHE``) and read from there offline. Each pass reads it again: a
+    validation split reads it twice, a part (``--num-shards``) twice too (the records' sizes first),
+    which for a streamed set means streaming it again."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    streaming: bool = False
+
+    def __str__(self) -> str:  # its path in messages and manifests; streamed or not, the same rows
+        return f"hf:{self.name}" + (f" config={self.config}" if self.config else "") + f" split={self.split}"
 
 
 @dataclass
@@ -70,23 +105,29 @@ def input_format(path: Path) -> str:
             return "saved_dataset"
         return "folder"
     name = path.name.lower()
-    for suffix in SUFFIXES:
+    for suffix, fmt in FORMATS.items():
         if name.endswith(suffix):
-            return suffix.lstrip(".").replace(".gz", "")
+            return fmt
     raise CptError(
         f"input {path}: unsupported file type; expected one of {', '.join(SUFFIXES)} "
         "or a folder saved with datasets' save_to_disk"
     )
 
 
-def resolve_inputs(inputs: list[str | Path] | str | Path) -> list[tuple[Path, str]]:
-    """Check every input exists and expand plain folders into their supported files, sorted."""
-    if isinstance(inputs, (str, Path)):
+def resolve_inputs(inputs: list[str | Path | HubDataset] | str | Path | HubDataset,
+                   other: Counter | None = None) -> list[tuple[Path | HubDataset, str]]:
+    """Check every input exists and expand plain folders into their supported files (module docstring:
+    recursive, sorted, hidden names left out). Files of other types in those folders are skipped and
+    counted by extension in ``other`` (``"(none)"`` for a name without one)."""
+    if isinstance(inputs, (str, Path, HubDataset)):
         inputs = [inputs]
     if not inputs:
         raise CptError("no inputs given")
-    out: list[tuple[Path, str]] = []
+    out: list[tuple[Path | HubDataset, str]] = []
     for raw in inputs:
+        if isinstance(raw, HubDataset):
+            out.append((raw, "hf"))
+            continue
         path = Path(raw).expanduser()
         if not path.exists():
             raise CptError(f"input {path} does not exist")
@@ -94,14 +135,22 @@ def resolve_inputs(inputs: list[str | Path] | str | Path) -> list[tuple[Path, st
         if fmt != "folder":
             out.append((path, fmt))
             continue
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(SUFFIXES)
-        )
+        files, unsupported = [], Counter()
+        for root, dirs, names in os.walk(path):  # symlinked folders are not entered (as Path.rglob)
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in names:
+                p = Path(root, name)
+                if name.startswith(".") or not p.is_file():
+                    continue
+                if name.lower().endswith(SUFFIXES):
+                    files.append(p)
+                else:
+                    unsupported[p.suffix.lower() or "(none)"] += 1
         if not files:
             raise CptError(f"input folder {path} holds no {', '.join(SUFFIXES)} files")
-        out.extend((p, input_format(p)) for p in files)
+        if other is not None:
+            other.update(unsupported)
+        out.extend((p, input_format(p)) for p in sorted(files))
     return out
 
 
@@ -194,19 +243,26 @@ def _documents(
     chunk_chars: int | None,
 ) -> Iterator[Iterable[str]]:
     """Each usable document of one input as blocks of text; unusable records are counted in ``st``."""
-    if fmt == "txt":
+    if fmt in WHOLE_FILE:
         blocks = _txt_blocks(path, st, chunk_chars)
         if blocks is not None:
             yield blocks
         return
-    if fmt in ("jsonl", "json"):
-        records = _json_records(path, fmt, st)
-    else:
-        records = _table_records(path, fmt, text_field, st, cache_dir)
-    for record in records:
+    for record in _records(path, fmt, text_field, st, cache_dir):
         text = _text_of(record, text_field, st)
         if text is not None:
             yield (text,)
+
+
+def _records(path, fmt: str, text_field: str, st: InputStats, cache_dir: str | Path | None) -> Iterator[object]:
+    """The records of an input that is not one document per file (each becomes a document or a counted skip)."""
+    if fmt in ("jsonl", "json"):
+        return _json_records(path, fmt, st)
+    if fmt in ("csv", "tsv"):
+        return _csv_records(path, fmt, text_field)
+    if fmt == "hf":
+        return _hub_records(path, text_field, st)
+    return _table_records(path, fmt, text_field, st, cache_dir)
 
 
 def _check_input(st: InputStats, text_field: str) -> None:
@@ -357,7 +413,13 @@ def _table_records(
         else:
             ds = datasets.Dataset.from_parquet(str(path), cache_dir=str(cache_dir) if cache_dir else None)
     except Exception as e:  # corrupt file: report it with its path, one line
-        raise CptError(f"input {path} cannot be read as {fmt}: {type(e).__name__}: {e}") from None
+        raise CptError(f"input {path} cannot be read as {fmt}: {type(e).__name__}: {_one_line(e)}") from None
+    yield from _dataset_rows(ds, text_field, st)
+
+
+def _dataset_rows(ds, text_field: str, st: InputStats) -> Iterator[object]:
+    """Rows of a ``datasets.Dataset`` as ``{text_field: text}``; a Dataset without that column is counted
+    as all rows ``missing_field`` (the input's check then names its columns)."""
     if len(ds) == 0:
         return
     if text_field not in ds.column_names:
@@ -369,3 +431,82 @@ def _table_records(
     for batch in column.iter(batch_size=100):  # rows may be whole books: few at a time
         for text in batch[text_field]:
             yield {text_field: text}
+
+
+def _csv_records(path: Path, fmt: str, text_field: str) -> Iterator[object]:
+    """Rows of a .csv / .tsv file with a header row, as dicts (a short row's missing cells are None)."""
+    csv.field_size_limit(2**31 - 1)  # a cell is a whole document; the default stops at 128 KiB
+    rows = None
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM (Excel) is not a column name
+            rows = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",")
+            if rows.fieldnames is None:  # an empty file
+                return
+            if text_field not in rows.fieldnames:
+                raise CptError(f"input {path} has no column '{text_field}' (its columns: "
+                               f"{', '.join(map(str, rows.fieldnames)) or 'none'}); set --text-field")
+            yield from rows
+    except UnicodeDecodeError:
+        raise CptError(f"input {path} is not valid UTF-8 (after line {rows.line_num if rows else 0})") from None
+    except csv.Error as e:
+        raise CptError(f"input {path}: line {rows.line_num if rows else 0} is not valid {fmt.upper()}: {e}") from None
+    except OSError as e:
+        raise CptError(f"input {path} cannot be read: {e}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def load_hub_dataset(spec: HubDataset):
+    """``datasets.load_dataset`` of ``spec``, or one CptError line saying what to do (hub off or
+    unreachable and the set not cached, no such set, config or split)."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=spec.streaming)
+    except Exception as e:
+        raise _hub_error(spec, e) from None
+
+
+def _hub_error(spec: HubDataset, e: Exception) -> CptError:
+    import datasets
+
+    why = _one_line(e)
+    unreachable = isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in type(e).__name__
+    if datasets.config.HF_HUB_OFFLINE and (unreachable or isinstance(e, FileNotFoundError)):
+        switches = [f"{v}={os.environ[v]}" for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v)]
+        return CptError(
+            f"input {spec}: not in the local datasets cache, and the hub is switched off "
+            f"({', '.join(switches) or 'offline mode'}): run once with HF_HUB_OFFLINE=0 where the hub is "
+            "reachable (without --streaming the download is cached and then read offline), or pass local files")
+    if unreachable:
+        return CptError(
+            f"input {spec}: cannot reach the Hugging Face Hub ({why}): check the network (or HF_ENDPOINT, a "
+            "proxy); or download it once where the hub is reachable (without --streaming it is cached, and "
+            "HF_HUB_OFFLINE=1 reads the cache), or pass local files")
+    if isinstance(e, datasets.exceptions.DatasetNotFoundError):
+        return CptError(f"input {spec}: {why} (a gated or private set needs `hf auth login` first)")
+    if isinstance(e, ValueError):  # an unknown config or split: datasets' message lists the ones there are
+        return CptError(f"input {spec}: {why}")
+    return CptError(f"input {spec} cannot be loaded: {type(e).__name__}: {why}")
+
+
+def _hub_records(spec: HubDataset, text_field: str, st: InputStats) -> Iterator[object]:
+    """Rows of a :class:`HubDataset`; a stream that breaks off (network) is one CptError line."""
+    ds = load_hub_dataset(spec)
+    try:
+        if not spec.streaming:  # a Dataset, memory-mapped from the cache: read as a saved dataset
+            yield from _dataset_rows(ds, text_field, st)
+            return
+        if ds.column_names is not None:  # known before the first row for most sets: fail early
+            if text_field not in ds.column_names:
+                raise CptError(f"input {spec}: no field '{text_field}' in any record (fields seen: "
+                               f"{', '.join(sorted(map(str, ds.column_names)))}); set --text-field")
+            ds = ds.select_columns([text_field])
+        yield from ds  # rows as dicts; rows of sets with unknown columns are checked one by one
+    except CptError:
+        raise
+    except Exception as e:
+        raise CptError(f"input {spec}: reading stopped after {st.objects} rows: {type(e).__name__}: {_one_line(e)}"
+                       " (run again; without --streaming a download is cached and resumes)") from None
