@@ -210,7 +210,8 @@ def cmd_probe(ns: argparse.Namespace) -> int:
     sets = parse_named(ns.sets, "--sets")
     downstream = parse_named(ns.downstream, "--downstream")
     result = run_probe(ns.model, sets, downstream, max_sequences=ns.max_sequences,
-                       micro_batch_size=ns.micro_batch_size)
+                       micro_batch_size=ns.micro_batch_size, lm_eval_tasks=ns.lm_eval,
+                       lm_eval_limit=ns.limit, lm_eval_include=ns.lm_eval_include)
     if PartialState().is_main_process:
         print(format_table(result))
         if ns.out is not None:
@@ -317,12 +318,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_prepare)
 
     pr = sub.add_parser("probe", help="held-out loss and downstream scores of a model or checkpoint",
-                        description="cpt probe MODEL --sets NAME=PREPARED_DIR ... [--downstream NAME=JSONL ...]")
+                        description="cpt probe MODEL --sets NAME=PREPARED_DIR ... [--downstream NAME=JSONL ...] "
+                                    "[--lm-eval TASK ... [--limit N] [--lm-eval-include DIR]]")
     pr.add_argument("model", help="HF model dir (e.g. RUN/final) or cpt checkpoint dir (RUN/checkpoints/step-N)")
     pr.add_argument("--sets", nargs="+", action="extend", default=[], metavar="NAME=PREPARED_DIR",
                     help="held-out token dirs written by cpt prepare")
     pr.add_argument("--downstream", nargs="+", action="extend", default=[], metavar="NAME=JSONL",
                     help="multiple-choice / cloze jsonl sets (see cpt/downstream.py)")
+    pr.add_argument("--lm-eval", nargs="+", action="extend", default=[], metavar="TASK",
+                    help="lm-evaluation-harness tasks, run on the model in memory (needs pip install -e '.[eval]')")
+    pr.add_argument("--limit", type=int, default=None, metavar="N", help="the first N documents of each lm-eval task")
+    pr.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                    help="a folder of local lm-eval task YAMLs (beside lm-eval's own tasks)")
     pr.add_argument("--max-sequences", type=int, default=64, help="held-out sequences per set (the first N)")
     pr.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward pass")
     pr.add_argument("--out", type=Path, default=None, help="write the result as JSON here")

@@ -1,5 +1,5 @@
 """`cpt probe`: held-out loss (nats per token, and bits per byte, which compares across tokenizers) per
-prepared set and downstream scores for one model, outside training.
+prepared set, downstream scores and lm-evaluation-harness tasks for one model, outside training.
 
 MODEL is a Hugging Face model dir (e.g. a run's ``final/``) or a cpt checkpoint dir
 (``RUN/checkpoints/step-N``; see :func:`load_model`). The held-out loss is the trainer's own
@@ -48,12 +48,15 @@ def load_model(path: str | Path):
 
 
 def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str, str], *,
-              max_sequences: int = 64, micro_batch_size: int = 16) -> dict[str, Any]:
-    """Held-out loss, ppl and bpb per prepared set (``bpb`` None for a set prepared before byte counts)
-    and downstream metrics per jsonl set, as a JSON-able dict.
+              max_sequences: int = 64, micro_batch_size: int = 16, lm_eval_tasks: list[str] | None = None,
+              lm_eval_limit: int | None = None, lm_eval_include: str | Path | None = None) -> dict[str, Any]:
+    """Held-out loss, ppl and bpb per prepared set (``bpb`` None for a set prepared before byte counts),
+    downstream metrics per jsonl set and lm-evaluation-harness metrics (``lm_eval/<task>/<metric>``, see
+    cpt/lm_eval.py), as a JSON-able dict.
 
     Runs on every process of an ``accelerate launch`` (probe sequences and downstream batches are
-    sharded, results reduced); the caller writes and prints on the main process only.
+    sharded, results reduced); lm-eval tasks run on the main process alone, the others wait (its
+    ``lm_eval`` is empty elsewhere). The caller writes and prints on the main process only.
     """
     from cpt import downstream as ds
     from cpt.data.source import validate_source
@@ -62,11 +65,20 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     from cpt.train.backend import eval_accelerator
     from cpt.train.loss import choose_loss
 
-    if not sets and not downstream:
-        raise CptError("cpt probe: nothing to measure; give --sets NAME=PREPARED_DIR and/or --downstream NAME=JSONL")
+    if not sets and not downstream and not lm_eval_tasks:
+        raise CptError("cpt probe: nothing to measure; give --sets NAME=PREPARED_DIR, --downstream NAME=JSONL "
+                       "and/or --lm-eval TASK")
     if max_sequences < 1 or micro_batch_size < 1:
         raise CptError(f"cpt probe: --max-sequences ({max_sequences}) and --micro-batch-size "
                        f"({micro_batch_size}) must be >= 1")
+    if (lm_eval_include is not None or lm_eval_limit is not None) and not lm_eval_tasks:
+        raise CptError("cpt probe: --limit and --lm-eval-include go with --lm-eval TASK")
+    if lm_eval_limit is not None and lm_eval_limit < 1:
+        raise CptError(f"cpt probe: --limit must be >= 1, got {lm_eval_limit}")
+    if lm_eval_tasks:  # a misspelt task fails before the model is loaded
+        from cpt.lm_eval import check_tasks, task_manager
+
+        check_tasks(lm_eval_tasks, task_manager(lm_eval_include))
     t0 = time.perf_counter()
     accelerator = eval_accelerator()
     model, tokenizer = load_model(model_path)
@@ -75,7 +87,7 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
         tok_id = tokenizer_identity(tokenizer.name_or_path, tokenizer)
     except CptError:
         tok_id = None
-    result: dict[str, Any] = {"model": str(model_path), "sets": {}, "downstream": {}}
+    result: dict[str, Any] = {"model": str(model_path), "sets": {}, "downstream": {}, "lm_eval": {}}
     loss, _ = choose_loss("auto", model, False, model.get_input_embeddings().num_embeddings)
     for name, path in sets.items():
         src = validate_source(f"--sets {name}", path, None, tok_id)
@@ -91,6 +103,13 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
             rank=accelerator.process_index, world_size=accelerator.num_processes,
             reduce=lambda t: accelerator.reduce(t, reduction="sum"),
         )
+    if lm_eval_tasks:
+        if accelerator.is_main_process:
+            from cpt.lm_eval import lm_eval_probe
+
+            result["lm_eval"] = lm_eval_probe(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit,
+                                              include_path=lm_eval_include, batch_size=micro_batch_size)
+        accelerator.wait_for_everyone()
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -113,6 +132,10 @@ def format_table(result: dict[str, Any]) -> str:
             norm = f"{r['acc_norm']:.3f}" if "acc_norm" in r else "-"
             lp = r.get("correct_logprob_per_token", r.get("cloze_logprob_per_token"))
             lines.append(f"{name:<20} {items:>6d} {acc:>7} {norm:>9} {lp:>14.4f}")
+    if result.get("lm_eval"):
+        from cpt.lm_eval import format_metrics
+
+        lines.append(format_metrics(result["lm_eval"]))
     lines.append(f"({result['seconds']:.1f} s)")
     return "\n".join(lines)
 

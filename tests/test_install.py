@@ -57,10 +57,11 @@ def test_every_third_party_import_is_a_declared_dependency():
             provided_by = {_normalise(d) for d in dists.get(mod, [])}
             if not provided_by:
                 undeclared.setdefault(mod, []).append(f"{path.relative_to(ROOT)} (not installed here)")
-            elif not provided_by & (required | extras["deepspeed"]):
+            elif not provided_by & (required | extras["deepspeed"] | extras["eval"]):  # optional: imported lazily
                 undeclared.setdefault(mod, []).append(str(path.relative_to(ROOT)))
     assert not undeclared, f"imported by cpt but not in pyproject's dependencies: {undeclared}"
     assert "scipy" in required and "deepspeed" not in required and "deepspeed" in extras["deepspeed"]
+    assert "lm-eval" not in required and "lm-eval" in extras["eval"]
 
 
 def run_without_deepspeed(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -160,7 +161,8 @@ def test_ci_runs_the_readme_test_command_word_for_word_in_a_fresh_venv():
     commands = [line for b in blocks for line in b.splitlines() if line and not line.startswith("#")]
     test_command = next(c for c in commands if "pytest" in c)
     assert test_command.startswith("python3 -m pip install torch==2.13.0 && ")  # torch pinned, first
-    assert ".[dev,deepspeed]" in test_command  # the ZeRO tests run, not skip
+    # the ZeRO and lm-eval tests run, not skip
+    assert set(re.search(r'-e "\.\[([\w,]+)\]"', test_command).group(1).split(",")) >= {"dev", "deepspeed", "eval"}
     ci = (ROOT / ".ci/run").read_text()
     assert test_command in ci.splitlines()
     venv = ci.index('python3 -m venv "$venv"')
