@@ -309,6 +309,16 @@ class DenseProbesConfig(StrictModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
 
+class LmEvalProbesConfig(StrictModel):
+    tasks: list[str] = Field(min_length=1, description="lm-evaluation-harness task names (or task YAML paths).")
+    every: TokenCount | None = Field(
+        None, description="Cadence in tokens; null = at each stage's start (the baseline) and end only."
+    )
+    limit: int | None = Field(None, gt=0, description="The first N documents of each task; null = all.")
+    include: str | None = Field(None, description="A folder of local task YAMLs (lm-eval's include_path).")
+    batch_size: int = Field(16, gt=0, description="Sequences per lm-eval forward.")
+
+
 class ProbesConfig(StrictModel):
     sets: dict[str, str] = Field(
         default_factory=dict, description="Domain name -> prepared held-out token dir to measure loss on."
@@ -326,6 +336,11 @@ class ProbesConfig(StrictModel):
     )
     max_sequences: int = Field(64, gt=0, description="Held-out sequences per domain (the first N, fixed).")
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward pass while probing.")
+    lm_eval: LmEvalProbesConfig | None = Field(
+        None, description="lm-evaluation-harness tasks on the model in memory at each stage's start and end "
+        "and every N tokens, on the main process (the others wait), logged as lm_eval/<task>/<metric> "
+        "(needs pip install -e '.[eval]'; not with ZeRO-3 / FSDP shards). The raw weights, not EMA/merged."
+    )
 
 
 class CheckpointConfig(StrictModel):

@@ -168,3 +168,36 @@ def test_without_lm_eval_installed_one_line_names_the_install(tiny, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.startswith("cpt: error: lm-eval tasks need lm-evaluation-harness") and "\n" not in err
     assert err.endswith('pip install -e ".[eval]" (or pip install lm_eval)')
+
+
+def test_in_training_lm_eval_probes_log_and_leave_training_alone(make_recipe, monkeypatch):
+    """probes.lm_eval: at the stage start (baseline), every N tokens and at the end, logged as
+    lm_eval/<task>/<metric>; the run's losses equal those of the same run without it (no RNG touched)."""
+    from cpt.tracking import read_metrics
+    from cpt.train.loop import train
+
+    monkeypatch.chdir(ROOT)  # the task's data_files are relative to the repository root
+    plain = make_recipe("plain")
+    probed = make_recipe("probed", probes__lm_eval={"tasks": [TASK], "include": str(TASKS), "limit": 6,
+                                                    "every": 4 * 1024, "batch_size": 8})
+    train(plain)
+    train(probed)
+    rec = list(read_metrics(Path(probed.run.output_dir) / "metrics.jsonl"))
+    lm = [r for r in rec if f"lm_eval/{TASK}/acc" in r]
+    assert [r["step"] for r in lm] == [0, 4, 8, 12]
+    assert all(r[f"lm_eval/{TASK}/items"] == 6.0 and 0.0 <= r[f"lm_eval/{TASK}/acc"] <= 1.0 for r in lm)
+    losses = [r["train/loss"] for r in rec if "train/loss" in r]
+    assert len(losses) == 12 and losses == [r["train/loss"] for r in read_metrics(Path(plain.run.output_dir) / "metrics.jsonl")
+                      if "train/loss" in r]
+
+
+def test_in_training_lm_eval_refuses_an_unknown_task_before_training(make_recipe, monkeypatch):
+    from cpt.errors import CptError
+    from cpt.train.loop import train
+
+    monkeypatch.chdir(ROOT)
+    r = make_recipe("typo", probes__lm_eval={"tasks": ["de_help_next_lin"], "include": str(TASKS)})
+    with pytest.raises(CptError, match="probes.lm_eval: lm-eval task 'de_help_next_lin' not found \\(did you mean "
+                                       "'de_help_next_line'"):
+        train(r)
+    assert not (Path(r.run.output_dir) / "checkpoints").exists()

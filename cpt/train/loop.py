@@ -108,6 +108,8 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
                     averaged = probes(run.model, run.accelerator)
                 measured |= {k.replace("probe/", "probe_ema/", 1): v for k, v in averaged.items()}
             run.tracker.log({**tag, **measured, **forgetting.update(run.tokens, measured)})
+        if decision.lm_eval:
+            _lm_eval(run, tag)
         # saved as it stands before end_stage closes it: a run extended past this stage's old end
         # (train.tokens raised on --resume) goes on with the same baseline
         probe_state = forgetting.state_dict() if forgetting else None
@@ -133,6 +135,7 @@ class Decision:
     """What follows a step."""
 
     probe: bool
+    lm_eval: bool = False  # probes.lm_eval is due
     tags: list[str] = field(default_factory=list)  # stage_end:<name>, pre_anneal: a tagged checkpoint
     save: bool = False
     halt: bool = False  # stop the run here (a signal, --max-steps), after the save
@@ -156,7 +159,9 @@ def after_step(before: int, tokens: int, stage: StagePlan, end_tokens: int, toke
         tags.append("pre_anneal")
     halt = (stopped or (max_steps is not None and steps_taken >= max_steps)) and tokens < end_tokens
     save = bool(tags) or halt or tokens == end_tokens or crossed(before, tokens, recipe.checkpoint.every)
-    return Decision(probe, tags, save, halt)
+    lm = recipe.probes.lm_eval
+    lm_eval = lm is not None and (stage_done or crossed(before, tokens, lm.every))
+    return Decision(probe, lm_eval, tags, save, halt)
 
 
 # ------------------------------------------------------------------------------------ the step's parts
@@ -191,12 +196,26 @@ def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource]
             baseline = probes(run.model, run.accelerator)
             forgetting.start_stage(baseline, run.tokens)
             run.tracker.log({**tag, **baseline, **forgetting.update(run.tokens, baseline)})
+        if run.recipe.probes.lm_eval is not None:
+            _lm_eval(run, tag)
     elif forgetting is not None and run.saved.probe_state:
         forgetting.load_state_dict(run.saved.probe_state)
         if forgetting.stage_start is None:  # saved after the stage closed (an older checkpoint)
             raise CptError(f"--resume: {run.resume_from} was saved after stage {stage.name!r} ended, so its "
                            f"forgetting baseline is gone; the stage cannot be extended from it")
     return probes, forgetting
+
+
+def _lm_eval(run: Run, tag: dict[str, Any]) -> None:
+    """probes.lm_eval on the main process (the model as it is, in memory), logged; the others wait."""
+    cfg = run.recipe.probes.lm_eval
+    if run.main:
+        from cpt.lm_eval import lm_eval_probe
+
+        measured = lm_eval_probe(run.accelerator.unwrap_model(run.model), run.tokenizer, cfg.tasks, limit=cfg.limit,
+                                 include_path=cfg.include, batch_size=cfg.batch_size)
+        run.tracker.log({**tag, **measured})
+    run.accelerator.wait_for_everyone()
 
 
 def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepStats, bar) -> None:

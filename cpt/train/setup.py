@@ -245,6 +245,8 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
                              compute_dtype=autocast)
     if note and main:
         print(f"cpt: {note}")
+    if recipe.probes.lm_eval is not None:
+        _check_lm_eval(recipe.probes.lm_eval, params_sharded(accelerator))
     if resume_from is not None:
         ckpt_lib.load_checkpoint(accelerator, resume_from)
     elif recipe.init_from is not None and recipe.init_from.load.optimizer:
@@ -325,3 +327,17 @@ def _log_init(run: Run) -> None:
             lr0, origin.next_lr, rel_tol=1e-9, abs_tol=1e-15) and run.main:
         print(f"cpt: note: the LR goes from {origin.next_lr:.3e} (where the checkpoint's schedule was going) "
               f"to {lr0:.3e} at token {run.tokens}; lengths given as fractions refer to the whole horizon")
+
+
+def _check_lm_eval(cfg, sharded: bool) -> None:
+    """probes.lm_eval: refused where the weights are sharded; lm_eval installed and every task known, before
+    the first step (a misspelt task must not stop a run hours in)."""
+    from cpt.lm_eval import check_tasks, task_manager
+
+    if sharded:
+        raise CptError("probes.lm_eval: runs on the main process, which with ZeRO-3 / FSDP holds a shard of the "
+                       "weights; probe a saved checkpoint with cpt probe --lm-eval instead")
+    try:
+        check_tasks(cfg.tasks, task_manager(cfg.include))
+    except CptError as e:
+        raise CptError(f"probes.lm_eval: {e}") from None
