@@ -19,7 +19,7 @@ these: cpt's step clock starts before the batch is drawn, so in lockstep it coun
 
 The sides: same Llama-shaped model and init (cpt.model.build_model, same seed), seq_len, micro-batch,
 tokens per step (no accumulation), constant LR, AdamW betas / eps / weight decay (matrices only), grad
-clip 1.0, fp32, torch threads (--threads):
+clip 1.0, fp32 or bf16 autocast (--precision), torch threads (--threads), the device (--device):
   cpt       cpt.train.loop.train(recipe) with cpt's own defaults otherwise; the baton is taken in a
             wrapper put in place of cpt.train.loop.train_step (the name the loop calls)
   bare      the loop everyone writes first: random batches from the memmap, model(input_ids=ids,
@@ -40,6 +40,12 @@ Commands (2 CPU cores):
     python scripts/bench_trainer.py --probe --sizes 1.5M --seq 256      # cpt's held-out probe vs a bare no_grad loop
     python scripts/bench_trainer.py --memory                            # peak RSS at 85M, seq 2048, micro-batch 2
     python scripts/bench_trainer.py --memory --sizes 20M --seq 2048
+    python scripts/bench_trainer.py --sizes 1.5M --precision bf16                 # bf16 autocast on the CPU
+
+On a GPU (scripts/gpu_check.sh runs it): every side on CUDA in bf16 autocast, and each turn ends with
+torch.cuda.synchronize(), so the kernels a side queued are timed in its own turn; MFU is printed too:
+
+    python scripts/bench_trainer.py --device cuda --sizes 1B --seq 4096 --micro 2 --rounds 3
 
 --probe times cpt.probes.HeldOutLoss (built as cpt.train.loop builds it, framing the rows with
 cpt.train.step.model_inputs) against ``with torch.no_grad(): model(input_ids=ids, labels=ids).loss`` over
@@ -102,6 +108,10 @@ SIZES: dict[str, dict[str, Any]] = {
                                       "num_attention_heads": 6, "num_key_value_heads": 6}},
     "85M": {"vocab": 8192, "config": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 10,
                                       "num_attention_heads": 12, "num_key_value_heads": 12}},
+    # the GPU check's size (Llama 3.2 1B's shape with a 32K vocabulary: ~1.1B); --device cuda
+    "1B": {"vocab": 32768, "config": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                                      "num_attention_heads": 32, "num_key_value_heads": 8,
+                                      "max_position_embeddings": 4096}},
 }
 DEFAULT_MICRO = {256: 8, 2048: 2}  # sequences per step at a seq_len; else 2048 tokens' worth (at least 1)
 # Shared by every side. cpt's recipe spells them out too, so a change of cpt's defaults moves nothing here.
@@ -142,12 +152,17 @@ class Side:
                 raise Aborted(self.name)
             return
         self.calls += 1
+        if _CUDA:  # the GPU work queued in this turn is this turn's: wait for it before handing back
+            import torch
+
+            torch.cuda.synchronize()
         self._lockstep._back.put((self, "turn", None))
         self._go.acquire()
         if self._abort:
             raise Aborted(self.name)
 
 
+_CUDA = False  # set by main() for --device cuda
 _current = threading.local()  # .side: the Side whose thread this is (read by the train_step wrapper)
 
 
@@ -279,6 +294,8 @@ class Config:
     prepared: Path
     trainer_data: Path  # the same sequences as a saved datasets.Dataset (run_clm's form)
     work: Path
+    device: str = "cpu"
+    precision: str = "fp32"  # every side: fp32, or bf16 autocast over fp32 weights
 
     @property
     def tokens_per_step(self) -> int:
@@ -291,7 +308,7 @@ class Config:
                       "config": dict(SIZES[self.size]["config"])},
             "data": {"seq_len": self.seq, "sources": {"en": str(self.prepared)}, "mixture": {"en": 1.0}},
             "train": {"tokens": steps * self.tokens_per_step, "global_batch_tokens": self.tokens_per_step,
-                      "micro_batch_size": self.micro, "precision": "fp32", "grad_clip": CLIP,
+                      "micro_batch_size": self.micro, "precision": self.precision, "grad_clip": CLIP,
                       "optimizer": {"betas": list(BETAS), "eps": EPS, "weight_decay": WEIGHT_DECAY}},
             "schedule": {"kind": "constant", "max_lr": LR, "warmup": 0},
         }
@@ -377,7 +394,7 @@ def make_config(size: str, seq: int, micro: int, args, work: Path) -> Config:
     hf = work / f"prep-{vocab}-{seq}-hf"
     if not (hf / "dataset_info.json").is_file():
         save_trainer_dataset(prep, hf)
-    return Config(size, seq, micro, tok, prep, hf, work)
+    return Config(size, seq, micro, tok, prep, hf, work, args.device, args.precision)
 
 
 def save_trainer_dataset(prepared: Path, out: Path) -> None:
@@ -424,7 +441,7 @@ def bare_side(cfg: Config, recipe, tokenizer, steps: int) -> Side:
         from cpt.data.source import TokenSource
         from cpt.model import num_params
 
-        model = build_same_model(recipe, tokenizer)
+        model = build_same_model(recipe, tokenizer).to(cfg.device)
         model.train()
         params = list(model.parameters())
         opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
@@ -433,10 +450,13 @@ def bare_side(cfg: Config, recipe, tokenizer, steps: int) -> Side:
         side.info.update(params=num_params(model), optimizer=describe_optimizer(opt))
         source = TokenSource(cfg.prepared)
         gen = torch.Generator().manual_seed(SEED)
+        autocast = torch.autocast(cfg.device, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         for _ in range(steps):
             side.turn()
             ids = torch.from_numpy(source.batch(torch.randint(len(source), (cfg.micro,), generator=gen).numpy()))
-            loss = model(input_ids=ids, labels=ids).loss
+            ids = ids.to(cfg.device, non_blocking=True)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
             opt.step()
@@ -466,7 +486,8 @@ def trainer_side(cfg: Config, recipe, tokenizer, steps: int, out_dir: Path) -> S
             per_device_train_batch_size=cfg.micro, gradient_accumulation_steps=1, learning_rate=LR,
             weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS,
             max_grad_norm=CLIP, lr_scheduler_type="constant", warmup_steps=0, logging_steps=10**9,
-            disable_tqdm=True, dataloader_num_workers=0, use_cpu=True, seed=SEED)
+            disable_tqdm=True, dataloader_num_workers=0, use_cpu=cfg.device == "cpu", bf16=cfg.precision == "bf16",
+            seed=SEED)
         trainer = Trainer(model=model, args=args, train_dataset=load_from_disk(str(cfg.trainer_data)),
                           callbacks=[Baton()])
         side.info["train_loss"] = trainer.train().training_loss
@@ -541,7 +562,8 @@ def report_timing(cfg: Config, args, sides: list[Side], cpts: list[str], baselin
     n_params = sides[0].info.get("params") or 0
     print(f"\n{cfg.size}: {n_params:,} parameters (hidden {SIZES[cfg.size]['config'].get('hidden_size', 128)}, "
           f"{SIZES[cfg.size]['config'].get('num_hidden_layers', 2)} layers, vocab {SIZES[cfg.size]['vocab']}), "
-          f"seq {cfg.seq}, micro-batch {cfg.micro}, {tps_step:,} tokens/step, fp32, {args.threads} threads")
+          f"seq {cfg.seq}, micro-batch {cfg.micro}, {tps_step:,} tokens/step, {cfg.precision}, "
+          + (f"{args.threads} threads" if cfg.device == "cpu" else cfg.device))
     for s in sides:
         print(f"  {s.name:<10} {s.info.get('optimizer', '?')}; median turn {statistics.median(s.times[args.warmup:]) * 1e3:,.1f} ms")
     names = [s.name for s in sides]
@@ -556,9 +578,32 @@ def report_timing(cfg: Config, args, sides: list[Side], cpts: list[str], baselin
                 + [f"{statistics.median(tb / tc for tc, tb in zip(turns[c], turns[b], strict=True)):.3f}"
                    for c, b in pairs])
     print(_table(head, rows))
+    if (mfu := mfu_of(cfg)) is not None:
+        print("  MFU (model FLOPs per token, PaLM's count as cpt.train.backend.flops_per_token, over the GPU's "
+              "dense bf16 peak): " + ", ".join(f"{n} {statistics.median(tps[n]) * mfu:.1%}" for n in names))
     return {"size": cfg.size, "seq": cfg.seq, "micro": cfg.micro, "params": n_params,
             "tps": {n: statistics.median(v) for n, v in tps.items()},
             "ratios": {k: statistics.median(v) for k, v in ratios.items()}}
+
+
+def mfu_of(cfg: Config) -> float | None:
+    """MFU per token/s of the size's model on this GPU (None on CPU or an unknown GPU)."""
+    if cfg.device != "cuda":
+        return None
+    import torch
+    from transformers import LlamaConfig
+
+    from cpt.train.backend import flops_per_token, peak_flops
+
+    peak = peak_flops(torch.cuda.get_device_name())
+    if peak is None:
+        return None
+    c = SIZES[cfg.size]["config"]
+    config = LlamaConfig(vocab_size=SIZES[cfg.size]["vocab"], **c)
+    h, ff, layers, v = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    matmul = layers * (2 * h * h + 2 * h * kv + 3 * h * ff) + v * h  # attention, MLP, the LM head
+    return flops_per_token(config, cfg.seq, matmul) / peak
 
 
 def sampler_speed(cfg: Config, cpt_tps: float) -> None:
@@ -764,7 +809,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--work", help="cache dir for tokenizers and shards (default: a temporary dir, removed)")
     ap.add_argument("--turn-timeout", type=float, default=3600.0, help="seconds a side may hold the baton")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: every side on the GPU (the GPU check: --sizes 1B --seq 4096)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="every side: fp32, or bf16 autocast (default: fp32 on cpu, bf16 on cuda)")
     args = ap.parse_args(argv)
+    args.precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
 
     if args.memory_child:
         memory_child(json.loads(args.memory_child))
@@ -784,6 +834,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
+    global _CUDA
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.exit(2, f"{ap.prog}: error: --device cuda: torch sees no CUDA device\n")
+    if (args.probe or args.memory) and args.device != "cpu":
+        ap.error("--probe and --memory measure on the CPU")
+    _CUDA = args.device == "cuda"
     torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cpt-bench-"))
     work.mkdir(parents=True, exist_ok=True)
