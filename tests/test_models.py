@@ -349,3 +349,33 @@ def test_an_extended_tokenizer_resizes_the_embeddings_old_rows_unchanged(tied, l
     assert "cpt: model.extend_vocab: " in capsys.readouterr().out
     final = AutoModelForCausalLM.from_pretrained(Path(r.run.output_dir) / "final")
     assert final.config.vocab_size == new and final.config.tie_word_embeddings == tied
+
+
+def test_two_phase_vocabulary_extension_new_rows_first_then_everything(llama_tokenizer, corpora, tmp_path):
+    """The common recipe for a new language (recipes/vocab/): phase 1 trains only the resized embeddings and
+    head of the extended model (mitigate.freeze of every layer and the final norm), phase 2 starts from
+    phase 1's final/ and trains everything. Phase 1 leaves the body bit-unchanged, moves the new rows, and
+    its final/ is a model phase 2 loads with the same vocabulary (no second resize)."""
+    from safetensors.torch import load_file
+
+    source = hf_model_dir("llama", llama_tokenizer, tmp_path / "hf")
+    extended = AutoTokenizer.from_pretrained(source)
+    assert extended.add_tokens([f"Neuwort{i}" for i in range(80)]) == 80  # past the padded vocabulary
+    extended.save_pretrained(tmp_path / "tok-de")
+    data = prepare_with(tmp_path / "tok-de", corpora, tmp_path / "data")
+    one = recipe_for(source, data, tmp_path / "phase1", model__tokenizer=str(tmp_path / "tok-de"),
+                     model__extend_vocab={"init": "subword_mean"},
+                     mitigate={"freeze": [r"\.layers\.", r"^model\.norm\."]})
+    assert train(one).completed
+    before = AutoModelForCausalLM.from_pretrained(source).state_dict()
+    after = load_file(Path(one.run.output_dir) / "final" / "model.safetensors")
+    body = [k for k in before if "embed_tokens" not in k and "lm_head" not in k]
+    assert len(body) > 10 and all(torch.equal(after[k], before[k]) for k in body)
+    old = before["model.embed_tokens.weight"].shape[0]
+    assert after["model.embed_tokens.weight"].shape[0] > old
+    assert not torch.equal(after["lm_head.weight"][:old], before["lm_head.weight"])  # the head trains
+    two = recipe_for(Path(one.run.output_dir) / "final", data, tmp_path / "phase2")
+    assert train(two).completed
+    final = load_file(Path(two.run.output_dir) / "final" / "model.safetensors")
+    assert final["model.embed_tokens.weight"].shape == after["model.embed_tokens.weight"].shape
+    assert sum(not torch.equal(final[k], after[k]) for k in body) == len(body)  # now everything trains
