@@ -281,6 +281,12 @@ def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9, metric: 
               ("train_loss", "train loss", "train/loss", f"loss ({UNITS['loss']})")]
     panels += [(f"probe_{_slug(d)}" + ("" if metric == "loss" else f"_{metric}"), f"{what}: {d}",
                 f"probe/{d}/{metric}", f"{metric} ({UNITS[metric]})") for d in domains]
+    # a source's share of the data, where some run's mixture changes over time (data/<name>/share)
+    shares = sorted({m.group(1) for run in runs for r in run.records for k in r
+                     if (m := re.fullmatch(r"data/(.+)/share", k))})
+    if any(len(set(run.series(f"data/{n}/share")[1])) > 1 for run in runs for n in shares):
+        panels += [(f"share_{_slug(n)}", f"data share: {n}", f"data/{n}/share", "share of the step's sequences")
+                   for n in shares]
 
     out: dict[str, Path] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -298,7 +304,7 @@ def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9, metric: 
                 ax.plot(xs, ema(ys, smoothing, run.stage_starts(key)), color=color, linewidth=1.6, label=run.name)
             elif key.startswith("probe/"):
                 ax.plot(xs, ys, color=color, marker="o", markersize=3, linewidth=1.4, label=run.name)
-            else:  # the LR: identical schedules would hide each other
+            else:  # the LR and data shares: identical curves would hide each other
                 ax.plot(xs, ys, color=color, label=run.name, **_overlay_style(i, len(runs)))
             for b, name in zip(run.stage_boundaries(), run.stage_names(), strict=True):
                 ax.axvline(b, color=color, linestyle="--", linewidth=0.9, alpha=0.7)

@@ -126,6 +126,15 @@ def test_run_logs_the_shares_and_resumes_exactly_mid_ramp(make_recipe):
     # the checkpoint records the shares in effect where it was saved
     state = yaml.safe_load((Path(split.run.output_dir) / "checkpoints/step-00000012/trainer_state.json").read_text())
     assert state["mixture"] == {"en": 0.125, "de": 0.875}
+    # cpt compare draws a share panel per source where a mixture changes, none where none does
+    from cpt.compare import compare
+
+    page = compare([whole.run.output_dir], Path(whole.run.output_dir) / "cmp")
+    assert {p.name for p in page.parent.glob("share_*.png")} == {"share_de.png", "share_en.png"}
+    flat = make_recipe("flat", train__tokens=2 * 1024)
+    train(flat)
+    page = compare([flat.run.output_dir], Path(flat.run.output_dir) / "cmp")
+    assert not list(page.parent.glob("share_*.png"))
 
 
 def test_cpt_schedule_prints_and_draws_the_shares(tmp_path):
