@@ -5,6 +5,7 @@
     python scripts/reproduce.py --seeds 1    # the full budgets, one seed: ~29M tokens
     python scripts/reproduce.py --experiments 1 2 5   # a subset (5 reads the runs of 2)
     python scripts/reproduce.py --quick --experiments 6 7   # mitigations beyond replay; WSM merging vs WSD decay
+    python scripts/reproduce.py --quick --experiments 8     # English -> German with and without vocabulary extension
 
 A subset is written into the existing page: its sections replace theirs (or are added in number order), the
 others stay as they were, the header gets a line on the subset's invocation and the commands are added.
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _runs import BASE_LR, ROOT, K, Runner, cpt, final, probes, table
+from _runs import BASE_LR, ROOT, K, Runner, cpt, final, metrics, probes, table
 
 
 @dataclass
@@ -51,7 +52,7 @@ QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0
                wsd_main=512 * K, mitigate=64 * K, wsm_pretrain=256 * K, wsm_k=3)
 FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
               seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=2)
-ALL = [1, 2, 3, 4, 5, 6, 7]
+ALL = [1, 2, 3, 4, 5, 6, 7, 8]
 
 
 @dataclass
@@ -70,12 +71,15 @@ class Suite:
         self.tok = [f"train.tokens={self.b.cpt}"]
         self.long_seeds = self.b.seeds[: self.b.long_seeds] if self.b.long_seeds else self.b.seeds
 
-    def plots(self, name: str, run_dirs: list[Path]) -> str:
-        """`cpt compare`'s plots of ``run_dirs`` in docs/<figs>/<name>/, as markdown images."""
+    def plots(self, name: str, run_dirs: list[Path], metric: str = "loss") -> str:
+        """`cpt compare`'s plots of ``run_dirs`` in docs/<figs>/<name>/, as markdown images (probes in
+        ``metric``: loss, or bpb where the runs' tokenizers differ)."""
         from cpt.compare import compare
 
         dest = self.docs / self.figs / name
-        compare(run_dirs, dest)
+        for old in dest.glob("*.png"):  # a panel of an earlier metric must not linger
+            old.unlink()
+        compare(run_dirs, dest, metric=metric)
         (dest / "index.html").unlink()  # the report embeds the PNGs; the page would only duplicate them
         pngs = sorted(p.name for p in dest.glob("*.png"))
         return "\n".join(f"![{name} {p}]({self.figs}/{name}/{p})" for p in pngs)
@@ -655,8 +659,138 @@ def wsm(s: Suite) -> str:
             + "\n\n" + s.plots("wsm", pre_dirs + st_dirs))
 
 
+# ------------------------------------------------------------------ 8. vocabulary extension for a new language
+
+SHARED = ROOT.parent / "shared" / "data"
+VOCAB_ADD = 512  # German tokens appended to the 4096 of data/shared/tokenizer
+VOCAB_SEEDS = [1234, 7, 42]  # cheap runs (one CPT stage): three seeds in either mode
+
+
+def vocab_sets(s: Suite) -> dict[str, dict[str, Path]]:
+    """An English-only tokenizer (as the tokenizer of an English model knows little German) and its German
+    extension; per tokenizer (base, ext), German train / validation and English validation prepared with
+    byte counts (bits per byte), and English train for the base's pre-training; under the runs folder, once."""
+    out = s.run.out / "vocab"
+    base_tok, ext_tok = out / "tokenizer-en", out / "tokenizer-en+de"
+    de, en = SHARED / "de_libreoffice_help", SHARED / "en_kernel_docs"
+    if not (base_tok / "tokenizer.json").is_file():
+        cpt(["tokenizer", "train", str(en / "train.jsonl.gz"), "--out", str(base_tok), "--vocab-size", "4096"],
+            log=out / "tokenizer.log")
+    if not (ext_tok / "tokenizer.json").is_file():
+        # the English probe text keeps its exact tokens (--keep), so forgetting compares like with like
+        cpt(["tokenizer", "extend", str(base_tok), "--train", str(de / "train.jsonl.gz"), "--add", str(VOCAB_ADD),
+             "--out", str(ext_tok), "--old", str(en / "validation.jsonl.gz"), "--keep", str(en / "validation.jsonl.gz")],
+            log=out / "extend.log")
+    sets: dict[str, dict[str, Path]] = {}
+    for name, tok in (("base", base_tok), ("ext", ext_tok)):
+        sets[name] = {"tok": tok}
+        todo = [("de", de / "train.jsonl.gz"), ("de_val", de / "validation.jsonl.gz"),
+                ("en_val", en / "validation.jsonl.gz")] + ([("en", en / "train.jsonl.gz")] if name == "base" else [])
+        for key, src in todo:
+            dest = out / name / key
+            if not (dest / "manifest.json").is_file():
+                cpt(["prepare", str(src), "--tokenizer", str(tok), "--out", str(dest), "--seq-len", "256",
+                     "--num-proc", "2", "--overwrite"], log=out / f"prepare-{name}-{key}.log")
+            sets[name][key] = dest
+    return sets
+
+
+def vocab_pretrain(s: Suite, base: dict[str, Path]) -> Path:
+    """The English model of this experiment: experiment 2's pre-training recipe with the English-only tokenizer."""
+    return s.run(f"vocab-pretrain-en-{s.b.pretrain // K}K", "recipes/paper/pretrain-en.yaml",
+                 [f"train.tokens={s.b.pretrain}", f"model.tokenizer={base['tok']}", f"data.sources={{en: {base['en']}}}",
+                  f"probes.sets={{en: {base['en_val']}, de: {base['de_val']}}}"])
+
+
+def bytes_per_token(prepared: Path) -> float:
+    """UTF-8 bytes per token over a prepared set's sequences (its per-token byte counts)."""
+    import numpy as np
+
+    from cpt.data.source import TokenSource
+
+    src = TokenSource(prepared)
+    total = sum(int(src.bytes_batch(np.arange(i, min(i + 512, len(src)))).sum()) for i in range(0, len(src), 512))
+    return total / (len(src) * src.seq_len)
+
+
+def vocab_cols(s: Suite) -> tuple[dict[str, list[list[float]]], dict, list[Path]]:
+    """Per arm and seed: [German bpb, English bpb at the start, final English forgetting (bpb), worst
+    English forgetting (bpb), tokens trained, German bytes trained, wall s]."""
+    sets = vocab_sets(s)
+    init = [f"init_from.path={vocab_pretrain(s, sets['base'])}"]
+    bpt = {arm: bytes_per_token(sets[arm]["de"]) for arm in sets}
+    german_bytes = s.b.cpt * bpt["base"]  # what the base run reads; the extended run reads as many
+    tokens = {"base": s.b.cpt, "ext": max(STEP, round(german_bytes / bpt["ext"] / STEP) * STEP)}
+    per: dict[str, list[list[float]]] = {}
+    dirs: list[Path] = []
+    for arm in ("base", "ext"):
+        d = sets[arm]
+        over = [*init, f"train.tokens={tokens[arm]}", f"model.tokenizer={d['tok']}",
+                f"data.sources={{de: {d['de']}}}", "data.mixture={de: 1.0}",
+                f"probes.sets={{en: {d['en_val']}, de: {d['de_val']}}}"]
+        if arm == "ext":
+            over.append("model.extend_vocab={init: subword_mean}")
+        for seed in VOCAB_SEEDS:
+            name = f"vocab-{arm}-{s.b.cpt // K}K-s{seed}"
+            run_dir = s.run(name, MIT_BASE, [*over, f"run.seed={seed}"])
+            p = [r for r in metrics(run_dir) if "probe/en/bpb" in r]
+            en = [r["probe/en/bpb"] for r in p]
+            per.setdefault(arm, []).append([p[-1]["probe/de/bpb"], en[0], en[-1] - en[0], max(en) - en[0],
+                                            tokens[arm], tokens[arm] * bpt[arm], s.run.wall.get(name, float("nan"))])
+            dirs.extend([run_dir] if seed == VOCAB_SEEDS[0] else [])
+    return per, {"bpt": bpt, "tokens": tokens}, dirs
+
+
+def vocab_section(s: Suite, per: dict[str, list[list[float]]], info: dict, dirs: list[Path]) -> str:
+    mean = {k: [statistics.mean(v[i] for v in vals) for i in range(7)] for k, vals in per.items()}
+    b, e = mean["base"], mean["ext"]
+    label = {"base": "English tokenizer (4096)", "ext": f"extended (+{VOCAB_ADD} German, subword_mean init)"}
+    rows = [[label[k], f"{1 / info['bpt'][k]:.3f}", f"{int(m[4]):,}", f"{m[5] / 1e6:.2f} MB",
+             *[mean_sd([v[i] for v in per[k]]) for i in range(4)], f"{m[6]:.0f}"]
+            for k, m in mean.items()]
+    de_gain = b[0] - e[0]
+    verdict = [
+        f"- Tokens per German byte: {1 / info['bpt']['base']:.3f} -> {1 / info['bpt']['ext']:.3f} "
+        f"({info['bpt']['base'] / info['bpt']['ext'] - 1:+.1%}): the same German bytes in "
+        f"{info['tokens']['ext'] / info['tokens']['base']:.1%} of the tokens and steps.",
+        f"- German bits per byte after the same bytes: {b[0]:.3f} (base) vs {e[0]:.3f} (extended): "
+        + ("the extended tokenizer wins by" if de_gain > 0.005 else "the base tokenizer wins by" if de_gain < -0.005
+           else "no difference beyond 0.005:") + f" {abs(de_gain):.3f} bpb.",
+        f"- English forgetting (bpb, final minus start): {b[2]:+.3f} (base) vs {e[2]:+.3f} (extended), final English "
+        f"{b[1] + b[2]:.3f} vs {e[1] + e[2]:.3f} bpb; worst "
+        f"{b[3]:+.3f} vs {e[3]:+.3f}. English starts at {b[1]:.3f} vs {e[1]:.3f} bpb: the English text has the "
+        f"same tokens under both tokenizers (`--keep`), but the {VOCAB_ADD} new rows of the extended head take "
+        "probability mass from every prediction until training pushes them down.",
+        f"- Wall time: {e[6]:.0f} s vs {b[6]:.0f} s ({e[6] / b[6]:.2f}x; other jobs may have shared the cores).",
+    ]
+    criteria = (("German bpb", e[0] < b[0] - 0.005), ("final English bpb", e[1] + e[2] < b[1] + b[2] - 0.005),
+                ("English forgetting", e[2] < b[2] - 0.005), ("tokens (compute) for the same bytes", e[4] < b[4]))
+    wins = [what for what, better in criteria if better]
+    verdict.append(f"- Verdict: the extended tokenizer wins on {len(wins)} of {len(criteria)} "
+                   f"({', '.join(wins) or 'none'}; a difference counts beyond 0.005 bpb) at this scale.")
+    return ("## 8. Vocabulary extension for a new language, English → German\n\n"
+            "An English model with an English tokenizer, as users bring: a byte-level BPE of 4096 tokens trained on "
+            f"the English text only, and the suite's pre-training recipe (`recipes/paper/pretrain-en.yaml`, "
+            f"{s.b.pretrain // K}K tokens) with it. `cpt tokenizer extend` adds {VOCAB_ADD} tokens learned from the "
+            "German training text (English validation text kept token for token, `--keep`); the "
+            "extended run starts from the same English model with its embeddings and head resized "
+            "(`model.extend_vocab: {init: subword_mean}`: a new row is the mean of the rows of the old tokens its "
+            "text encodes to). Both runs are experiment 2's 0% replay recipe (`recipes/paper/replay-de-0.yaml`: "
+            f"re-warm to {BASE_LR:g}, cosine re-decay) on German only, the base run for {b[4] // K:.0f}K tokens "
+            "and the extended run for the same German bytes (its token budget rounded to whole 8K-token steps). "
+            "Probes in bits per byte (comparable across the tokenizers) on the German and English validation "
+            f"text, prepared with each tokenizer. Seeds {', '.join(map(str, VOCAB_SEEDS))} (mean ± std).\n\n"
+            + table(["tokenizer", "tokens / German byte", "tokens trained", "German trained", "de bpb final",
+                     "en bpb start", "en forgetting (bpb)", "en worst (bpb)", "wall s"], rows)
+            + "\n\n" + "\n".join(verdict) + "\n\n" + s.plots("vocab", dirs, metric="bpb"))
+
+
+def vocab(s: Suite) -> str:
+    return vocab_section(s, *vocab_cols(s))
+
+
 EXPERIMENTS = {1: rewarming, 2: replay, 3: infinite, 4: wsd, 5: stability_gap, 6: mitigate,
-               7: wsm}
+               7: wsm, 8: vocab}
 
 
 # ------------------------------------------------------------------ the page
@@ -702,7 +836,9 @@ def subset_note(args: argparse.Namespace, b: Budget, run: Runner, wall: float) -
     tokens = run.tokens()
     runs_s = sum(run.wall.values())
     return (f"Experiments {', '.join(map(str, args.experiments))} measured by `python scripts/reproduce.py{flags} "
-            f"--experiments {exps}` (seeds {', '.join(map(str, b.seeds))}): wall time {wall / 60:.1f} min"
+            f"--experiments {exps}` (seeds {', '.join(map(str, b.seeds))}"
+            + (f"; experiment 8: {', '.join(map(str, VOCAB_SEEDS))}" if 8 in args.experiments else "")
+            + f"): wall time {wall / 60:.1f} min"
             + ("" if run.trained else " (it trained nothing: every run was reused)")
             + f", {runs_s / 60:.1f} min summed over the {len(run.wall)} runs with a recorded time; "
             f"{sum(tokens.values()) / 2**20:.1f}M tokens in the {len(tokens)} runs those sections read (English "
