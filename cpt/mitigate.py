@@ -202,8 +202,8 @@ class EMA:
     weights: after n updates the start keeps weight decay**n, so choose 1 / (1 - decay) well below the
     number of updates (with ``every`` > 1, decay applies per update, not per step). Frozen parameters are
     not averaged (they do not move). :meth:`applied` lends the averaged weights to the model (probes,
-    export) and restores the raw ones bit for bit. DDP: identical on every rank. Sharded weights
-    (ZeRO-3, FSDP) are not supported: see :func:`unsupported`.
+    export) and restores the raw ones bit for bit. DDP and DeepSpeed ZeRO-1/2: identical on every rank.
+    Sharded weights (ZeRO-3, FSDP) are not supported: see :func:`unsupported`.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, every: int = 1):
@@ -274,15 +274,23 @@ def load_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
             raise CptError(f"{path}: {e}") from None
 
 
-def unsupported(accelerator) -> str | None:
-    """Why L2Init / EMA cannot run under this accelerator's backend, or None where they can (single
-    process, DDP). Freezing and LR multipliers work everywhere (they only shape the optimizer's groups)."""
+def unsupported(accelerator, l2_init: bool, ema: bool) -> str | None:
+    """Why the L2Init / EMA asked for cannot run under this accelerator's backend, or None where they can.
+    Both: single process, DDP. EMA also under DeepSpeed ZeRO-1/2: the parameters stay whole on every rank,
+    overwritten from DeepSpeed's fp32 master copies after each step, so the average reads (and, for a
+    probe or the export, lends) the weights every rank holds; DeepSpeed's master copies are never touched.
+    L2Init must move the master copies themselves, which DeepSpeed keeps partitioned in its own layout:
+    not under DeepSpeed. Freezing and LR multipliers work everywhere (they only shape the optimizer's groups)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
-        return ("DeepSpeed updates fp32 master copies of its own and overwrites the module's weights from "
-                "them, so l2_init / ema would act on copies (or on ZeRO-3 shards)")
+        if l2_init:
+            return ("l2_init: DeepSpeed updates fp32 master copies of its own (partitioned) and overwrites the "
+                    "module's weights from them, so a pull on the weights would be undone at the next step")
+        if ema and accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return "ema: ZeRO-3 partitions the parameters, so the average would not see whole tensors (ZeRO-1/2 can)"
+        return None
     if kind == DistributedType.FSDP:
         return "FSDP flattens and shards the parameters, so l2_init / ema would not see whole tensors"
     return None

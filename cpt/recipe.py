@@ -394,7 +394,8 @@ class MitigateConfig(StrictModel):
     )
     ema: EmaConfig | None = Field(
         None, description="An exponential moving average of the weights: probed beside the raw weights "
-        "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. Not with train.deepspeed / FSDP."
+        "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. With DeepSpeed ZeRO-1/2 "
+        "(whole weights on every rank); not with ZeRO-3 / FSDP (sharded weights)."
     )
 
     @property
@@ -461,9 +462,9 @@ class Recipe(StrictModel):
                              "optimizer state partitioned in its own format); set it to false, or train without "
                              "DeepSpeed")
 
-        if self.train.deepspeed is not None and self.mitigate.stateful:
-            raise ValueError("mitigate.l2_init / mitigate.ema: not supported with train.deepspeed (DeepSpeed "
-                             "updates fp32 master copies of its own and overwrites the module's weights)")
+        if self.train.deepspeed is not None and self.mitigate.l2_init > 0:
+            raise ValueError("mitigate.l2_init: not supported with train.deepspeed (DeepSpeed updates fp32 master "
+                             "copies of its own and overwrites the module's weights from them)")
 
         if self.merge is not None:
             from cpt.errors import CptError

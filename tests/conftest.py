@@ -153,7 +153,7 @@ def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
     """A tiny 2-process-friendly recipe written to YAML: (recipe, path)."""
     from cpt.recipe import validate_recipe
 
-    def make(name, peft=None, tokens=6144, data=None, **train):
+    def make(name, peft=None, tokens=6144, data=None, mitigate=None, **train):
         r = validate_recipe({
             "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 5},
             "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
@@ -166,6 +166,7 @@ def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
             "probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 7},
             "tracking": {"progress": False},
             "peft": peft,
+            **({"mitigate": mitigate} if mitigate else {}),
         })
         path = tmp_path / f"{name}.yaml"
         path.write_text(r.to_yaml())

@@ -300,10 +300,18 @@ def test_lora_model_freeze_multipliers_l2_init_and_ema_on_adapters_only():
 def test_unsupported_backends():
     from accelerate.utils import DistributedType
 
-    assert unsupported(SimpleNamespace(distributed_type=DistributedType.NO)) is None
-    assert unsupported(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)) is None
-    assert "DeepSpeed" in unsupported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
-    assert "FSDP" in unsupported(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    def on(kind, stage=None):
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
+            deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+    for both in ({"l2_init": True, "ema": False}, {"l2_init": False, "ema": True}):
+        assert unsupported(on(DistributedType.NO), **both) is None
+        assert unsupported(on(DistributedType.MULTI_GPU), **both) is None
+        assert "FSDP" in unsupported(on(DistributedType.FSDP), **both)
+    for stage in (1, 2, 3):  # l2_init would have to move DeepSpeed's partitioned master copies
+        assert "l2_init: DeepSpeed" in unsupported(on(DistributedType.DEEPSPEED, stage), l2_init=True, ema=True)
+    assert unsupported(on(DistributedType.DEEPSPEED, 2), l2_init=False, ema=True) is None  # whole weights
+    assert "ZeRO-3" in unsupported(on(DistributedType.DEEPSPEED, 3), l2_init=False, ema=True)
 
 
 # ----------------------------------------------------------------------------------- in a training run

@@ -338,6 +338,29 @@ def test_zero2_two_processes_match_one_resume_and_leave_no_shm(two_proc_recipe):
     assert metric(split.run.output_dir) == pytest.approx(metric(whole.run.output_dir), abs=1e-6)
 
 
+@pytest.mark.multiproc
+def test_ema_under_zero2_matches_one_process_and_resumes(two_proc_recipe):
+    """mitigate.ema under DeepSpeed ZeRO-2 (2 gloo processes): the parameters are whole on every rank, so the
+    average follows the 1-process run's (probe_ema within the ZeRO-2 tolerance of the raw curve), is exported
+    as final_ema/, and a stop + --resume restores it (the same probe_ema as the whole run)."""
+    from transformers import AutoModelForCausalLM
+
+    ds, ema = str(ROOT / "recipes/deepspeed/zero2.json"), {"ema": {"decay": 0.5, "every": 1}}
+    one, _ = two_proc_recipe("ema-one", mitigate=ema, tokens=4096)
+    train(one)
+    whole, path = two_proc_recipe("ema-zero2", mitigate=ema, tokens=4096, deepspeed=ds)
+    launch(path, port=free_port())
+    assert metric(whole.run.output_dir, "probe_ema/en/loss") == pytest.approx(
+        metric(one.run.output_dir, "probe_ema/en/loss"), abs=2e-5)
+    assert metric(whole.run.output_dir, "probe_ema/en/loss") != metric(whole.run.output_dir, "probe/en/loss")
+    AutoModelForCausalLM.from_pretrained(Path(whole.run.output_dir) / "final_ema")
+    split, split_path = two_proc_recipe("ema-zero2-split", mitigate=ema, tokens=4096, deepspeed=ds)
+    launch(split_path, "--max-steps", "2", port=free_port())
+    launch(split_path, "--resume", port=free_port())
+    assert metric(split.run.output_dir, "probe_ema/en/loss") == pytest.approx(
+        metric(whole.run.output_dir, "probe_ema/en/loss"), abs=1e-6)
+
+
 @pytest.mark.slow  # beyond the DDP and ZeRO-2 runs CI needs: python -m pytest --runslow
 @pytest.mark.multiproc
 def test_zero3_lora_matches_one_process_and_exports_merged(two_proc_recipe):

@@ -254,8 +254,8 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
 
     l2_init = ema = None
     if mit.stateful:
-        if why := mitigate.unsupported(accelerator):
-            raise CptError(f"mitigate.l2_init / mitigate.ema: {why}")
+        if why := mitigate.unsupported(accelerator, l2_init=mit.l2_init > 0, ema=mit.ema is not None):
+            raise CptError(f"mitigate.{why}")
         weights = accelerator.unwrap_model(model)
         l2_init = mitigate.L2Init(weights, mit.l2_init) if mit.l2_init > 0 else None
         ema = mitigate.EMA(weights, mit.ema.decay, mit.ema.every) if mit.ema is not None else None
