@@ -1,6 +1,7 @@
 """Why does re-warm + re-decay + 25% replay not match retraining at tiny scale? Measure, don't tune.
 
-    python scripts/replay_gap.py            # about 20 minutes on 2 CPU cores; writes docs/replay_gap.md
+    python scripts/replay_gap.py                # about 40 minutes on 2 CPU cores; writes docs/replay_gap.md
+    python scripts/replay_gap.py --larger-only  # only section F (~20M parameters), into the existing page
 
 Experiment 2 of scripts/reproduce.py (quick mode) found 25% replay +0.23 nats above retraining on
 English ∪ German, almost all of it on English. This script tests the three suspects the issue names,
@@ -10,7 +11,8 @@ one axis at a time, from the same English model (the quick mode's 1M-token pre-t
   union with the same total tokens;
 - the LR: the re-warm's max LR at 1x, 0.5x and 0.25x of pre-training's;
 - the model / its regime: how much of the loss is the token marginal (unigram) of the data mixture the
-  model saw last, computed from the prepared shards; and the replay share (25% vs 50%).
+  model saw last, computed from the prepared shards; and the replay share (25% vs 50%);
+- the model's size: the 256K comparison again with a ~20M-parameter model (section F).
 
 Every number in the page is read from the runs' metrics.jsonl or computed from the shards.
 """
@@ -18,6 +20,7 @@ Every number in the page is read from the runs' metrics.jsonl or computed from t
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -39,14 +42,78 @@ def unigram(path: Path) -> np.ndarray:
     return counts
 
 
+def n_params(run_dir: Path) -> int:
+    """Parameters of a run's final model (from its safetensors header: no weights loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / "final" / "model.safetensors"), "pt") as f:
+        return sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+
+
 def cross_entropy(target: np.ndarray, model: np.ndarray) -> float:
     """Cross-entropy (nats/token) of token counts ``target`` under the add-one unigram ``model``."""
     p = (model + 1.0) / (model + 1.0).sum()
     return float(-(target / target.sum() * np.log(p)).sum())
 
 
+def larger(run: Runner, pre: Path, replay, union, stage: int = 256 * K) -> tuple[str, str]:
+    """Section F and its reading line: the 256K comparison (25% replay vs retraining on the union) with the
+    tiny model and with one of about 20M parameters; trains what is missing."""
+    # The same 256K comparison with a ~20M-parameter model (hidden 384, 7 layers), pre-trained
+    # on the same 1M English tokens; bf16 autocast (2x the fp32 speed on this CPU) so that it fits the budget.
+    big = ["model.config={hidden_size: 384, intermediate_size: 1536, num_hidden_layers: 7, num_attention_heads: 6, "
+           "num_key_value_heads: 6}", "train.precision=bf16"]
+    pre20 = run("pretrain-en-20m", "recipes/paper/pretrain-en.yaml", [f"train.tokens={PRETRAIN}", *big])
+    r20 = run("replay25-256K-20m", "recipes/paper/replay-de-25.yaml",
+              [f"init_from.path={pre20}", f"train.tokens={stage}", "train.precision=bf16"])
+    u20 = run(f"union-{(PRETRAIN + stage) // K}K-20m", "recipes/paper/union-retrain.yaml",
+              [f"train.tokens={PRETRAIN + stage}", f"data.mixture.en={PRETRAIN / (PRETRAIN + stage):.6f}",
+               f"data.mixture.de={stage / (PRETRAIN + stage):.6f}", *big])
+    params = {"1.5M": n_params(pre), "20M": n_params(pre20)}
+    r15 = replay(stage)
+    rows_f = []
+    for label, pr, r, u in (("1.5M", pre, r15, union(stage)), ("20M", pre20, r20, u20)):
+        en, de, uen_, ude_ = final(r, "en"), final(r, "de"), final(u, "en"), final(u, "de")
+        rows_f.append([f"{params[label] / 1e6:.1f}M parameters", final(pr, "en"), en, de, uen_, ude_, en - uen_,
+                       de - ude_, (en + de) / 2 - (uen_ + ude_) / 2, en - final(pr, "en")])
+    g15, g20 = rows_f[0][8], rows_f[1][8]
+    section = (
+        "## F. A larger model\n\nThe 256K comparison of A (25% replay, re-warm to 2e-3, cosine) with a model of about "
+        "20M parameters (hidden 384, 7 layers, MLP 1536; the tiny one is hidden 128, 2 layers), pre-trained on "
+        "the same 1M English tokens and retrained on the same union, in bf16 autocast (2x the fp32 speed here: "
+        "the budget). One seed (1234). The tiny model's row is A's 256K row, retrained: the same numbers.\n\n"
+        + table(["model", "pre-trained en", "replay en", "replay de", "retrain en", "retrain de", "Δ en", "Δ de",
+                 "Δ mean", "en forgetting"], rows_f)
+        + f"\n\n- Gap (mean of both domains): {g15:+.3f} at 1.5M, {g20:+.3f} at 20M: "
+        + ("it closes (within 0.05)" if abs(g20) <= 0.05 else "it shrinks" if abs(g20) < abs(g15) - 0.02
+           else "it grows" if abs(g20) > abs(g15) + 0.02 else "about the same")
+        + f" with {params['20M'] / params['1.5M']:.0f}x the parameters, at the same (small) token budget.")
+
+    reading = (f"- **A larger model** (about 20M parameters, same tokens, one seed): the gap at 256K is {g20:+.3f} "
+               f"against {g15:+.3f} at 1.5M (Δ en {rows_f[1][6]:+.3f} vs {rows_f[0][6]:+.3f}, Δ de "
+               f"{rows_f[1][7]:+.3f} vs {rows_f[0][7]:+.3f}).")
+    return section, reading
+
+
+def patch_larger(doc: str, section: str, reading: str, commands: list[str]) -> str:
+    """docs/replay_gap.md with section F (and its reading line) put in or replaced, the rest as it was."""
+    doc = re.sub(r"\n- \*\*A larger model\*\*[^\n]*", "", doc)
+    doc = re.sub(r"## F\. A larger model\n.*?(?=\n## )", "", doc, flags=re.S).replace("\n\n\n", "\n\n")
+    head, sep, tail = doc.partition("\n\n## A. ")
+    head = head.rstrip("\n") + "\n" + reading
+    body, csep, cmds = (sep + tail).partition("\n## Commands\n")
+    new_cmds = [c for c in commands if c not in cmds]
+    if new_cmds:  # before the closing fence
+        before, fence, after = cmds.rpartition("```")
+        cmds = before + "\n".join(new_cmds) + "\n" + fence + after
+    return head + body.rstrip("\n") + "\n\n" + section + "\n" + csep + cmds
+
+
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--larger-only", action="store_true",
+                    help="only section F (the ~20M model): train what it needs, put it into the existing page")
+    args = ap.parse_args()
     t_start = time.time()
     out = ROOT / "runs" / "repro" / "gap"
     quick = ROOT / "runs" / "repro" / "quick"
@@ -68,6 +135,14 @@ def main() -> None:
         return run(f"union-{total // K}K", "recipes/paper/union-retrain.yaml",
                    [f"train.tokens={total}", f"data.mixture.en={PRETRAIN / total:.6f}",
                     f"data.mixture.de={stage / total:.6f}"])
+
+    if args.larger_only:
+        page = ROOT / "docs" / "replay_gap.md"
+        section, reading = larger(run, pre, replay, union)
+        commands = [c.replace(f"{ROOT}/", "") for c in dict.fromkeys(run.commands)]
+        page.write_text(patch_larger(page.read_text(), section, reading, commands))
+        print(f"wrote section F into docs/replay_gap.md ({(time.time() - t_start) / 60:.1f} min)")
+        return
 
     start_en, start_de = final(pre, "en"), final(pre, "de")
     sections = []
@@ -161,6 +236,10 @@ def main() -> None:
         f"- Moving the last-seen mixture from the union's to the 25%-replay stage's raises the English unigram loss "
         f"by {uni_gap:+.3f} nats; the measured English gap at 256K is {en_gap_256:+.3f}.")
 
+    # ---------------------------------------------------------------- F. a larger model
+    section_f, reading_f = larger(run, pre, replay, union)
+    sections.append(section_f)
+
     # ---------------------------------------------------------------- reading: computed from the tables above
     a0, a1 = rows_a[0], rows_a[-1]
     low = min(rows_b[1:3], key=lambda row: float(row[1].split()[0]))
@@ -180,6 +259,7 @@ def main() -> None:
         f"{unigram_en - start_en:.2f} nats below the English unigram ({unigram_en:.3f}) and retraining on "
         f"{a1[1]} tokens reaches {a1[4]:.3f}: every model here is early in training, where loss still falls fast "
         "with every token, unlike the 405M / 10B models trained on hundreds of billions of tokens in the paper.",
+        reading_f,
     ]
     sections.insert(0, "## Reading\n\n" + "\n".join(reading))
 
