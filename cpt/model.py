@@ -191,6 +191,46 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path
     return model
 
 
+class OldRows:
+    """model.extend_vocab.train_rows: new. The first ``rows`` rows of the input embeddings and of an untied
+    head (the init_from model's own tokens) as they are now; :meth:`restore`, called after every optimizer
+    update, puts them back bit for bit, so AdamW's update and weight decay move only the new rows. The
+    rows are read from the weights (at a resume: the checkpoint's, which hold them unchanged)."""
+
+    def __init__(self, model, rows: int):
+        import torch
+
+        tables = [model.get_input_embeddings().weight]
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not tables[0]:
+            tables.append(head.weight)
+        with torch.no_grad():
+            self.kept = [(w, w[:rows].clone()) for w in tables]
+        self.rows = rows
+
+    def restore(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for w, old in self.kept:
+                w[:self.rows].copy_(old)
+
+
+def old_token_rows(source: str | Path) -> int:
+    """Rows of the init_from model's own tokens: its tokenizer's size, at most its vocab_size."""
+    from transformers import AutoConfig
+
+    from cpt.data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(source)
+        vocab = AutoConfig.from_pretrained(source).vocab_size
+    except Exception as e:  # noqa: BLE001 - gone, or not a model dir: one line
+        raise CptError(f"model.extend_vocab.train_rows: new needs the init_from model's tokenizer and config at "
+                       f"{source} ({type(e).__name__}: {e})") from None
+    return min(len(tok), vocab)
+
+
 def extend_vocab(model, tokenizer, cfg, old_tokenizer_dir) -> dict[str, int]:
     """Resize ``model``'s embeddings (and untied head) to ``len(tokenizer)`` rounded up to
     ``cfg.pad_to_multiple_of`` (model.extend_vocab). The rows of the model's own tokenizer's tokens

@@ -52,6 +52,11 @@ class ExtendVocabConfig(StrictModel):
         64, ge=1, description="Round the new vocabulary size up to a multiple of this (tensor-core friendly "
         "on GPUs); the extra rows are initialised like the new ones and never produced by the tokenizer."
     )
+    train_rows: Literal["all", "new"] = Field(
+        "all", description="new = the rows of the init_from model's own tokens (embeddings and an untied head) "
+        "are restored after every update, so only the new rows learn (with mitigate.freeze of the rest: the "
+        "first phase of a new-language recipe); all = every row trains. new: not with DeepSpeed / FSDP / peft."
+    )
 
 
 class ModelConfig(StrictModel):

@@ -379,3 +379,42 @@ def test_two_phase_vocabulary_extension_new_rows_first_then_everything(llama_tok
     final = load_file(Path(two.run.output_dir) / "final" / "model.safetensors")
     assert final["model.embed_tokens.weight"].shape == after["model.embed_tokens.weight"].shape
     assert sum(not torch.equal(final[k], after[k]) for k in body) == len(body)  # now everything trains
+
+
+def test_extend_vocab_train_rows_new_keeps_the_old_rows_bit_for_bit(llama_tokenizer, corpora, tmp_path):
+    """model.extend_vocab.train_rows: new with the body frozen: only the new rows of the embeddings and of
+    the untied head move (words of the English text, so their embedding rows get gradients); the rows of
+    the source's own tokens and the body stay bit-identical, AdamW's weight decay included."""
+    from safetensors.torch import load_file
+
+    source = hf_model_dir("llama", llama_tokenizer, tmp_path / "hf")
+    extended = AutoTokenizer.from_pretrained(source)
+    vocab = extended.get_vocab()
+    words = [w for w in ("implementation", "argument", "specified", "returned", "attribute", "instance")
+             if w not in vocab][:4]  # frequent in the English text, several subwords each in the base BPE
+    assert len(words) == 4 and extended.add_tokens(words + [f"Neu{i}" for i in range(70)]) == 74
+    extended.save_pretrained(tmp_path / "tok")
+    data = prepare_with(tmp_path / "tok", corpora, tmp_path / "data")
+    r = recipe_for(source, data, tmp_path / "rows", model__tokenizer=str(tmp_path / "tok"),
+                   model__extend_vocab={"init": "subword_mean", "train_rows": "new"},
+                   mitigate={"freeze": [r"\.layers\.", r"^model\.norm\."]})
+    assert train(r).completed
+    before = AutoModelForCausalLM.from_pretrained(source).state_dict()
+    after = load_file(Path(r.run.output_dir) / "final" / "model.safetensors")
+    known = len(AutoTokenizer.from_pretrained(source))
+    for table in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(after[table][:known], before[table][:known]), table
+    new_ids = [extended.convert_tokens_to_ids(w) for w in words]
+    assert all(i >= known for i in new_ids)
+    from cpt.data.tokenizer import load_tokenizer
+    from cpt.model import build_model
+
+    init = build_model(r.model, load_tokenizer(tmp_path / "tok"), seed=1, weights_from=source).state_dict()
+    emb = "model.embed_tokens.weight"
+    assert all(not torch.equal(after[emb][i], init[emb][i]) for i in new_ids)  # the new rows learned
+    assert not torch.equal(after["lm_head.weight"][known:], init["lm_head.weight"][known:])
+    body = [k for k in before if "embed_tokens" not in k and "lm_head" not in k]
+    assert all(torch.equal(after[k], before[k]) for k in body)
+    with pytest.raises(CptError, match="train_rows: new restores rows .* or peft"):
+        train(recipe_for(source, data, tmp_path / "lora", model__tokenizer=str(tmp_path / "tok"),
+                         model__extend_vocab={"train_rows": "new"}, peft={"r": 4}))

@@ -91,6 +91,8 @@ def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], st
                            recipe.train.grad_clip, run.guard, run.loss, t0, run.l2_init)
         if stats.verdict == "halt":
             raise _diverged(run, stage, stats)
+        if run.old_rows is not None:  # model.extend_vocab.train_rows: new
+            run.old_rows.restore()
         before = run.tokens
         run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + step_tokens, run.elapsed + stats.seconds
         if run.ema is not None:

@@ -55,6 +55,7 @@ class Run:
     loss: Any = None                  # (model, inputs) -> loss, and .token_nll for probes (cpt.train.loss)
     l2_init: Any = None               # cpt.mitigate.L2Init (mitigate.l2_init), or None
     ema: Any = None                   # cpt.mitigate.EMA (mitigate.ema), or None
+    old_rows: Any = None              # cpt.model.OldRows (model.extend_vocab.train_rows: new), or None
     warned: set[str] = field(default_factory=set)  # sources already warned about repeats
 
     def frame(self, ids):
@@ -262,6 +263,8 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         if resume_from is not None:
             mitigate.load_state(resume_from / mitigate.STATE_FILE, _mitigation_parts(l2_init, ema))
 
+    old_rows = _old_rows(recipe, accelerator, model, origin.path, main)
+
     guard = StepGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, recipe.train.spike_factor,
                       recipe.train.spike_window, check_grad_norm=recipe.train.precision != "fp16")
     guard.load_state_dict(saved.guard if saved else None)
@@ -270,7 +273,8 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
                       wandb_cfg=recipe.tracking.wandb, keep_records=saved.metrics_records if saved else None)
     run = Run(recipe, accelerator, layout, plan, model, optimizer, tokenizer, sources, vocab, guard, tracker, mfu,
               saved, resume_from, step, tokens, saved.elapsed_s if saved else 0.0,
-              dict(saved.data_consumed) if saved else dict(origin.consumed), loss=loss, l2_init=l2_init, ema=ema)
+              dict(saved.data_consumed) if saved else dict(origin.consumed), loss=loss, l2_init=l2_init, ema=ema,
+              old_rows=old_rows)
     if main:
         how = f"resumed from {resume_from}" if saved else "fresh start"
         print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "
@@ -282,6 +286,28 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         _log_init(run)
     model.train()
     return run, probe_sets
+
+
+def _old_rows(recipe: Recipe, accelerator, model, source: str | None, main: bool):
+    """model.extend_vocab.train_rows: new -> the OldRows keeper of the init_from model's own token rows."""
+    from accelerate.utils import DistributedType
+
+    from cpt.model import OldRows, old_token_rows
+
+    ext = recipe.model.extend_vocab
+    if ext is None or ext.train_rows == "all":
+        return None
+    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) or recipe.peft is not None:
+        raise CptError("model.extend_vocab.train_rows: new restores rows of the module's weights after each update: "
+                       "not with DeepSpeed / FSDP (they update copies or shards of their own) or peft")
+    if source is None:
+        raise CptError("model.extend_vocab.train_rows: new needs init_from (the model whose rows stay)")
+    rows = old_token_rows(source)
+    keeper = OldRows(accelerator.unwrap_model(model), rows)
+    if main:
+        print(f"cpt: model.extend_vocab.train_rows: new: rows 0..{rows - 1} (the tokens of {source}) of "
+              f"{len(keeper.kept)} table(s) kept; rows {rows}.. train")
+    return keeper
 
 
 def _mitigation_parts(l2_init, ema) -> dict:
