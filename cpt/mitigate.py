@@ -193,6 +193,82 @@ class L2Init:
         _load_into(self.refs, state, "l2_init")
 
 
+class ZeroL2Init:
+    """:class:`L2Init` under DeepSpeed ZeRO-1/2, on DeepSpeed's own tensors. The optimizer there updates fp32
+    master partitions (``single_partition_of_fp32_groups``: this rank's slice of each parameter group,
+    flattened) and then overwrites the module's weights, which are views into one flat buffer per group
+    (``bit16_groups_flat``). So the pull acts on both, with the same formula as :class:`L2Init`::
+
+        master <- lerp(master, ref[rank slice], lr_g * coeff)     flat <- lerp(flat, ref, lr_g * coeff)
+
+    ``ref`` is the whole group's fp32 flat buffer at the stage start, gathered from every rank's master
+    slice (the same on every rank, so the main process saves it; a rank's slice is cut from it with
+    DeepSpeed's own partitioning). In fp32 the two stay equal; in bf16 the module's weights are the
+    rounding of the master, as DeepSpeed keeps them. ZeRO-3 (parameters partitioned) is refused."""
+
+    def __init__(self, zero_optimizer, coeff: float):
+        if not (math.isfinite(coeff) and coeff >= 0):
+            raise CptError(f"l2_init coefficient {coeff!r}: expected a number >= 0")
+        self.zo, self.coeff = zero_optimizer, coeff
+        self.restart()
+
+    def _rank(self, i: int) -> int:
+        import torch.distributed as dist
+
+        group = self.zo.real_dp_process_group[i]
+        return dist.get_rank(group=group) if dist.is_initialized() else 0
+
+    def _gather(self, i: int) -> torch.Tensor:
+        """Group ``i``'s whole fp32 master buffer (in DeepSpeed's flat layout), from every rank's slice."""
+        import torch.distributed as dist
+
+        mine = self.zo.single_partition_of_fp32_groups[i].detach().float()
+        sizes = [p.numel() for p in self.zo.get_data_parallel_partitions(self.zo.bit16_groups_flat[i], i)]
+        if len(sizes) == 1:
+            return mine.clone()
+        padded = torch.zeros(max(sizes), dtype=torch.float32, device=mine.device)
+        padded[:mine.numel()] = mine
+        chunks = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(chunks, padded, group=self.zo.real_dp_process_group[i])
+        return torch.cat([c[:n] for c, n in zip(chunks, sizes, strict=True)])
+
+    def _slices(self) -> None:
+        self.parts = [self.zo.get_data_parallel_partitions(ref, i)[self._rank(i)] for i, ref in enumerate(self.refs)]
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Take the current weights as the reference (a collective: every rank calls it)."""
+        self.refs = [self._gather(i) for i in range(len(self.zo.bit16_groups_flat))]
+        self._slices()
+
+    @torch.no_grad()
+    def apply(self, optimizer) -> None:
+        if self.coeff == 0:
+            return
+        groups = self.zo.optimizer.param_groups
+        lr = max(g["lr"] for g in groups)
+        if lr * self.coeff > 1:
+            raise CptError(f"l2_init: coefficient {self.coeff:g} x LR {lr:.3e} = {lr * self.coeff:.3g} > 1 would "
+                           f"overshoot the start weights; keep it below 1 / (max LR x largest lr multiplier)")
+        for i, group in enumerate(groups):
+            w = group["lr"] * self.coeff
+            self.zo.single_partition_of_fp32_groups[i].lerp_(self.parts[i], w)
+            flat = self.zo.bit16_groups_flat[i]
+            if flat.dtype == torch.float32:
+                flat.lerp_(self.refs[i], w)
+            else:
+                flat.copy_(flat.float().lerp_(self.refs[i], w))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"zero_group.{i}": ref for i, ref in enumerate(self.refs)}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        own = {f"zero_group.{i}": ref for i, ref in enumerate(self.refs)}
+        _load_into(own, state, "l2_init")
+        self.refs = [own[f"zero_group.{i}"] for i in range(len(self.refs))]
+        self._slices()
+
+
 class EMA:
     """Exponential moving average of the trainable weights, in fp32::
 
@@ -275,21 +351,19 @@ def load_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
 
 
 def unsupported(accelerator, l2_init: bool, ema: bool) -> str | None:
-    """Why the L2Init / EMA asked for cannot run under this accelerator's backend, or None where they can.
-    Both: single process, DDP. EMA also under DeepSpeed ZeRO-1/2: the parameters stay whole on every rank,
-    overwritten from DeepSpeed's fp32 master copies after each step, so the average reads (and, for a
-    probe or the export, lends) the weights every rank holds; DeepSpeed's master copies are never touched.
-    L2Init must move the master copies themselves, which DeepSpeed keeps partitioned in its own layout:
-    not under DeepSpeed. Freezing and LR multipliers work everywhere (they only shape the optimizer's groups)."""
+    """Why the L2Init / EMA asked for cannot run under this accelerator's backend, or None where they can:
+    single process, DDP, and DeepSpeed ZeRO-1/2. There the parameters stay whole on every rank, overwritten
+    from DeepSpeed's fp32 master copies after each step: the average reads (and, for a probe or the
+    export, lends) the weights every rank holds, and the L2 pull moves the master copies and the weights
+    together (:class:`ZeroL2Init`). Not ZeRO-3 / FSDP (sharded parameters). Freezing and LR multipliers
+    work everywhere (they only shape the optimizer's groups)."""
     from accelerate.utils import DistributedType
 
     kind = accelerator.distributed_type
     if kind == DistributedType.DEEPSPEED:
-        if l2_init:
-            return ("l2_init: DeepSpeed updates fp32 master copies of its own (partitioned) and overwrites the "
-                    "module's weights from them, so a pull on the weights would be undone at the next step")
-        if ema and accelerator.state.deepspeed_plugin.zero_stage == 3:
-            return "ema: ZeRO-3 partitions the parameters, so the average would not see whole tensors (ZeRO-1/2 can)"
+        if accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return ("l2_init / ema: ZeRO-3 partitions the parameters, so they would not see whole tensors "
+                    "(ZeRO-1/2 can)")
         return None
     if kind == DistributedType.FSDP:
         return "FSDP flattens and shards the parameters, so l2_init / ema would not see whole tensors"

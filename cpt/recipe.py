@@ -395,7 +395,8 @@ class MitigateConfig(StrictModel):
     l2_init: float = Field(
         0.0, ge=0, description="Decoupled L2 toward the weights the stage started from: after each update "
         "w <- w - lr * l2_init * (w - w_stage_start), like AdamW's decoupled weight decay (lr * l2_init must "
-        "stay <= 1). The reference weights are in every checkpoint. Not with train.deepspeed / FSDP."
+        "stay <= 1). The reference weights are in every checkpoint. With DeepSpeed ZeRO-1/2 it moves DeepSpeed's "
+        "master copies too; not with ZeRO-3 / FSDP."
     )
     ema: EmaConfig | None = Field(
         None, description="An exponential moving average of the weights: probed beside the raw weights "
@@ -467,9 +468,6 @@ class Recipe(StrictModel):
                              "optimizer state partitioned in its own format); set it to false, or train without "
                              "DeepSpeed")
 
-        if self.train.deepspeed is not None and self.mitigate.l2_init > 0:
-            raise ValueError("mitigate.l2_init: not supported with train.deepspeed (DeepSpeed updates fp32 master "
-                             "copies of its own and overwrites the module's weights from them)")
 
         if self.merge is not None:
             from cpt.errors import CptError

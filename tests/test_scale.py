@@ -361,6 +361,28 @@ def test_ema_under_zero2_matches_one_process_and_resumes(two_proc_recipe):
         metric(whole.run.output_dir, "probe_ema/en/loss"), abs=1e-6)
 
 
+@pytest.mark.multiproc
+def test_l2_init_under_zero2_matches_one_process_and_resumes(two_proc_recipe):
+    """mitigate.l2_init under DeepSpeed ZeRO-2 (2 gloo processes) pulls DeepSpeed's fp32 master slices and
+    the module's weights alike (cpt.mitigate.ZeroL2Init): the curve is the 1-process L2Init run's (to the
+    ZeRO-2 tolerance), not the run without the pull, and a stop + --resume continues it exactly."""
+    ds, l2 = str(ROOT / "recipes/deepspeed/zero2.json"), {"l2_init": 100.0}  # lr x c up to 0.3
+    one, _ = two_proc_recipe("l2-one", mitigate=l2, tokens=4096)
+    train(one)
+    plain, _ = two_proc_recipe("l2-none", tokens=4096)
+    train(plain)
+    whole, path = two_proc_recipe("l2-zero2", mitigate=l2, tokens=4096, deepspeed=ds)
+    launch(path, port=free_port())
+    assert metric(whole.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
+    assert metric(whole.run.output_dir, "probe/en/loss") == pytest.approx(metric(one.run.output_dir, "probe/en/loss"),
+                                                                          abs=2e-5)
+    assert abs(metric(one.run.output_dir)[-1] - metric(plain.run.output_dir)[-1]) > 1e-3  # the pull shows
+    split, split_path = two_proc_recipe("l2-zero2-split", mitigate=l2, tokens=4096, deepspeed=ds)
+    launch(split_path, "--max-steps", "2", port=free_port())
+    launch(split_path, "--resume", port=free_port())
+    assert metric(split.run.output_dir) == pytest.approx(metric(whole.run.output_dir), abs=1e-6)
+
+
 @pytest.mark.slow  # beyond the DDP and ZeRO-2 runs CI needs: python -m pytest --runslow
 @pytest.mark.multiproc
 def test_zero3_lora_matches_one_process_and_exports_merged(two_proc_recipe):

@@ -258,7 +258,9 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         if why := mitigate.unsupported(accelerator, l2_init=mit.l2_init > 0, ema=mit.ema is not None):
             raise CptError(f"mitigate.{why}")
         weights = accelerator.unwrap_model(model)
-        l2_init = mitigate.L2Init(weights, mit.l2_init) if mit.l2_init > 0 else None
+        if mit.l2_init > 0:
+            zero = getattr(optimizer, "optimizer", None) if recipe.train.deepspeed is not None else None
+            l2_init = mitigate.ZeroL2Init(zero, mit.l2_init) if zero is not None else mitigate.L2Init(weights, mit.l2_init)
         ema = mitigate.EMA(weights, mit.ema.decay, mit.ema.every) if mit.ema is not None else None
         if resume_from is not None:
             mitigate.load_state(resume_from / mitigate.STATE_FILE, _mitigation_parts(l2_init, ema))
