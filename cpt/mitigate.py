@@ -350,21 +350,16 @@ def load_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
             raise CptError(f"{path}: {e}") from None
 
 
-def unsupported(accelerator, l2_init: bool, ema: bool) -> str | None:
-    """Why the L2Init / EMA asked for cannot run under this accelerator's backend, or None where they can:
-    single process, DDP, and DeepSpeed ZeRO-1/2. There the parameters stay whole on every rank, overwritten
-    from DeepSpeed's fp32 master copies after each step: the average reads (and, for a probe or the
-    export, lends) the weights every rank holds, and the L2 pull moves the master copies and the weights
-    together (:class:`ZeroL2Init`). Not ZeRO-3 / FSDP (sharded parameters). Freezing and LR multipliers
-    work everywhere (they only shape the optimizer's groups)."""
-    from accelerate.utils import DistributedType
+def unsupported(accelerator) -> str | None:
+    """Why L2Init / EMA cannot run under this accelerator's backend, or None where they can: single
+    process, DDP, and DeepSpeed ZeRO-1/2. There the parameters stay whole on every rank, overwritten from
+    DeepSpeed's fp32 master copies after each step: the average reads (and, for a probe or the export,
+    lends) the weights every rank holds, and the L2 pull moves the master copies and the weights together
+    (:class:`ZeroL2Init`). Not where the parameters are sharded (cpt.train.backend.params_sharded: ZeRO-3,
+    FSDP). Freezing and LR multipliers work everywhere (they only shape the optimizer's groups)."""
+    from cpt.train.backend import params_sharded
 
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        if accelerator.state.deepspeed_plugin.zero_stage == 3:
-            return ("l2_init / ema: ZeRO-3 partitions the parameters, so they would not see whole tensors "
-                    "(ZeRO-1/2 can)")
-        return None
-    if kind == DistributedType.FSDP:
-        return "FSDP flattens and shards the parameters, so l2_init / ema would not see whole tensors"
+    if params_sharded(accelerator):
+        return ("l2_init / ema: the parameters are sharded (ZeRO-3 / FSDP), so they would not see whole tensors "
+                "(DDP and ZeRO-1/2 can)")
     return None

@@ -703,14 +703,11 @@ def vocab_pretrain(s: Suite, base: dict[str, Path]) -> Path:
 
 
 def bytes_per_token(prepared: Path) -> float:
-    """UTF-8 bytes per token over a prepared set's sequences (its per-token byte counts)."""
-    import numpy as np
-
+    """UTF-8 bytes per token over a prepared set's sequences (its manifest's per-token byte total)."""
     from cpt.data.source import TokenSource
 
     src = TokenSource(prepared)
-    total = sum(int(src.bytes_batch(np.arange(i, min(i + 512, len(src)))).sum()) for i in range(0, len(src), 512))
-    return total / (len(src) * src.seq_len)
+    return src.bytes_total / (len(src) * src.seq_len)
 
 
 def vocab_cols(s: Suite) -> tuple[dict[str, list[list[float]]], dict, list[Path]]:

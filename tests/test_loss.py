@@ -46,6 +46,14 @@ def grads(model, loss_fn, inputs):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def plain_and_chunked(model, loss):
+    """(loss, grads) of the model's own loss and of ``loss`` in chunks of 16 rows on 2 x 24 seeded tokens."""
+    loss.chunk_rows = 16
+    ids = torch.randint(500, (2, 24), generator=torch.Generator().manual_seed(2))
+    inputs = {"input_ids": ids, "labels": ids}
+    return grads(model, PlainLoss(), inputs), grads(model, loss, inputs), inputs
+
+
 @pytest.mark.parametrize("name", ["llama", "llama-tied", "gemma2-softcap", "gpt2"])
 def test_chunked_loss_equals_the_models_loss_and_gradients(name):
     model = models()[name].eval()  # GPT-2's dropout would differ between the two forwards
@@ -72,11 +80,7 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(name):
 def test_chunked_loss_in_bf16_stays_within_bf16_rounding():
     model = models()["llama"].to(torch.bfloat16)
     loss, _ = choose_loss("chunked", model, sharded=False, vocab=500)
-    loss.chunk_rows = 16
-    ids = torch.randint(500, (2, 24), generator=torch.Generator().manual_seed(2))
-    inputs = {"input_ids": ids, "labels": ids}
-    want_loss, want = grads(model, PlainLoss(), inputs)
-    got_loss, got = grads(model, loss, inputs)
+    (want_loss, want), (got_loss, got), inputs = plain_and_chunked(model, loss)
     assert abs(got_loss - want_loss) < 2e-2 and all(g.dtype == torch.bfloat16 for g in got.values())
     for n in want:
         assert torch.allclose(got[n].float(), want[n].float(), rtol=5e-2, atol=2e-3), n
@@ -92,11 +96,7 @@ def test_under_autocast_the_chunks_run_in_the_compute_dtype_and_auto_keeps_them(
     assert isinstance(fallback, PlainLoss) and "relative difference" in note
     loss, note = choose_loss("auto", model, sharded=False, vocab=500, compute_dtype=torch.bfloat16)
     assert isinstance(loss, ChunkedLoss) and note is None
-    loss.chunk_rows = 16
-    ids = torch.randint(500, (2, 24), generator=torch.Generator().manual_seed(2))
-    inputs = {"input_ids": ids, "labels": ids}
-    want_loss, want = grads(model, PlainLoss(), inputs)
-    got_loss, got = grads(model, loss, inputs)
+    (want_loss, want), (got_loss, got), inputs = plain_and_chunked(model, loss)
     assert abs(got_loss - want_loss) < 1e-2 and all(g.dtype == torch.float32 for g in got.values())
     scale = max(g.abs().max().item() for g in want.values())
     for n in want:  # bf16 matmuls on both sides: equal to bf16 rounding

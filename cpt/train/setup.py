@@ -255,7 +255,7 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
 
     l2_init = ema = None
     if mit.stateful:
-        if why := mitigate.unsupported(accelerator, l2_init=mit.l2_init > 0, ema=mit.ema is not None):
+        if why := mitigate.unsupported(accelerator):
             raise CptError(f"mitigate.{why}")
         weights = accelerator.unwrap_model(model)
         if mit.l2_init > 0:
