@@ -11,7 +11,10 @@ that matches none is an error. Tied weights (an LM head sharing the embedding) a
 name selects it, and it is counted and stored once, under its first name.
 
 Everything here acts on the unwrapped model (``accelerator.unwrap_model``): DDP's ``module.`` prefix
-never reaches the names, so checkpoint keys are the model's own.
+never reaches the names, so checkpoint keys are the model's own. Under FSDP2 the parameters are DTensors
+(this rank's shard of each): references and averages are then DTensors sharded alike, every update is
+elementwise on the local shards, and a checkpoint holds the whole tensors (gathered), so it loads at any
+process count.
 """
 
 from __future__ import annotations
@@ -115,6 +118,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor; a collective: every rank calls it), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def copy_whole(own: torch.Tensor, whole: torch.Tensor) -> None:
+    """``own.copy_(whole)``, where ``own`` may be an FSDP2 shard: each rank then takes its own slice of the
+    whole tensor (every rank holds it, read from the same file; no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(own, DTensor):
+        whole = distribute_tensor(whole.to(own.device, own.dtype), own.device_mesh, own.placements,
+                                  src_data_rank=None)
+    own.copy_(whole)
+
+
 def _load_into(own: dict[str, torch.Tensor], saved: Mapping[str, torch.Tensor], what: str) -> None:
     """Copy ``saved`` into ``own`` (same names, same shapes), refusing any mismatch with one line."""
     missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
@@ -128,7 +149,7 @@ def _load_into(own: dict[str, torch.Tensor], saved: Mapping[str, torch.Tensor], 
                            f"{tuple(t.shape)} here")
     with torch.no_grad():
         for name, t in own.items():
-            t.copy_(saved[name])
+            copy_whole(t, saved[name])
 
 
 class L2Init:
@@ -146,9 +167,10 @@ class L2Init:
     reference is its random init.
 
     DDP: every rank holds the same references and applies the same deterministic update after the
-    all-reduced step, so the replicas stay identical. DeepSpeed (any ZeRO stage: the optimizer updates
-    its own fp32 master copies and overwrites the module's weights) and FSDP (flattened shards) are
-    not supported: see :func:`unsupported`.
+    all-reduced step, so the replicas stay identical. FSDP2: the parameters, the optimizer's parameters and
+    the references are the same DTensor shards, and the update is elementwise on them. DeepSpeed (the
+    optimizer updates fp32 master copies of its own) takes :class:`ZeroL2Init` at ZeRO-1/2; ZeRO-3 is
+    refused: see :func:`unsupported`.
     """
 
     def __init__(self, model: torch.nn.Module, coeff: float):
@@ -278,8 +300,8 @@ class EMA:
     weights: after n updates the start keeps weight decay**n, so choose 1 / (1 - decay) well below the
     number of updates (with ``every`` > 1, decay applies per update, not per step). Frozen parameters are
     not averaged (they do not move). :meth:`applied` lends the averaged weights to the model (probes,
-    export) and restores the raw ones bit for bit. DDP and DeepSpeed ZeRO-1/2: identical on every rank.
-    Sharded weights (ZeRO-3, FSDP) are not supported: see :func:`unsupported`.
+    export) and restores the raw ones bit for bit. DDP and DeepSpeed ZeRO-1/2: identical on every rank;
+    FSDP2: each rank averages its shards. ZeRO-3 is not supported: see :func:`unsupported`.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float, every: int = 1):
@@ -287,7 +309,7 @@ class EMA:
             raise CptError(f"ema decay {decay!r}: expected a number in (0, 1)")
         if every < 1:
             raise CptError(f"ema every {every!r}: expected a step count >= 1")
-        self.decay, self.every = decay, every
+        self.decay, self.every, self.model = decay, every, model
         self.params = dict(_trainable(model))
         self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
 
@@ -304,14 +326,18 @@ class EMA:
     def applied(self) -> Iterator[None]:
         """Within the block the model holds the EMA weights (cast to the parameters' dtype); after it, the
         raw weights exactly as before (kept as a copy meanwhile: one more copy of the trainable weights)."""
+        from cpt.train.backend import reshard
+
         raw = {n: p.detach().clone() for n, p in self.params.items()}
         try:
             with torch.no_grad():
+                reshard(self.model)
                 for name, p in self.params.items():
                     p.copy_(self.shadow[name])
             yield
         finally:
             with torch.no_grad():
+                reshard(self.model)
                 for name, p in self.params.items():
                     p.copy_(raw[name])
 
@@ -323,13 +349,29 @@ class EMA:
         _load_into(self.shadow, state, "ema")
 
 
-def save_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
-    """Write the parts' tensors into one safetensors file, keys ``<part>/<parameter name>`` (no pickle)."""
+def state_tensors(parts: Mapping[str, L2Init | EMA], keep: bool = True) -> dict[str, torch.Tensor]:
+    """The parts' whole tensors on the CPU, keys ``<part>/<parameter name>``. Every rank calls it (FSDP2
+    shards are gathered one tensor at a time); ranks with ``keep=False`` (all but the writer) get {}."""
+    out = {}
+    for key, part in parts.items():
+        for name, t in part.state_dict().items():
+            whole = _whole(t.detach())
+            if keep:
+                out[f"{key}/{name}"] = whole.cpu().contiguous()
+    return out
+
+
+def write_state(path: str | Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write :func:`state_tensors` into one safetensors file (no pickle)."""
     from safetensors.torch import save_file
 
-    tensors = {f"{key}/{name}": t.detach().cpu().contiguous()
-               for key, part in parts.items() for name, t in part.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": "cpt.mitigate/1", "parts": json.dumps(sorted(parts))})
+    parts = sorted({k.split("/", 1)[0] for k in tensors})
+    save_file(dict(tensors), str(path), metadata={"format": "cpt.mitigate/1", "parts": json.dumps(parts)})
+
+
+def save_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
+    """One process: :func:`state_tensors` written to ``path``."""
+    write_state(path, state_tensors(parts))
 
 
 def load_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
@@ -352,14 +394,15 @@ def load_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
 
 def unsupported(accelerator) -> str | None:
     """Why L2Init / EMA cannot run under this accelerator's backend, or None where they can: single
-    process, DDP, and DeepSpeed ZeRO-1/2. There the parameters stay whole on every rank, overwritten from
-    DeepSpeed's fp32 master copies after each step: the average reads (and, for a probe or the export,
-    lends) the weights every rank holds, and the L2 pull moves the master copies and the weights together
-    (:class:`ZeroL2Init`). Not where the parameters are sharded (cpt.train.backend.params_sharded: ZeRO-3,
-    FSDP). Freezing and LR multipliers work everywhere (they only shape the optimizer's groups)."""
-    from cpt.train.backend import params_sharded
+    process, DDP, DeepSpeed ZeRO-1/2 and FSDP2. Under DDP and ZeRO-1/2 the parameters stay whole on every
+    rank (ZeRO overwrites them from its fp32 master copies after each step; :class:`ZeroL2Init` moves both).
+    Under FSDP2 they are DTensor shards that the optimizer updates in place, and every update here is
+    elementwise on them. Not ZeRO-3 (the parameters are flat partitions inside DeepSpeed's engine) nor
+    FSDP1 (flat parameters). Freezing and LR multipliers work everywhere (they only shape the optimizer's
+    groups)."""
+    from cpt.train.backend import params_writable
 
-    if params_sharded(accelerator):
-        return ("l2_init / ema: the parameters are sharded (ZeRO-3 / FSDP), so they would not see whole tensors "
-                "(DDP and ZeRO-1/2 can)")
+    if not params_writable(accelerator):
+        return ("l2_init / ema: the parameters are flat partitions (ZeRO-3 / FSDP1), so they would not see whole "
+                "tensors (DDP, ZeRO-1/2 and FSDP2 can)")
     return None

@@ -396,12 +396,12 @@ class MitigateConfig(StrictModel):
         0.0, ge=0, description="Decoupled L2 toward the weights the stage started from: after each update "
         "w <- w - lr * l2_init * (w - w_stage_start), like AdamW's decoupled weight decay (lr * l2_init must "
         "stay <= 1). The reference weights are in every checkpoint. With DeepSpeed ZeRO-1/2 it moves DeepSpeed's "
-        "master copies too; not with ZeRO-3 / FSDP."
+        "master copies too; under FSDP2 it acts on the shards; not with ZeRO-3 / FSDP1."
     )
     ema: EmaConfig | None = Field(
         None, description="An exponential moving average of the weights: probed beside the raw weights "
         "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. With DeepSpeed ZeRO-1/2 "
-        "(whole weights on every rank); not with ZeRO-3 / FSDP (sharded weights)."
+        "(whole weights on every rank) and FSDP2 (an average per shard); not with ZeRO-3 / FSDP1."
     )
 
     @property

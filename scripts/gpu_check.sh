@@ -33,7 +33,7 @@ bench --name single-compile --compile
 bench --name single-compile-ac --compile --activation-checkpointing
 if (( gpus > 1 )); then
   bench --name ddp --launch ddp --processes "$gpus"
-  [[ -z "$dry" ]] && bench --name fsdp2 --launch fsdp2 --processes "$gpus"  # FSDP does not engage on CPU
+  bench --name fsdp2 --launch fsdp2 --processes "$gpus"  # on CPU: FSDP2 over gloo (cpt.train.backend)
   bench --name zero3 --launch zero3 --processes "$gpus"
 fi
 python3 scripts/bench_gpu.py table --work "$work"

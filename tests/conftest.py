@@ -137,10 +137,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(recipe_path, *args, port=None, extra_env=None):
-    """`accelerate launch` 2 gloo processes of `cpt train RECIPE ARGS` on CPU; asserts success."""
+def launch(recipe_path, *args, port=None, extra_env=None, config=None):
+    """`accelerate launch` 2 gloo processes of `cpt train RECIPE ARGS` on CPU (``config``: an accelerate
+    config file instead of --multi_gpu); asserts success."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    how = ["--config_file", str(config)] if config else ["--multi_gpu"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *how, "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port or free_port()), "-m", "cpt.cli", "train", str(recipe_path), *args]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
@@ -153,7 +155,7 @@ def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
     """A tiny 2-process-friendly recipe written to YAML: (recipe, path)."""
     from cpt.recipe import validate_recipe
 
-    def make(name, peft=None, tokens=6144, data=None, mitigate=None, **train):
+    def make(name, peft=None, tokens=6144, data=None, mitigate=None, extra=None, **train):
         r = validate_recipe({
             "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 5},
             "model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
@@ -167,6 +169,7 @@ def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
             "tracking": {"progress": False},
             "peft": peft,
             **({"mitigate": mitigate} if mitigate else {}),
+            **(extra or {}),
         })
         path = tmp_path / f"{name}.yaml"
         path.write_text(r.to_yaml())

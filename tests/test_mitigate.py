@@ -300,13 +300,14 @@ def test_lora_model_freeze_multipliers_l2_init_and_ema_on_adapters_only():
 def test_unsupported_backends():
     from accelerate.utils import DistributedType
 
-    def on(kind, stage=None):
-        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(
+    def on(kind, stage=None, fsdp2=False):
+        return SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2, state=SimpleNamespace(
             deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
 
     assert unsupported(on(DistributedType.NO)) is None
     assert unsupported(on(DistributedType.MULTI_GPU)) is None
-    assert "FSDP" in unsupported(on(DistributedType.FSDP))
+    assert "FSDP1" in unsupported(on(DistributedType.FSDP))
+    assert unsupported(on(DistributedType.FSDP, fsdp2=True)) is None  # DTensor shards (tests/test_fsdp.py)
     for stage in (1, 2):  # whole weights on every rank (ZeroL2Init moves the master copies too)
         assert unsupported(on(DistributedType.DEEPSPEED, stage)) is None
     assert "ZeRO-3" in unsupported(on(DistributedType.DEEPSPEED, 3))

@@ -2,8 +2,8 @@
 
 Fast tests run in-process on a tiny Llama. The `multiproc` ones launch 2 gloo processes on CPU with
 `accelerate launch` (LoRA under DDP; DeepSpeed ZeRO-2 with save and resume); the README's test command
-runs them (deselect with `-m "not multiproc"`). FSDP and anything needing a GPU (bf16, MFU on a real
-device, torch.compile) are not run here; see docs/multinode.md.
+runs them (deselect with `-m "not multiproc"`). FSDP2 is in tests/test_fsdp.py; anything needing a GPU
+(bf16, MFU on a real device, torch.compile) is not run here; see docs/multinode.md.
 """
 
 import json

@@ -32,6 +32,9 @@ def _accelerator(**kwargs):
     AcceleratorState._reset_state(reset_partial_state=False)
     deepspeed = kwargs.get("deepspeed_plugin") is not None
     accelerator = Accelerator(cpu=not torch.cuda.is_available() and not deepspeed, **kwargs)
+    if accelerator.distributed_type == DistributedType.MULTI_CPU and os.environ.get(
+            "ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpu(accelerator)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and (accelerator.num_processes != world or accelerator.distributed_type == DistributedType.NO):
         raise CptError(
@@ -39,6 +42,28 @@ def _accelerator(**kwargs):
             f"({accelerator.distributed_type}): the processes would work independently"
         )
     return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """`accelerate launch` with an FSDP config on CPU processes: engage FSDP2 over gloo.
+
+    accelerate turns FSDP on only for GPUs and other accelerators; on CPU it would quietly run plain data
+    parallel while the config asked for shards. torch's FSDP2 (``fully_shard``) runs on a CPU mesh with
+    gloo, so the state is switched to FSDP here (PartialState too: a later AcceleratorState() copies its
+    fields back) and the same accelerate code as on GPUs shards the model (fsdp2_prepare_model), saves
+    sharded states and gathers the weights. cpt's tests run FSDP this way. FSDP1 needs CUDA: refused."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables accelerate launch sets
+    if plugin.fsdp_version != 2:
+        raise CptError(f"FSDP on CPU processes: fsdp_version {plugin.fsdp_version} needs GPUs; set fsdp_version: 2 "
+                       f"in the accelerate config (torch's fully_shard runs on CPU with gloo)")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def eval_accelerator():
@@ -159,6 +184,26 @@ def params_sharded(accelerator) -> bool:
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         return accelerator.state.deepspeed_plugin.zero_stage == 3
     return False
+
+
+def reshard(model) -> None:
+    """FSDP2: free the whole parameters a forward gathered and kept. Groups with reshard_after_forward
+    false (accelerate's tail: final norm and LM head) keep them until a backward, which a probe never
+    runs; the next forward would reuse them. Call before and after writing weights into the shards
+    (EMA or merged weights lent for a probe). Elsewhere nothing to do."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def params_writable(accelerator) -> bool:
+    """Whether every rank can update its parameters elementwise, in place, and the next step and forward
+    see it: whole tensors (one process, DDP, ZeRO-1/2, whose module weights the engine keeps whole) or
+    FSDP2's DTensor shards (each rank writes its shard; see :func:`reshard`). Not ZeRO-3's or FSDP1's
+    flat partitions, which their engines own."""
+    return not params_sharded(accelerator) or bool(getattr(accelerator, "is_fsdp2", False))
 
 
 # ------------------------------------------------------------------------------------------- FLOPs/MFU

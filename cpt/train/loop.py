@@ -262,10 +262,11 @@ def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict
         elapsed_s=run.elapsed, tags=tags, origin=run.plan.origin,
         next_lr=run.plan.stage_at(run.tokens).lr(run.tokens), probe_state=probe_state,
         metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict())
-    parts = run.mitigations
+    parts = run.mitigations  # gathered by every rank (FSDP2 shards), written by the main process
+    tensors = mitigate.state_tensors(parts, keep=run.main) if parts else None
     ckpt_lib.save_checkpoint(run.accelerator, run.run_dir, run.step, state, run.recipe.to_yaml(),
                              run.recipe.checkpoint.keep_last, model=run.model, tokenizer=run.tokenizer,
-                             write_extra=(lambda d: mitigate.save_state(d / mitigate.STATE_FILE, parts))
+                             write_extra=(lambda d: mitigate.write_state(d / mitigate.STATE_FILE, tensors))
                              if parts else None)
 
 
@@ -273,10 +274,10 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
     """recipe.merge at the end of ``stage`` (``final``; else at a probe, merge.at_probes): its last
     checkpoints so far averaged into merged/<stage>/ (merged/<stage>-latest/ at a probe) (cpt.merge), then
     probed in place of the weights as probe_merge/<set>/... (not for LoRA runs, whose merge is a full
-    model, nor with ZeRO-3/FSDP shards). Returns the record's fields; None at a probe before the stage
-    has 2 checkpoints."""
+    model, nor with ZeRO-3/FSDP1 partitions). Returns the record's fields; None at a probe before the
+    stage has 2 checkpoints."""
     from cpt.merge import merge_checkpoints, merge_coefficients
-    from cpt.train.backend import params_sharded
+    from cpt.train.backend import params_writable
 
     cfg = run.recipe.merge
     mine = [d for d in ckpt_lib.checkpoint_dirs(run.run_dir)
@@ -294,7 +295,7 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
     run.accelerator.wait_for_everyone()
     record: dict[str, Any] = {"merge/path": str(out), "merge/checkpoints": [p.name for p in paths],
                               "merge/coefficients": coefficients}
-    if probes is not None and run.recipe.peft is None and not params_sharded(run.accelerator):
+    if probes is not None and run.recipe.peft is None and params_writable(run.accelerator):
         with _weights_from(run, out):
             measured = probes(run.model, run.accelerator)
         record |= {k.replace("probe/", "probe_merge/", 1): v for k, v in measured.items()}
@@ -304,24 +305,29 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
 @contextmanager
 def _weights_from(run: Run, model_dir: Path):
     """Within the block the model holds the weights of ``model_dir`` (an HF dir of the same model); after
-    it, its own again, bit for bit."""
+    it, its own again, bit for bit. Under FSDP2 each rank writes its shards (cpt.mitigate.copy_whole)."""
     from safetensors.torch import load_file
+
+    from cpt.train.backend import reshard
 
     loaded: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         loaded |= load_file(f)
-    params = dict(run.accelerator.unwrap_model(run.model).named_parameters())
+    model = run.accelerator.unwrap_model(run.model)
+    params = dict(model.named_parameters())
     missing = sorted(set(params) - set(loaded))
     if missing:
         raise CptError(f"{model_dir}: lacks {missing[0]} ({len(missing)} parameters missing)")
     raw = {n: p.detach().clone() for n, p in params.items()}
     try:
         with torch.no_grad():
+            reshard(model)
             for n, p in params.items():
-                p.copy_(loaded[n])
+                mitigate.copy_whole(p, loaded[n])
         yield
     finally:
         with torch.no_grad():
+            reshard(model)
             for n, p in params.items():
                 p.copy_(raw[n])
 

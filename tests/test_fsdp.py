@@ -1,0 +1,108 @@
+"""FSDP2 (torch fully_shard through accelerate) on 2 gloo CPU processes, launched with the shipped
+recipes/accelerate/fsdp2.yaml: the run matches one process, resumes exactly from its sharded checkpoint,
+exports a model dir equal to the one-process export, with activation checkpointing and with the stateful
+mitigations (L2-init, EMA) on. accelerate engages FSDP only on GPUs; cpt.train.backend engages FSDP2 on
+CPU itself (see its _fsdp_on_cpu), so the same accelerate code paths run here as on GPUs.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port, launch
+
+from cpt import checkpoint as ckpt_lib
+from cpt.tracking import read_metrics
+from cpt.train.loop import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP2 = ROOT / "recipes/accelerate/fsdp2.yaml"
+pytestmark = pytest.mark.multiproc
+
+
+def metric(run_dir, key="train/loss"):
+    return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
+
+
+def logits(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(torch.arange(3, 40).view(1, -1)).logits
+
+
+def test_fsdp2_matches_one_process_resumes_exactly_and_exports(two_proc_recipe):
+    """FSDP2 averages the same gradients as one process (reduce-scatter instead of all-reduce: only the
+    summation order differs), so the losses agree to ~1e-6; activation checkpointing (on in the FSDP2
+    runs, off in the reference) recomputes the same forward. A stop at step 3 and --resume from the
+    sharded checkpoint continue the whole FSDP2 run exactly."""
+    one, _ = two_proc_recipe("one")
+    train(one)
+    whole, path = two_proc_recipe("fsdp2", activation_checkpointing=True)
+    out = launch(path, port=free_port(), config=FSDP2)
+    assert "2 process(es), grad accum 2" in out.stdout and out.stdout.count("cpt: done") == 1
+    assert metric(whole.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
+    assert metric(whole.run.output_dir, "probe/en/loss") == pytest.approx(metric(one.run.output_dir, "probe/en/loss"),
+                                                                          abs=2e-5)
+    assert metric(whole.run.output_dir, "train/grad_norm") == pytest.approx(
+        metric(one.run.output_dir, "train/grad_norm"), rel=1e-4)
+    last = ckpt_lib.latest_checkpoint(whole.run.output_dir)
+    assert (last / "pytorch_model_fsdp_0").is_dir() and (last / "model.safetensors").is_file()  # shards + whole
+    assert torch.allclose(logits(Path(whole.run.output_dir) / "final"), logits(Path(one.run.output_dir) / "final"),
+                          atol=1e-4)
+
+    split, split_path = two_proc_recipe("fsdp2-split", activation_checkpointing=True)
+    launch(split_path, "--max-steps", "3", port=free_port(), config=FSDP2)
+    assert len(metric(split.run.output_dir)) == 3
+    launch(split_path, "--resume", port=free_port(), config=FSDP2)
+    assert metric(split.run.output_dir) == pytest.approx(metric(whole.run.output_dir), abs=1e-6)
+    assert torch.allclose(logits(Path(split.run.output_dir) / "final"), logits(Path(whole.run.output_dir) / "final"),
+                          atol=1e-6)
+
+
+def test_l2_init_ema_and_merge_under_fsdp2_match_one_process_and_resume(two_proc_recipe):
+    """mitigate.l2_init and mitigate.ema on FSDP2 shards (DTensors), with frozen parameters and an LR
+    multiplier in the same shard units, and the merged weights lent to the model for a probe: the curve, probe_ema and probe_merge are the 1-process run's, the pull shows (the
+    curve is not the plain run's), the averaged export loads, and the gathered mitigation state in a
+    checkpoint resumes the run exactly."""
+    from transformers import AutoModelForCausalLM
+
+    shape = {"freeze": [r"layers\.0\.mlp"], "lr_multipliers": {r"layers\.1\.": 0.5}}  # optimizer groups only
+    both = {**shape, "l2_init": 100.0, "ema": {"decay": 0.5, "every": 1}}  # lr x c up to 0.3
+    merge = {"checkpoint": {"every": 1024}, "merge": {"last": 2, "weights": "uniform"}}
+    one, _ = two_proc_recipe("mit-one", mitigate=both, tokens=4096, extra=merge)
+    train(one)
+    plain, _ = two_proc_recipe("mit-none", mitigate=shape, tokens=4096)
+    train(plain)
+    whole, path = two_proc_recipe("mit-fsdp2", mitigate=both, tokens=4096, extra=merge)
+    launch(path, port=free_port(), config=FSDP2)
+    assert len(metric(whole.run.output_dir, "probe_merge/en/loss")) == 1
+    for key in ("train/loss", "probe/en/loss", "probe_ema/en/loss", "probe_merge/en/loss"):
+        assert metric(whole.run.output_dir, key) == pytest.approx(metric(one.run.output_dir, key), abs=2e-5), key
+    assert abs(metric(one.run.output_dir)[-1] - metric(plain.run.output_dir)[-1]) > 1e-3  # the pull shows
+    lent = metric(whole.run.output_dir, "probe/en/loss")[-1]
+    assert min(abs(metric(whole.run.output_dir, k)[-1] - lent) for k in ("probe_ema/en/loss", "probe_merge/en/loss")) > 1e-3
+    AutoModelForCausalLM.from_pretrained(Path(whole.run.output_dir) / "final_ema")
+    assert torch.allclose(logits(Path(whole.run.output_dir) / "final_ema"),
+                          logits(Path(one.run.output_dir) / "final_ema"), atol=1e-4)
+
+    split, split_path = two_proc_recipe("mit-fsdp2-split", mitigate=both, tokens=4096)
+    launch(split_path, "--max-steps", "2", port=free_port(), config=FSDP2)
+    launch(split_path, "--resume", port=free_port(), config=FSDP2)
+    for key in ("train/loss", "probe_ema/en/loss"):
+        assert metric(split.run.output_dir, key) == pytest.approx(metric(whole.run.output_dir, key), abs=1e-6), key
+
+
+def test_lora_under_fsdp2_matches_one_process_and_exports_merged(two_proc_recipe):
+    """LoRA adapters (and a full LM head, modules_to_save) trained on FSDP2 shards of the frozen base: the
+    curve is the 1-process run's and final/ (base + adapters merged, gathered) gives its logits."""
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    one, _ = two_proc_recipe("lora-one", peft=lora)
+    train(one)
+    two, path = two_proc_recipe("lora-fsdp2", peft=lora)
+    launch(path, port=free_port(), config=FSDP2)
+    assert metric(two.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
+    assert (Path(two.run.output_dir) / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.allclose(logits(Path(two.run.output_dir) / "final"), logits(Path(one.run.output_dir) / "final"),
+                          atol=1e-4)
