@@ -793,10 +793,15 @@ EXPERIMENTS = {1: rewarming, 2: replay, 3: infinite, 4: wsd, 5: stability_gap, 6
 # ------------------------------------------------------------------ the page
 
 
+def _flags(args: argparse.Namespace) -> str:
+    return ((" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds is not None else "")
+            + (f" --long-seeds {args.long_seeds}" if args.long_seeds is not None else ""))
+
+
 def header(args: argparse.Namespace, b: Budget, run: Runner, wall: float) -> str:
     """The page's opening: how it was measured, wall time and tokens."""
     mode = "quick" if args.quick else "full"
-    flags = (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds is not None else "")
+    flags = _flags(args)
     if args.experiments != ALL:
         flags += " --experiments " + " ".join(map(str, args.experiments))
     runs_s = sum(run.wall.values())
@@ -828,7 +833,7 @@ def commands_block(commands: list[str]) -> str:
 
 def subset_note(args: argparse.Namespace, b: Budget, run: Runner, wall: float) -> str:
     """The paragraph a page's header gets when only some experiments were (re)measured into it."""
-    flags = (" --quick" if args.quick else "") + (f" --seeds {args.seeds}" if args.seeds is not None else "")
+    flags = _flags(args)
     exps = " ".join(map(str, args.experiments))
     tokens = run.tokens()
     runs_s = sum(run.wall.values())
@@ -873,6 +878,8 @@ def parse_args() -> argparse.Namespace:
                     "budget); their sections go into the existing page, the others are kept")
     ap.add_argument("--seeds", type=int, default=None,
                     help="seeds for experiments 2-5 (default: 1 in quick mode, 3 in full)")
+    ap.add_argument("--long-seeds", type=int, default=None,
+                    help="of those, how many experiments 3, 4 and 7 (the longest runs) take (default: 2 in full)")
     return ap.parse_args()
 
 
@@ -881,6 +888,8 @@ def main() -> None:
     b = QUICK if args.quick else FULL
     if args.seeds is not None:
         b.seeds = [1234, 7, 42, 3, 11][: args.seeds]
+    if args.long_seeds is not None:
+        b.long_seeds = args.long_seeds
     mode = "quick" if args.quick else "full"
     out = args.out or ROOT / "runs" / "repro" / mode
     t_start = time.time()
