@@ -35,6 +35,11 @@ STATE_FILE = "mitigate.safetensors"  # in a checkpoint dir, beside accelerate's 
 
 
 def _trainable(model: torch.nn.Module) -> Named:
+    """The trainable parameters; under FSDP2 the shards (a unit a forward left gathered would otherwise
+    give its gathered weights, which are freed at the next reshard)."""
+    from cpt.train.backend import reshard
+
+    reshard(model)
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 

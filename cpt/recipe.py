@@ -254,7 +254,7 @@ class TrainConfig(StrictModel):
         "their fp32 copies never exist (what makes 128K-256K vocabularies fit); same loss and gradients as "
         "the model's own to float rounding. model = model(..., labels=...).loss. auto = chunked where it "
         "applies (a plain Linear head whose logits the model does not post-process beyond Gemma's "
-        "soft-capping, weights not sharded by ZeRO-3/FSDP; checked at start on a few tokens), else model, "
+        "soft-capping, weights not partitioned by ZeRO-3/FSDP1; checked at start on a few tokens), else model, "
         "saying why."
     )
     activation_checkpointing: bool = Field(

@@ -35,13 +35,15 @@ def logits(model_dir):
 def test_fsdp2_matches_one_process_resumes_exactly_and_exports(two_proc_recipe):
     """FSDP2 averages the same gradients as one process (reduce-scatter instead of all-reduce: only the
     summation order differs), so the losses agree to ~1e-6; activation checkpointing (on in the FSDP2
-    runs, off in the reference) recomputes the same forward. A stop at step 3 and --resume from the
+    runs, off in the reference) recomputes the same forward; the chunked loss gathers the sharded head
+    and its gradient is reduce-scattered back (grad norms equal). A stop at step 3 and --resume from the
     sharded checkpoint continue the whole FSDP2 run exactly."""
     one, _ = two_proc_recipe("one")
     train(one)
     whole, path = two_proc_recipe("fsdp2", activation_checkpointing=True)
     out = launch(path, port=free_port(), config=FSDP2)
     assert "2 process(es), grad accum 2" in out.stdout and out.stdout.count("cpt: done") == 1
+    assert "uses the model's own loss" not in out.stdout  # the chunked loss, the head gathered for it
     assert metric(whole.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
     assert metric(whole.run.output_dir, "probe/en/loss") == pytest.approx(metric(one.run.output_dir, "probe/en/loss"),
                                                                           abs=2e-5)

@@ -57,7 +57,7 @@ def plain_and_chunked(model, loss):
 @pytest.mark.parametrize("name", ["llama", "llama-tied", "gemma2-softcap", "gpt2"])
 def test_chunked_loss_equals_the_models_loss_and_gradients(name):
     model = models()[name].eval()  # GPT-2's dropout would differ between the two forwards
-    loss, note = choose_loss("auto", model, sharded=False, vocab=500)
+    loss, note = choose_loss("auto", model, partitioned=False, vocab=500)
     assert isinstance(loss, ChunkedLoss) and note is None
     loss.chunk_rows = 7  # 3 x 20 positions: 9 chunks, the last one short
     ids = torch.randint(500, (3, 20), generator=torch.Generator().manual_seed(1))
@@ -79,7 +79,7 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(name):
 
 def test_chunked_loss_in_bf16_stays_within_bf16_rounding():
     model = models()["llama"].to(torch.bfloat16)
-    loss, _ = choose_loss("chunked", model, sharded=False, vocab=500)
+    loss, _ = choose_loss("chunked", model, partitioned=False, vocab=500)
     (want_loss, want), (got_loss, got), inputs = plain_and_chunked(model, loss)
     assert abs(got_loss - want_loss) < 2e-2 and all(g.dtype == torch.bfloat16 for g in got.values())
     for n in want:
@@ -92,9 +92,9 @@ def test_under_autocast_the_chunks_run_in_the_compute_dtype_and_auto_keeps_them(
     the model's own head does, or its logits are not the model's (auto then fell back: the bug)."""
     model = models()["llama"].eval()
     model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)  # what accelerate does
-    fallback, note = choose_loss("auto", model, sharded=False, vocab=500)  # the compute dtype not given
+    fallback, note = choose_loss("auto", model, partitioned=False, vocab=500)  # the compute dtype not given
     assert isinstance(fallback, PlainLoss) and "relative difference" in note
-    loss, note = choose_loss("auto", model, sharded=False, vocab=500, compute_dtype=torch.bfloat16)
+    loss, note = choose_loss("auto", model, partitioned=False, vocab=500, compute_dtype=torch.bfloat16)
     assert isinstance(loss, ChunkedLoss) and note is None
     (want_loss, want), (got_loss, got), inputs = plain_and_chunked(model, loss)
     assert abs(got_loss - want_loss) < 1e-2 and all(g.dtype == torch.float32 for g in got.values())
@@ -108,29 +108,29 @@ def test_under_autocast_the_chunks_run_in_the_compute_dtype_and_auto_keeps_them(
 def test_models_that_post_process_logits_or_wrap_the_head_fall_back_to_their_own_loss():
     torch.manual_seed(0)
     cohere = CohereForCausalLM(CohereConfig(**SMALL, logit_scale=0.5))  # logits = head(h) * 0.5
-    loss, note = choose_loss("auto", cohere, sharded=False, vocab=500)
+    loss, note = choose_loss("auto", cohere, partitioned=False, vocab=500)
     assert isinstance(loss, PlainLoss) and "not head(final hidden states)" in note
     with pytest.raises(CptError, match="train.loss: chunked cannot run here: its logits"):
-        choose_loss("chunked", cohere, sharded=False, vocab=500)
+        choose_loss("chunked", cohere, partitioned=False, vocab=500)
 
     from peft import LoraConfig, get_peft_model
     lora_head = get_peft_model(models()["llama"], LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
-    loss, note = choose_loss("auto", lora_head, sharded=False, vocab=500)
+    loss, note = choose_loss("auto", lora_head, partitioned=False, vocab=500)
     assert isinstance(loss, PlainLoss) and "not a plain Linear" in note
-    loss, note = choose_loss("auto", models()["llama"], sharded=True, vocab=500)
-    assert isinstance(loss, PlainLoss) and "ZeRO-3 / FSDP" in note
+    loss, note = choose_loss("auto", models()["llama"], partitioned=True, vocab=500)
+    assert isinstance(loss, PlainLoss) and "ZeRO-3 / FSDP1" in note
     from transformers import MixtralConfig, MixtralForCausalLM
     moe = MixtralForCausalLM(MixtralConfig(**SMALL, num_local_experts=2, output_router_logits=True))
-    loss, note = choose_loss("auto", moe, sharded=False, vocab=500)  # its loss adds the router's aux loss
+    loss, note = choose_loss("auto", moe, partitioned=False, vocab=500)  # its loss adds the router's aux loss
     assert isinstance(loss, PlainLoss) and "router auxiliary loss" in note
-    assert isinstance(choose_loss("model", models()["llama"], sharded=False, vocab=500)[0], PlainLoss)
+    assert isinstance(choose_loss("model", models()["llama"], partitioned=False, vocab=500)[0], PlainLoss)
 
 
 def test_lora_on_the_body_trains_the_same_through_the_chunked_loss():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(models()["llama"], LoraConfig(r=4, target_modules="all-linear"))
-    loss, note = choose_loss("auto", model, sharded=False, vocab=500)
+    loss, note = choose_loss("auto", model, partitioned=False, vocab=500)
     assert isinstance(loss, ChunkedLoss) and note is None
     ids = torch.randint(500, (2, 16), generator=torch.Generator().manual_seed(3))
     want_loss, want = grads(model, PlainLoss(), {"input_ids": ids, "labels": ids})

@@ -314,6 +314,7 @@ def _weights_from(run: Run, model_dir: Path):
     for f in sorted(model_dir.glob("*.safetensors")):
         loaded |= load_file(f)
     model = run.accelerator.unwrap_model(run.model)
+    reshard(model)  # FSDP2: the shards, not a unit's gathered weights
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(loaded))
     if missing:
@@ -321,7 +322,6 @@ def _weights_from(run: Run, model_dir: Path):
     raw = {n: p.detach().clone() for n, p in params.items()}
     try:
         with torch.no_grad():
-            reshard(model)
             for n, p in params.items():
                 mitigate.copy_whole(p, loaded[n])
         yield

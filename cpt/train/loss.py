@@ -17,8 +17,9 @@ the compute dtype the model's own head would use (the head weight cast once per 
 it), the softmax and the loss in fp32, and the head's gradient is summed over chunks in fp32; without
 that the head would run in fp32 beside a bf16 model, and its logits would not be the model's.
 
-The chunked path needs the head to be a plain ``nn.Linear`` whose weights are whole on this rank (not
-ZeRO-3 / FSDP shards, which exist only inside the module's own forward) and the model's logits to be
+The chunked path needs the head to be a plain ``nn.Linear`` whose weights can be whole on this rank (not
+ZeRO-3 / FSDP1 partitions, which exist only inside the module's own forward; an FSDP2 head's unit is
+gathered for it, and FSDP2 reduce-scatters its gradient as any unit's) and the model's logits to be
 ``head(hidden)`` (with Gemma's final soft-capping, which it applies too). :func:`choose_loss` checks the
 last point by running both paths on a few tokens, so a model that post-processes its logits otherwise
 (a logit scale, a second head) falls back to the plain path instead of training on a different loss.
@@ -156,11 +157,22 @@ class ChunkedLoss:
         inputs = dict(inputs)
         targets = next_token_targets(inputs.pop("labels"))
         h = self.hidden(model, inputs)
+        self._gather_head()
         return LinearCrossEntropy.apply(h.flatten(0, 1), self.head.weight, self.head.bias, targets.flatten(),
                                         self.softcap, self.chunk_rows, self.compute_dtype)
 
+    def _gather_head(self) -> None:
+        """FSDP2: make the head's weights whole on this rank (its unit's all-gather; a no-op when the forward
+        left them gathered). The gradient then reaches the gathered weight, which FSDP2 reduce-scatters
+        into the shards at the end of the backward as for any unit."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.head, FSDPModule):
+            self.head.unshard()
+
     def _head(self):
         """The head's weight and bias in the compute dtype (cast once per call)."""
+        self._gather_head()
         dt = self.compute_dtype or self.head.weight.dtype
         bias = self.head.bias
         return self.head.weight.to(dt), None if bias is None else bias.to(dt)
@@ -185,14 +197,18 @@ def hf_model_of(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def chunked_unsupported(hf_model, sharded: bool) -> str | None:
-    """Why the chunked path cannot run on this model, or None."""
-    if sharded:
-        return "the weights are sharded (ZeRO-3 / FSDP): the head exists whole only inside its own forward"
+def chunked_unsupported(hf_model, partitioned: bool) -> str | None:
+    """Why the chunked path cannot run on this model, or None. ``partitioned``: the engine owns flat
+    partitions of the weights (ZeRO-3, FSDP1; FSDP2's head is gathered by :meth:`ChunkedLoss._gather_head`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if partitioned:
+        return "the weights are partitioned (ZeRO-3 / FSDP1): the head exists whole only inside its own forward"
     if getattr(hf_model.config, "output_router_logits", False):
         return "the model adds a router auxiliary loss to its own (MoE, output_router_logits)"
     head = hf_model.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
+    kind = type(head).__bases__[-1] if isinstance(head, FSDPModule) else type(head)  # FSDP2: FSDP<cls>(FSDPModule, cls)
+    if kind is not torch.nn.Linear:
         return f"the output head is a {type(head).__name__}, not a plain Linear (e.g. LoRA on the head)"
     if not hasattr(hf_model, hf_model.base_model_prefix):
         return f"{type(hf_model).__name__} has no decoder at .{hf_model.base_model_prefix}"
@@ -220,14 +236,14 @@ def same_logits(model, loss: ChunkedLoss, vocab: int) -> str | None:
     return None if err <= tol else f"its logits are not head(final hidden states) (relative difference {err:.2e})"
 
 
-def choose_loss(mode: str, model, sharded: bool, vocab: int, compute_dtype: torch.dtype | None = None):
+def choose_loss(mode: str, model, partitioned: bool, vocab: int, compute_dtype: torch.dtype | None = None):
     """(loss, note) for train.loss = auto | chunked | model; ``model`` unwrapped from DDP/DeepSpeed (its
     autocast wrapper kept). ``compute_dtype``: autocast's dtype under mixed precision (None: the weights').
     ``note`` says why auto fell back to the plain path (None otherwise)."""
     if mode == "model":
         return PlainLoss(), None
     hf = hf_model_of(model)
-    why = chunked_unsupported(hf, sharded)
+    why = chunked_unsupported(hf, partitioned)
     loss = None
     if why is None:
         loss = ChunkedLoss(hf, compute_dtype=compute_dtype)

@@ -24,7 +24,13 @@ from cpt.model import build_model, check_seq_len, model_config, num_params, pres
 from cpt.plan import RunPlan, describe_origin, plan_run
 from cpt.recipe import Recipe, recipe_diff
 from cpt.tracking import Tracker
-from cpt.train.backend import deepspeed_plugin, make_accelerator, mfu_per_token_s, params_sharded
+from cpt.train.backend import (
+    deepspeed_plugin,
+    make_accelerator,
+    mfu_per_token_s,
+    params_sharded,
+    params_writable,
+)
 from cpt.train.loss import choose_loss
 from cpt.train.state import TrainerState
 from cpt.train.step import Layout, make_optimizer, model_inputs
@@ -242,7 +248,7 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     _print_counts(main, "lr x", scaled, mit.lr_multipliers)
     model, optimizer = accelerator.prepare(model, optimizer)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), params_sharded(accelerator), vocab,
+    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), not params_writable(accelerator), vocab,
                              compute_dtype=autocast)
     if note and main:
         print(f"cpt: {note}")
