@@ -2,6 +2,7 @@
 
     python scripts/replay_gap.py                # about 40 minutes on 2 CPU cores; writes docs/replay_gap.md
     python scripts/replay_gap.py --larger-only  # only section F (~20M parameters), into the existing page
+    python scripts/replay_gap.py --larger-only --seeds 3   # section F over seeds 1234, 7, 42 (~20 min a seed)
 
 Experiment 2 of scripts/reproduce.py (quick mode) found 25% replay +0.23 nats above retraining on
 English ∪ German, almost all of it on English. This script tests the three suspects the issue names,
@@ -22,12 +23,14 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from _runs import BASE_LR, ROOT, K, Runner, final, finished, probes, table
 
 PRETRAIN = 1024 * K
+SEEDS = (1234, 7, 42)
 
 
 def unigram(path: Path) -> np.ndarray:
@@ -56,42 +59,71 @@ def cross_entropy(target: np.ndarray, model: np.ndarray) -> float:
     return float(-(target / target.sum() * np.log(p)).sum())
 
 
-def larger(run: Runner, pre: Path, replay, union, stage: int = 256 * K) -> tuple[str, str]:
+def larger(run: Runner, pre: Path, replay, union, seeds: Sequence[int] = (1234,), stage: int = 256 * K
+           ) -> tuple[str, str]:
     """Section F and its reading line: the 256K comparison (25% replay vs retraining on the union) with the
-    tiny model and with one of about 20M parameters; trains what is missing."""
+    tiny model and with one of about 20M parameters, per seed (1234: the runs of A and the seed-free names;
+    another seed s: every run again, pre-training included, with run.seed=s and -s<seed> names); trains
+    what is missing. Tables give mean ± std over the seeds."""
     # The same 256K comparison with a ~20M-parameter model (hidden 384, 7 layers), pre-trained
     # on the same 1M English tokens; bf16 autocast (2x the fp32 speed on this CPU) so that it fits the budget.
     big = ["model.config={hidden_size: 384, intermediate_size: 1536, num_hidden_layers: 7, num_attention_heads: 6, "
            "num_key_value_heads: 6}", "train.precision=bf16"]
-    pre20 = run("pretrain-en-20m", "recipes/paper/pretrain-en.yaml", [f"train.tokens={PRETRAIN}", *big])
-    r20 = run("replay25-256K-20m", "recipes/paper/replay-de-25.yaml",
-              [f"init_from.path={pre20}", f"train.tokens={stage}", "train.precision=bf16"])
-    u20 = run(f"union-{(PRETRAIN + stage) // K}K-20m", "recipes/paper/union-retrain.yaml",
-              [f"train.tokens={PRETRAIN + stage}", f"data.mixture.en={PRETRAIN / (PRETRAIN + stage):.6f}",
-               f"data.mixture.de={stage / (PRETRAIN + stage):.6f}", *big])
-    params = {"1.5M": n_params(pre), "20M": n_params(pre20)}
-    r15 = replay(stage)
-    rows_f = []
-    for label, pr, r, u in (("1.5M", pre, r15, union(stage)), ("20M", pre20, r20, u20)):
-        en, de, uen_, ude_ = final(r, "en"), final(r, "de"), final(u, "en"), final(u, "de")
-        rows_f.append([f"{params[label] / 1e6:.1f}M parameters", final(pr, "en"), en, de, uen_, ude_, en - uen_,
-                       de - ude_, (en + de) / 2 - (uen_ + ude_) / 2, en - final(pr, "en")])
-    g15, g20 = rows_f[0][8], rows_f[1][8]
+    total = PRETRAIN + stage
+    mix = [f"data.mixture.en={PRETRAIN / total:.6f}", f"data.mixture.de={stage / total:.6f}"]
+
+    def trio(seed: int, size: str) -> tuple[Path, Path, Path]:
+        """(pre-trained, 25% replay, union) runs of one seed and model size."""
+        if seed == 1234 and size == "1.5M":
+            return pre, replay(stage), union(stage)
+        tag = ("-20m" if size == "20M" else "") + ("" if seed == 1234 else f"-s{seed}")
+        sized = big if size == "20M" else []
+        seeded = [] if seed == 1234 else [f"run.seed={seed}"]
+        p = run(f"pretrain-en{tag}", "recipes/paper/pretrain-en.yaml", [f"train.tokens={PRETRAIN}", *sized, *seeded])
+        r = run(f"replay25-{stage // K}K{tag}", "recipes/paper/replay-de-25.yaml",
+                [f"init_from.path={p}", f"train.tokens={stage}", *sized[1:], *seeded])
+        u = run(f"union-{total // K}K{tag}", "recipes/paper/union-retrain.yaml",
+                [f"train.tokens={total}", *mix, *sized, *seeded])
+        return p, r, u
+
+    rows: dict[str, list[list[float]]] = {"1.5M": [], "20M": []}
+    params = {}
+    for seed in seeds:
+        for size in rows:
+            p, r, u = trio(seed, size)
+            params[size] = n_params(p)
+            en, de, uen_, ude_ = final(r, "en"), final(r, "de"), final(u, "en"), final(u, "de")
+            rows[size].append([final(p, "en"), en, de, uen_, ude_, en - uen_, de - ude_,
+                               (en + de) / 2 - (uen_ + ude_) / 2, en - final(p, "en")])
+    mean = {k: np.mean(v, axis=0) for k, v in rows.items()}
+    std = {k: np.std(v, axis=0) for k, v in rows.items()}
+    many = len(seeds) > 1
+    cells = [[f"{params[k] / 1e6:.1f}M parameters",
+              *[f"{m:.3f} ± {d:.3f}" if many else float(m) for m, d in zip(mean[k], std[k], strict=True)]]
+             for k in rows]
+    g15, g20 = mean["1.5M"][7], mean["20M"][7]
+    per_seed = ", ".join(f"{seed}: {a[7]:+.3f} / {b[7]:+.3f}"
+                         for seed, a, b in zip(seeds, rows["1.5M"], rows["20M"], strict=True))
+    grows = sum(b[7] > a[7] + 0.02 for a, b in zip(rows["1.5M"], rows["20M"], strict=True))
+    seeds_text = (f"Seeds {', '.join(map(str, seeds))} (mean ± std; every run, pre-training included, once per seed)"
+                  if many else f"One seed ({seeds[0]})")
     section = (
         "## F. A larger model\n\nThe 256K comparison of A (25% replay, re-warm to 2e-3, cosine) with a model of about "
         "20M parameters (hidden 384, 7 layers, MLP 1536; the tiny one is hidden 128, 2 layers), pre-trained on "
         "the same 1M English tokens and retrained on the same union, in bf16 autocast (2x the fp32 speed here: "
-        "the budget). One seed (1234). The tiny model's row is A's 256K row, retrained: the same numbers.\n\n"
+        f"the budget). {seeds_text}. The tiny model's seed-1234 runs are A's 256K row.\n\n"
         + table(["model", "pre-trained en", "replay en", "replay de", "retrain en", "retrain de", "Δ en", "Δ de",
-                 "Δ mean", "en forgetting"], rows_f)
+                 "Δ mean", "en forgetting"], cells)
         + f"\n\n- Gap (mean of both domains): {g15:+.3f} at 1.5M, {g20:+.3f} at 20M: "
         + ("it closes (within 0.05)" if abs(g20) <= 0.05 else "it shrinks" if abs(g20) < abs(g15) - 0.02
            else "it grows" if abs(g20) > abs(g15) + 0.02 else "about the same")
-        + f" with {params['20M'] / params['1.5M']:.0f}x the parameters, at the same (small) token budget.")
+        + f" with {params['20M'] / params['1.5M']:.0f}x the parameters, at the same (small) token budget."
+        + (f"\n- Per seed (1.5M / 20M): {per_seed}; larger at 20M by more than 0.02 in {grows} of {len(seeds)}."
+           if many else ""))
 
-    reading = (f"- **A larger model** (about 20M parameters, same tokens, one seed): the gap at 256K is {g20:+.3f} "
-               f"against {g15:+.3f} at 1.5M (Δ en {rows_f[1][6]:+.3f} vs {rows_f[0][6]:+.3f}, Δ de "
-               f"{rows_f[1][7]:+.3f} vs {rows_f[0][7]:+.3f}).")
+    reading = (f"- **A larger model** (about 20M parameters, same tokens, {len(seeds)} seed{'s' if many else ''}): "
+               f"the gap at 256K is {g20:+.3f} against {g15:+.3f} at 1.5M (Δ en {mean['20M'][5]:+.3f} vs "
+               f"{mean['1.5M'][5]:+.3f}, Δ de {mean['20M'][6]:+.3f} vs {mean['1.5M'][6]:+.3f}).")
     return section, reading
 
 
@@ -113,6 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--larger-only", action="store_true",
                     help="only section F (the ~20M model): train what it needs, put it into the existing page")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds of section F (1234, 7, 42, ...; default 1)")
     args = ap.parse_args()
     t_start = time.time()
     out = ROOT / "runs" / "repro" / "gap"
@@ -138,7 +171,7 @@ def main() -> None:
 
     if args.larger_only:
         page = ROOT / "docs" / "replay_gap.md"
-        section, reading = larger(run, pre, replay, union)
+        section, reading = larger(run, pre, replay, union, SEEDS[:args.seeds])
         commands = [c.replace(f"{ROOT}/", "") for c in dict.fromkeys(run.commands)]
         page.write_text(patch_larger(page.read_text(), section, reading, commands))
         print(f"wrote section F into docs/replay_gap.md ({(time.time() - t_start) / 60:.1f} min)")
@@ -237,7 +270,7 @@ def main() -> None:
         f"by {uni_gap:+.3f} nats; the measured English gap at 256K is {en_gap_256:+.3f}.")
 
     # ---------------------------------------------------------------- F. a larger model
-    section_f, reading_f = larger(run, pre, replay, union)
+    section_f, reading_f = larger(run, pre, replay, union, SEEDS[:args.seeds])
     sections.append(section_f)
 
     # ---------------------------------------------------------------- reading: computed from the tables above
