@@ -383,6 +383,23 @@ def test_l2_init_under_zero2_matches_one_process_and_resumes(two_proc_recipe):
     assert metric(split.run.output_dir) == pytest.approx(metric(whole.run.output_dir), abs=1e-6)
 
 
+@pytest.mark.multiproc
+def test_l2_init_under_bf16_zero2_pulls_the_bf16_weights_and_the_master(two_proc_recipe):
+    """ZeroL2Init's bf16 path: DeepSpeed keeps bf16 module weights (flat buffers) beside its fp32 master
+    slices, and the pull moves both. The curve follows the 1-process bf16-autocast L2Init run (fp32
+    weights there, so not to ZeRO-2's fp32 tolerance: within 1e-3 here) and not the run without the pull
+    (4e-2 apart by step 4)."""
+    ds, l2 = str(ROOT / "recipes/deepspeed/zero2.json"), {"l2_init": 100.0}
+    one, _ = two_proc_recipe("l2-bf16-one", mitigate=l2, tokens=4096, precision="bf16")
+    train(one)
+    plain, _ = two_proc_recipe("l2-bf16-none", tokens=4096, precision="bf16")
+    train(plain)
+    zero, path = two_proc_recipe("l2-bf16-zero2", mitigate=l2, tokens=4096, deepspeed=ds, precision="bf16")
+    launch(path, port=free_port())
+    assert metric(zero.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=1e-3)
+    assert abs(metric(zero.run.output_dir)[-1] - metric(plain.run.output_dir)[-1]) > 1e-2
+
+
 @pytest.mark.slow  # beyond the DDP and ZeRO-2 runs CI needs: python -m pytest --runslow
 @pytest.mark.multiproc
 def test_zero3_lora_matches_one_process_and_exports_merged(two_proc_recipe):
