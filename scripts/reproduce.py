@@ -849,7 +849,7 @@ def subset_note(args: argparse.Namespace, b: Budget, run: Runner, wall: float) -
 
 def merge_page(old: str, new: dict[int, str], note: str, commands: list[str]) -> str:
     """``old`` page with the sections of ``new`` (experiment number -> section) put in place of theirs or
-    added in number order, ``note`` added to the header (replacing an earlier note on the same experiments)
+    added in number order, ``note`` added to the header (replacing earlier notes on no other experiments)
     and ``commands`` added to the commands block (each once)."""
     parts = re.split(r"(?m)^(?=## )", old)
     head, body = parts[0], parts[1:]
@@ -861,8 +861,11 @@ def merge_page(old: str, new: dict[int, str], note: str, commands: list[str]) ->
         elif part.startswith("## Commands"):
             cmd_lines = [ln for ln in part.split("```")[1].splitlines() if ln.strip()] if "```" in part else []
     numbered |= {n: text.rstrip() for n, text in new.items()}
-    key = note.split(" measured by ")[0]
-    lines = [ln for ln in head.rstrip().split("\n\n") if not ln.startswith(key + " measured by ")]
+    def measured(line: str) -> set[int]:  # the experiments an "Experiments 6, 7 measured by ..." note covers
+        m = re.match(r"Experiments ([\d, ]+) measured by ", line)
+        return {int(n) for n in m.group(1).split(",")} if m else set()
+
+    lines = [ln for ln in head.rstrip().split("\n\n") if not measured(ln) or not measured(ln) <= measured(note)]
     head = "\n\n".join([*lines, note]) + "\n"
     return (head + "\n" + "\n\n".join(numbered[n] for n in sorted(numbered)) + "\n\n"
             + commands_block(list(dict.fromkeys([*cmd_lines, *commands]))))
