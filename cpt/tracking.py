@@ -1,7 +1,8 @@
 """Metrics: one JSONL path, written by the main process only, optionally mirrored to W&B.
 
 Every record carries ``step`` and ``tokens`` (the x-axis for everything in cpt) and prefixed keys:
-``train/loss``, ``lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``probe/<domain>/loss``, ...
+``train/loss``, ``lr``, ``train/grad_norm``, ``train/tokens_per_s``, ``train/peak_mem_gib`` (CUDA) or
+``train/peak_rss_gib`` (elsewhere: the main process's peak resident memory), ``probe/<domain>/loss``, ...
 
 The JSONL file is the record of the run (``cpt compare`` reads it); W&B is a dashboard on top
 (:class:`Tracker`), and a failing W&B never stops training.

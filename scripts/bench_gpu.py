@@ -5,8 +5,9 @@ One `cpt train` run per configuration on real text (English prose and Python cod
 stdlib, a 32K-token BPE trained here), bf16 autocast, attention auto (flash-attention 2 where installed,
 else sdpa), fused AdamW, optionally torch.compile and activation checkpointing; single GPU, or several
 through `accelerate launch` with FSDP2 or DeepSpeed ZeRO-3. Each run's tokens/s and MFU are the medians
-of its logged steps after --warmup; peak memory is torch's max allocated on rank 0 (GPU) and the peak
-resident memory of the launched process as the kernel reports it (os.wait4). Results are appended as
+of its logged steps after --warmup; peak memory is torch's max allocated on rank 0 (GPU), the peak
+resident memory of the launched process as the kernel reports it (os.wait4: for a launcher, the largest
+of it and its ranks), and on CPU rank 0's own peak RSS (train/peak_rss_gib). Results are appended as
 JSON lines to WORK/results.jsonl and printed as one table by `table`.
 
     python scripts/bench_gpu.py prepare --work /tmp/gpu            # corpora, tokenizer, shards (once)
@@ -20,6 +21,12 @@ measurement with `--model 20m`):
     python scripts/bench_gpu.py prepare --work /tmp/mem --vocab 4096 --seq-len 2048
     python scripts/bench_gpu.py run --work /tmp/mem --name plain --model 20m --cpu --steps 3 --warmup 1
     python scripts/bench_gpu.py run --work /tmp/mem --name ac --model 20m --cpu --steps 3 --warmup 1 --activation-checkpointing
+
+Per-rank memory of the sharding backends on CPU (2 gloo processes, 85M, activation checkpointing):
+
+    python scripts/bench_gpu.py prepare --work /tmp/shard --vocab 8192 --seq-len 512
+    for l in ddp fsdp2 zero3; do python scripts/bench_gpu.py run --work /tmp/shard --name $l --model 85m --cpu \
+        --steps 3 --warmup 1 --micro-batch-size 1 --activation-checkpointing --launch $l --processes 2; done
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ MODELS = {
                                                 "num_attention_heads": 8, "num_key_value_heads": 8,
                                                 "max_position_embeddings": 4096}},
     "toy": {"preset": "tiny-llama", "config": {"max_position_embeddings": 4096}},
+    # scripts/bench_trainer.py's 85M (hidden 768, 10 layers, MLP 2048): per-rank memory of DDP / FSDP2 / ZeRO-3
+    "85m": {"preset": "small-llama", "config": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 10,
+                                                "num_attention_heads": 12, "num_key_value_heads": 12,
+                                                "max_position_embeddings": 4096}},
 }
 
 
@@ -114,6 +125,7 @@ def run(args) -> None:
 
         record |= {"tokens_per_s": med("train/tokens_per_s"), "mfu": med("train/mfu"),
                    "peak_mem_gib": max((s.get("train/peak_mem_gib", 0) for s in steps), default=None),
+                   "rank0_rss_gib": max((s.get("train/peak_rss_gib", 0) for s in steps), default=None),
                    "steps_measured": len(steps), "losses": [s["train/loss"] for s in steps]}
     with open(work / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -123,17 +135,18 @@ def run(args) -> None:
 def table(args) -> None:
     rows = [json.loads(line) for line in (Path(args.work) / "results.jsonl").read_text().splitlines()]
     print(f"{'run':<20} {'model':<5} {'launch':<7} {'procs':>5} {'tokens/s/proc':>14} {'MFU':>7} {'GPU GiB':>8} "
-          f"{'RSS MiB':>8}  note")
+          f"{'RSS MiB':>8} {'rank-0 RSS GiB':>15}  note")
     for r in rows:
         head = f"{r['name']:<20} {r['model']:<5} {r['launch']:<7} {r['processes']:>5}"
         if "error" in r or not r.get("tokens_per_s"):
-            print(f"{head} {'-':>14} {'-':>7} {'-':>8} {r['peak_rss_mib']:>8.0f}  "
+            print(f"{head} {'-':>14} {'-':>7} {'-':>8} {r['peak_rss_mib']:>8.0f} {'-':>15}  "
                   f"{r.get('error', 'no step past --warmup')}")
             continue
         per = r["tokens_per_s"] / r["processes"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         mem = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] else "-"
-        print(f"{head} {per:>14,.0f} {mfu:>7} {mem:>8} {r['peak_rss_mib']:>8.0f}  compile={r['compile']} "
+        rank0 = f"{r['rank0_rss_gib']:.2f}" if r.get("rank0_rss_gib") else "-"
+        print(f"{head} {per:>14,.0f} {mfu:>7} {mem:>8} {r['peak_rss_mib']:>8.0f} {rank0:>15}  compile={r['compile']} "
               f"ac={r['activation_checkpointing']} steps={r['steps_measured']}")
 
 

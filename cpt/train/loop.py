@@ -220,6 +220,15 @@ def _lm_eval(run: Run, tag: dict[str, Any]) -> None:
     run.accelerator.wait_for_everyone()
 
 
+def _peak_rss_gib() -> float:
+    """This process's peak resident memory so far (on CPU the memory a run's tensors take; Linux reports
+    KiB, macOS bytes)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)
+
+
 def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepStats, bar) -> None:
     """The step's record, its warnings (skipped update, loss spike, repeated data) and the progress bar."""
     recipe, guard, step_tokens = run.recipe, run.guard, run.tokens_per_step
@@ -230,7 +239,7 @@ def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepSt
               "train/tokens_per_s": step_tokens / stats.seconds, "time/elapsed_s": run.elapsed,
               **({"train/mfu": step_tokens / stats.seconds * run.mfu_per_token_s} if run.mfu_per_token_s else {}),
               **({"train/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
-                 if run.accelerator.device.type == "cuda" else {}),
+                 if run.accelerator.device.type == "cuda" else {"train/peak_rss_gib": _peak_rss_gib()}),
               **{f"data/{n}/epochs": epochs[n] for n in stage.mixture.active()},
               **{f"data/{n}/share": v for n, v in sampler.last_shares().items()}}
     run.tracker.log(record)
