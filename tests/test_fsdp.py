@@ -108,3 +108,21 @@ def test_lora_under_fsdp2_matches_one_process_and_exports_merged(two_proc_recipe
     assert (Path(two.run.output_dir) / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert torch.allclose(logits(Path(two.run.output_dir) / "final"), logits(Path(one.run.output_dir) / "final"),
                           atol=1e-4)
+
+
+def test_tied_head_in_bf16_under_fsdp2_matches_one_process(two_proc_recipe, tokenizer_dir):
+    """The GPU default (bf16 autocast; FSDP2 computes in bf16 from fp32 shards) with a head tied to the
+    embeddings (one tensor, in one shard unit with the final norm): the chunked loss gathers it, and the
+    curve is the 1-process bf16 run's to bf16 rounding; final/ keeps the tie."""
+    from transformers import AutoConfig
+
+    tied = {"model": {"preset": "tiny-llama", "tokenizer": str(tokenizer_dir),
+                      "config": {"hidden_size": 64, "intermediate_size": 128, "tie_word_embeddings": True}}}
+    one, _ = two_proc_recipe("tied-one", precision="bf16", extra=tied)
+    train(one)
+    two, path = two_proc_recipe("tied-fsdp2", precision="bf16", extra=tied)
+    out = launch(path, port=free_port(), config=FSDP2)
+    assert "uses the model's own loss" not in out.stdout
+    assert metric(two.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=1e-3)
+    assert metric(two.run.output_dir)[-1] < metric(two.run.output_dir)[0] - 0.2  # it learns
+    assert AutoConfig.from_pretrained(Path(two.run.output_dir) / "final").tie_word_embeddings
