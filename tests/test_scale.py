@@ -426,7 +426,7 @@ def test_zero3_lora_matches_one_process_and_exports_merged(two_proc_recipe):
 
 @pytest.mark.multiproc
 def test_activation_checkpointing_under_zero3_matches_one_process(two_proc_recipe):
-    """ZeRO-3 shards the parameters, so train.loss: auto falls back to the model's own loss there (said
+    """ZeRO-3 partitions the parameters, so train.loss: auto falls back to the model's own loss there (said
     at start), and every layer is recomputed in backward from gathered shards: the 1-process curve
     (chunked loss, no checkpointing) is still the curve."""
     one, _ = two_proc_recipe("z3-ac-one", tokens=4096)
@@ -434,7 +434,7 @@ def test_activation_checkpointing_under_zero3_matches_one_process(two_proc_recip
     z3, path = two_proc_recipe("z3-ac", tokens=4096, activation_checkpointing=True,
                                deepspeed=str(ROOT / "recipes/deepspeed/zero3.json"))
     out = launch(path, port=free_port())
-    assert out.stdout.count("train.loss: auto uses the model's own loss: the weights are sharded") == 1
+    assert out.stdout.count("train.loss: auto uses the model's own loss: the weights are partitioned") == 1
     assert len(metric(z3.run.output_dir)) == 4
     assert metric(z3.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
     assert metric(z3.run.output_dir, "probe/en/loss") == pytest.approx(metric(one.run.output_dir, "probe/en/loss"), abs=2e-5)

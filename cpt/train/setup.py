@@ -227,7 +227,10 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
             raise CptError(f"data.sources.{name}: {recipe.data.sources[name]} holds token ids up to "
                            f"{src.max_token_id}, but the model has {vocab} embeddings")
     if recipe.train.activation_checkpointing:  # non-reentrant: works under DDP, ZeRO, FSDP and LoRA alike
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.peft is not None:  # frozen base + adapters; make_optimizer takes only what requires grad
         model = wrap_peft(model, recipe.peft, verbose=main)
     mit = recipe.mitigate
