@@ -65,9 +65,10 @@ def test_fsdp2_matches_one_process_resumes_exactly_and_exports(two_proc_recipe):
 
 def test_l2_init_ema_and_merge_under_fsdp2_match_one_process_and_resume(two_proc_recipe):
     """mitigate.l2_init and mitigate.ema on FSDP2 shards (DTensors), with frozen parameters and an LR
-    multiplier in the same shard units, and the merged weights lent to the model for a probe: the curve, probe_ema and probe_merge are the 1-process run's, the pull shows (the
-    curve is not the plain run's), the averaged export loads, and the gathered mitigation state in a
-    checkpoint resumes the run exactly."""
+    multiplier in the same shard units, and the merged weights lent to the model for a probe: the curve,
+    probe_ema and probe_merge are the 1-process run's, the pull shows (the curve is not the plain run's),
+    the lent weights show (probe_ema and probe_merge are not probe), the averaged export loads, and the
+    gathered mitigation state in a checkpoint resumes the run exactly."""
     from transformers import AutoModelForCausalLM
 
     shape = {"freeze": [r"layers\.0\.mlp"], "lr_multipliers": {r"layers\.1\.": 0.5}}  # optimizer groups only
