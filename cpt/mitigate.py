@@ -131,14 +131,37 @@ def _whole(t: torch.Tensor) -> torch.Tensor:
 
 
 def copy_whole(own: torch.Tensor, whole: torch.Tensor) -> None:
-    """``own.copy_(whole)``, where ``own`` may be an FSDP2 shard: each rank then takes its own slice of the
-    whole tensor (every rank holds it, read from the same file; no communication)."""
+    """``own.copy_(whole)``, where ``own`` may be an FSDP2 shard and ``whole`` a plain tensor: each rank then
+    takes its own slice of it (every rank holds it, read from the same file; no communication)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if isinstance(own, DTensor):
+    if isinstance(own, DTensor) and not isinstance(whole, DTensor):
         whole = distribute_tensor(whole.to(own.device, own.dtype), own.device_mesh, own.placements,
                                   src_data_rank=None)
     own.copy_(whole)
+
+
+@contextmanager
+def lent(model: torch.nn.Module, params: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
+         ) -> Iterator[None]:
+    """Within the block ``params`` (of ``model``) hold ``weights`` (same names; whole tensors or, under FSDP2,
+    shards alike; :func:`copy_whole`); after it, their own values again, bit for bit (kept as a copy
+    meanwhile). FSDP2 units a forward left gathered are freed before and after (cpt.train.backend.reshard),
+    so the next forward gathers what the shards hold."""
+    from cpt.train.backend import reshard
+
+    raw = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        with torch.no_grad():
+            reshard(model)
+            for name, p in params.items():
+                copy_whole(p, weights[name])
+        yield
+    finally:
+        with torch.no_grad():
+            reshard(model)
+            for name, p in params.items():
+                p.copy_(raw[name])
 
 
 def _load_into(own: dict[str, torch.Tensor], saved: Mapping[str, torch.Tensor], what: str) -> None:
@@ -331,20 +354,8 @@ class EMA:
     def applied(self) -> Iterator[None]:
         """Within the block the model holds the EMA weights (cast to the parameters' dtype); after it, the
         raw weights exactly as before (kept as a copy meanwhile: one more copy of the trainable weights)."""
-        from cpt.train.backend import reshard
-
-        raw = {n: p.detach().clone() for n, p in self.params.items()}
-        try:
-            with torch.no_grad():
-                reshard(self.model)
-                for name, p in self.params.items():
-                    p.copy_(self.shadow[name])
+        with lent(self.model, self.params, self.shadow):
             yield
-        finally:
-            with torch.no_grad():
-                reshard(self.model)
-                for name, p in self.params.items():
-                    p.copy_(raw[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{parameter name: fp32 average}``: plain tensors, for safetensors (:func:`save_state`)."""

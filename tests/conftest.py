@@ -137,6 +137,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(run_dir, key="train/loss"):
+    """The values of ``key`` in a run's metrics.jsonl, in order."""
+    from cpt.tracking import read_metrics
+
+    return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
+
+
 def launch(recipe_path, *args, port=None, extra_env=None, config=None):
     """`accelerate launch` 2 gloo processes of `cpt train RECIPE ARGS` on CPU (``config``: an accelerate
     config file instead of --multi_gpu); asserts success."""

@@ -9,19 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, launch
+from conftest import free_port, launch, metric
 
 from cpt import checkpoint as ckpt_lib
-from cpt.tracking import read_metrics
 from cpt.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP2 = ROOT / "recipes/accelerate/fsdp2.yaml"
 pytestmark = pytest.mark.multiproc
-
-
-def metric(run_dir, key="train/loss"):
-    return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
 
 
 def logits(model_dir):

@@ -14,20 +14,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import free_port, launch  # tests/ is on sys.path (pytest's rootdir conftest)
+from conftest import free_port, launch, metric  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
-from cpt.tracking import read_metrics
 from cpt.train.loop import train
 from cpt.train.step import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
-
-
-def metric(run_dir, key="train/loss"):
-    return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
 
 
 def tiny_base(recipe):

@@ -314,7 +314,7 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
 @contextmanager
 def _weights_from(run: Run, model_dir: Path):
     """Within the block the model holds the weights of ``model_dir`` (an HF dir of the same model); after
-    it, its own again, bit for bit. Under FSDP2 each rank writes its shards (cpt.mitigate.copy_whole)."""
+    it, its own again, bit for bit (cpt.mitigate.lent)."""
     from safetensors.torch import load_file
 
     from cpt.train.backend import reshard
@@ -328,17 +328,8 @@ def _weights_from(run: Run, model_dir: Path):
     missing = sorted(set(params) - set(loaded))
     if missing:
         raise CptError(f"{model_dir}: lacks {missing[0]} ({len(missing)} parameters missing)")
-    raw = {n: p.detach().clone() for n, p in params.items()}
-    try:
-        with torch.no_grad():
-            for n, p in params.items():
-                mitigate.copy_whole(p, loaded[n])
+    with mitigate.lent(model, params, loaded):
         yield
-    finally:
-        with torch.no_grad():
-            reshard(model)
-            for n, p in params.items():
-                p.copy_(raw[n])
 
 
 def _diverged(run: Run, stage: StagePlan, stats: StepStats) -> DivergedError:
