@@ -11,10 +11,11 @@ that matches none is an error. Tied weights (an LM head sharing the embedding) a
 name selects it, and it is counted and stored once, under its first name.
 
 Everything here acts on the unwrapped model (``accelerator.unwrap_model``): DDP's ``module.`` prefix
-never reaches the names, so checkpoint keys are the model's own. Under FSDP2 the parameters are DTensors
-(this rank's shard of each): references and averages are then DTensors sharded alike, every update is
-elementwise on the local shards, and a checkpoint holds the whole tensors (gathered), so it loads at any
-process count.
+never reaches the names, so checkpoint keys are the model's own. Where a backend shards the parameters,
+references and averages are sharded alike and every update is elementwise on this rank's piece
+(:func:`_local`): FSDP2's DTensor shards, or DeepSpeed ZeRO-3's 1-D slices (``p.ds_tensor``; ``p`` itself
+is empty outside its module's forward). A checkpoint holds the whole tensors (gathered one at a time), so
+it loads at any process count.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,61 +124,119 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of an FSDP2 shard (a DTensor; a collective: every rank calls it), else ``t``."""
+def _zero3(p: torch.Tensor) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: this rank's values are ``p.ds_tensor``, a 1-D slice of the flattened
+    tensor (rank r holds elements [r*n, (r+1)*n), n the same on every rank, the last slice zero-padded)."""
+    return hasattr(p, "ds_tensor")
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """Where this rank keeps its values of parameter ``p``: ZeRO-3's slice, else ``p`` (under FSDP2 a DTensor
+    shard; elsewhere the whole tensor)."""
+    return p.ds_tensor if _zero3(p) else p
+
+
+def _shape(p: torch.Tensor) -> tuple[int, ...]:
+    """The whole shape of parameter ``p`` (ZeRO-3 keeps it in ds_shape; p.shape is empty there)."""
+    return tuple(p.ds_shape) if _zero3(p) else tuple(p.shape)
+
+
+def _whole(t: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole tensor of ``t``, this rank's piece of parameter ``p`` (a collective where it is a piece: every
+    rank calls it): an FSDP2 DTensor's full tensor, a ZeRO-3 slice's all-gather, else ``t``."""
     from torch.distributed.tensor import DTensor
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    if isinstance(t, DTensor):
+        return t.full_tensor()
+    if p is None or not _zero3(p):
+        return t
+    import torch.distributed as dist
+
+    group = p.ds_process_group
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        slices = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(slices, t.contiguous(), group=group)
+        t = torch.cat(slices)
+    return t[:p.ds_numel].view(_shape(p))
 
 
-def copy_whole(own: torch.Tensor, whole: torch.Tensor) -> None:
-    """``own.copy_(whole)``, where ``own`` may be an FSDP2 shard and ``whole`` a plain tensor: each rank then
-    takes its own slice of it (every rank holds it, read from the same file; no communication)."""
+def local_piece(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of ``whole`` (a plain tensor, every rank holding it) in the layout of ``_local(p)``,
+    in ``whole``'s dtype (an fp32 reference stays fp32; ``copy_`` casts); no communication."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if isinstance(own, DTensor) and not isinstance(whole, DTensor):
-        whole = distribute_tensor(whole.to(own.device, own.dtype), own.device_mesh, own.placements,
-                                  src_data_rank=None)
-    own.copy_(whole)
+    local = _local(p)
+    if isinstance(local, DTensor) and not isinstance(whole, DTensor):
+        return distribute_tensor(whole.to(local.device), local.device_mesh, local.placements, src_data_rank=None)
+    if not _zero3(p):
+        return whole
+    import torch.distributed as dist
+
+    n = local.numel()
+    start = (dist.get_rank(p.ds_process_group) if dist.is_initialized() else 0) * n
+    piece = whole.reshape(-1)[start:start + n].to(local.device)
+    return torch.cat([piece, piece.new_zeros(n - piece.numel())]) if piece.numel() < n else piece
+
+
+def _reshard(model: torch.nn.Module) -> Callable[[], None]:
+    from cpt.train.backend import reshard
+
+    return lambda: reshard(model)
 
 
 @contextmanager
-def lent(model: torch.nn.Module, params: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor]
-         ) -> Iterator[None]:
-    """Within the block ``params`` (of ``model``) hold ``weights`` (same names; whole tensors or, under FSDP2,
-    shards alike; :func:`copy_whole`); after it, their own values again, bit for bit (kept as a copy
-    meanwhile). FSDP2 units a forward left gathered are freed before and after (cpt.train.backend.reshard),
-    so the next forward gathers what the shards hold."""
-    from cpt.train.backend import reshard
-
-    raw = {n: p.detach().clone() for n, p in params.items()}
+def lent(model: torch.nn.Module, params: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
+         settle: Callable[[], None] | None = None, local: bool = False) -> Iterator[None]:
+    """Within the block ``params`` (of ``model``) hold ``weights`` (same names; whole tensors, or with
+    ``local`` this rank's pieces in the layout of :func:`_local`); after it, their own values again, bit for
+    bit (kept as a copy meanwhile). ``settle`` (cpt.train.backend.settler; default: reshard FSDP2 units)
+    runs before and after each write, so that no forward reuses weights gathered from the old values."""
+    settle = settle or _reshard(model)
+    settle()
+    raw = {n: _local(p).detach().clone() for n, p in params.items()}
     try:
         with torch.no_grad():
-            reshard(model)
             for name, p in params.items():
-                copy_whole(p, weights[name])
+                _local(p).copy_(weights[name] if local else local_piece(p, weights[name]))
+            settle()
         yield
     finally:
         with torch.no_grad():
-            reshard(model)
             for name, p in params.items():
-                p.copy_(raw[name])
+                _local(p).copy_(raw[name])
+            settle()
 
 
-def _load_into(own: dict[str, torch.Tensor], saved: Mapping[str, torch.Tensor], what: str) -> None:
-    """Copy ``saved`` into ``own`` (same names, same shapes), refusing any mismatch with one line."""
+def _load_into(own: dict[str, torch.Tensor], saved: Mapping[str, torch.Tensor], what: str,
+               params: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Copy ``saved`` (whole tensors) into ``own`` (same names; with ``params``, this rank's pieces of those
+    parameters: :func:`local_piece`), refusing any mismatch with one line."""
     missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if missing or extra:
         which = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which is no trainable parameter here"
         raise CptError(f"{what}: the saved state {which} ({len(missing)} missing, {len(extra)} unknown "
                        f"of {len(own)}): another model or another set of trainable parameters")
     for name, t in own.items():
-        if tuple(saved[name].shape) != tuple(t.shape):
+        shape = _shape(params[name]) if params else tuple(t.shape)
+        if tuple(saved[name].shape) != shape:
             raise CptError(f"{what}: {name} has shape {tuple(saved[name].shape)} in the saved state, "
-                           f"{tuple(t.shape)} here")
+                           f"{shape} here")
     with torch.no_grad():
         for name, t in own.items():
-            copy_whole(t, saved[name])
+            t.copy_(local_piece(params[name], saved[name]) if params else saved[name])
+
+
+def _check_coefficient(coeff: float) -> None:
+    if not (math.isfinite(coeff) and coeff >= 0):
+        raise CptError(f"l2_init coefficient {coeff!r}: expected a number >= 0")
+
+
+def _check_overshoot(coeff: float, groups: Sequence[Mapping]) -> None:
+    """lr_g * coeff > 1 in any group would pull past the reference: refused with one line."""
+    lr = max(g["lr"] for g in groups)
+    if lr * coeff > 1:
+        raise CptError(f"l2_init: coefficient {coeff:g} x LR {lr:.3e} = {lr * coeff:.3g} > 1 would overshoot "
+                       f"the start weights; keep it below 1 / (max LR x largest lr multiplier)")
 
 
 class L2Init:
@@ -197,13 +256,12 @@ class L2Init:
     DDP: every rank holds the same references and applies the same deterministic update after the
     all-reduced step, so the replicas stay identical. FSDP2: the parameters, the optimizer's parameters and
     the references are the same DTensor shards, and the update is elementwise on them. DeepSpeed (the
-    optimizer updates fp32 master copies of its own) takes :class:`ZeroL2Init` at ZeRO-1/2; ZeRO-3 is
-    refused: see :func:`unsupported`.
+    optimizer updates fp32 master copies of its own) takes :class:`ZeroL2Init` at ZeRO-1/2 and
+    :class:`Zero3L2Init` at ZeRO-3.
     """
 
     def __init__(self, model: torch.nn.Module, coeff: float):
-        if not (math.isfinite(coeff) and coeff >= 0):
-            raise CptError(f"l2_init coefficient {coeff!r}: expected a number >= 0")
+        _check_coefficient(coeff)
         self.coeff = coeff
         self.params = dict(_trainable(model))
         self._names = {id(p): n for n, p in self.params.items()}
@@ -220,10 +278,7 @@ class L2Init:
         """Pull every referenced parameter toward its reference; call right after a taken optimizer.step()."""
         if self.coeff == 0:
             return
-        lr = max(group["lr"] for group in optimizer.param_groups)  # checked before anything moves
-        if lr * self.coeff > 1:
-            raise CptError(f"l2_init: coefficient {self.coeff:g} x LR {lr:.3e} = {lr * self.coeff:.3g} > 1 would "
-                           f"overshoot the start weights; keep it below 1 / (max LR x largest lr multiplier)")
+        _check_overshoot(self.coeff, optimizer.param_groups)  # before anything moves
         for group in optimizer.param_groups:
             w = group["lr"] * self.coeff
             for p in group["params"]:
@@ -240,7 +295,7 @@ class L2Init:
         return dict(self.refs)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        _load_into(self.refs, state, "l2_init")
+        _load_into(self.refs, state, "l2_init", self.params)
 
 
 class ZeroL2Init:
@@ -254,11 +309,10 @@ class ZeroL2Init:
     ``ref`` is the whole group's fp32 flat buffer at the stage start, gathered from every rank's master
     slice (the same on every rank, so the main process saves it; a rank's slice is cut from it with
     DeepSpeed's own partitioning). In fp32 the two stay equal; in bf16 the module's weights are the
-    rounding of the master, as DeepSpeed keeps them. ZeRO-3 (parameters partitioned) is refused."""
+    rounding of the master, as DeepSpeed keeps them. ZeRO-3: :class:`Zero3L2Init`."""
 
     def __init__(self, zero_optimizer, coeff: float):
-        if not (math.isfinite(coeff) and coeff >= 0):
-            raise CptError(f"l2_init coefficient {coeff!r}: expected a number >= 0")
+        _check_coefficient(coeff)
         self.zo, self.coeff = zero_optimizer, coeff
         self.restart()
 
@@ -296,10 +350,7 @@ class ZeroL2Init:
         if self.coeff == 0:
             return
         groups = self.zo.optimizer.param_groups
-        lr = max(g["lr"] for g in groups)
-        if lr * self.coeff > 1:
-            raise CptError(f"l2_init: coefficient {self.coeff:g} x LR {lr:.3e} = {lr * self.coeff:.3g} > 1 would "
-                           f"overshoot the start weights; keep it below 1 / (max LR x largest lr multiplier)")
+        _check_overshoot(self.coeff, groups)
         for i, group in enumerate(groups):
             w = group["lr"] * self.coeff
             self.zo.single_partition_of_fp32_groups[i].lerp_(self.parts[i], w)
@@ -319,6 +370,67 @@ class ZeroL2Init:
         self._slices()
 
 
+class Zero3L2Init:
+    """:class:`L2Init` under DeepSpeed ZeRO-3, on DeepSpeed's own tensors. Each rank holds a 1-D slice of
+    every parameter (``p.ds_tensor``); the optimizer keeps, per sub-group, the slices of its parameters
+    back to back twice: an fp32 master (``fp32_partitioned_groups_flat``, which it updates) and the
+    module's copy (``fp16_partitioned_groups_flat``, whose views the ``ds_tensor`` are; the same tensor as
+    the master in fp32 training), and copies master into module copy after each step. The pull does the
+    same, with the formula of :class:`L2Init`::
+
+        master <- lerp(master, ref, lr_g * coeff)        module copy <- master
+
+    then :attr:`settle` releases what DeepSpeed keeps gathered (the small "persistent" parameters are whole
+    all along), so the next forward gathers the pulled slices.
+    ``ref`` is an fp32 copy of the masters at the stage start, laid out alike, so one lerp per sub-group
+    pulls every parameter; :meth:`state_dict` gives it per parameter name as whole tensors (gathered from
+    the slices), so a checkpoint loads at any process count."""
+
+    def __init__(self, zero_optimizer, model: torch.nn.Module, coeff: float, settle: Callable[[], None]):
+        _check_coefficient(coeff)
+        self.zo, self.coeff, self.settle = zero_optimizer, coeff, settle
+        self.flats = [m.detach().float().clone() for m in self.zo.fp32_partitioned_groups_flat]
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.refs: dict[str, torch.Tensor] = {}  # per parameter: views of self.flats
+        for flat, group in zip(self.flats, self.zo.fp16_groups, strict=True):
+            offset = 0
+            for p in group:
+                n = p.ds_tensor.numel()
+                self.params[names[id(p)]] = p
+                self.refs[names[id(p)]] = flat.narrow(0, offset, n)
+                offset += n
+            if offset != flat.numel():
+                raise CptError(f"l2_init under ZeRO-3: a sub-group holds {flat.numel()} elements but its "
+                               f"parameters' slices {offset} (a DeepSpeed layout cpt does not know)")
+
+    @torch.no_grad()
+    def restart(self) -> None:
+        """Take the current weights as the reference."""
+        for flat, master in zip(self.flats, self.zo.fp32_partitioned_groups_flat, strict=True):
+            flat.copy_(master)
+
+    @torch.no_grad()
+    def apply(self, optimizer) -> None:
+        if self.coeff == 0:
+            return
+        groups = self.zo.optimizer.param_groups
+        _check_overshoot(self.coeff, groups)
+        for i, (ref, master) in enumerate(zip(self.flats, self.zo.fp32_partitioned_groups_flat, strict=True)):
+            master.lerp_(ref, groups[self.zo.sub_group_to_group_id[i]]["lr"] * self.coeff)
+            module_copy = self.zo.fp16_partitioned_groups_flat[i]
+            if module_copy.data_ptr() != master.data_ptr():
+                module_copy.copy_(master)
+        self.settle()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: this rank's fp32 slice}``; :func:`state_tensors` gathers them."""
+        return dict(self.refs)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        _load_into(self.refs, state, "l2_init", self.params)  # into the views, so into self.flats
+
+
 class EMA:
     """Exponential moving average of the trainable weights, in fp32::
 
@@ -329,17 +441,19 @@ class EMA:
     number of updates (with ``every`` > 1, decay applies per update, not per step). Frozen parameters are
     not averaged (they do not move). :meth:`applied` lends the averaged weights to the model (probes,
     export) and restores the raw ones bit for bit. DDP and DeepSpeed ZeRO-1/2: identical on every rank;
-    FSDP2: each rank averages its shards. ZeRO-3 is not supported: see :func:`unsupported`.
+    FSDP2 and ZeRO-3: each rank averages its pieces (:func:`_local`), and ``settle``
+    (cpt.train.backend.settler) makes the lent weights the ones a forward gathers.
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float, every: int = 1):
+    def __init__(self, model: torch.nn.Module, decay: float, every: int = 1,
+                 settle: Callable[[], None] | None = None):
         if not 0 < decay < 1:
             raise CptError(f"ema decay {decay!r}: expected a number in (0, 1)")
         if every < 1:
             raise CptError(f"ema every {every!r}: expected a step count >= 1")
-        self.decay, self.every, self.model = decay, every, model
+        self.decay, self.every, self.model, self.settle = decay, every, model, settle
         self.params = dict(_trainable(model))
-        self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in self.params.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> bool:
@@ -347,31 +461,33 @@ class EMA:
         if step % self.every:
             return False
         for name, p in self.params.items():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - self.decay)
+            self.shadow[name].lerp_(_local(p).detach().float(), 1.0 - self.decay)
         return True
 
     @contextmanager
     def applied(self) -> Iterator[None]:
         """Within the block the model holds the EMA weights (cast to the parameters' dtype); after it, the
         raw weights exactly as before (kept as a copy meanwhile: one more copy of the trainable weights)."""
-        with lent(self.model, self.params, self.shadow):
+        with lent(self.model, self.params, self.shadow, self.settle, local=True):
             yield
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{parameter name: fp32 average}``: plain tensors, for safetensors (:func:`save_state`)."""
+        """``{parameter name: fp32 average}`` (this rank's pieces; :func:`state_tensors` gathers them)."""
         return dict(self.shadow)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        _load_into(self.shadow, state, "ema")
+        _load_into(self.shadow, state, "ema", self.params)
 
 
-def state_tensors(parts: Mapping[str, L2Init | EMA], keep: bool = True) -> dict[str, torch.Tensor]:
+def state_tensors(parts: Mapping[str, L2Init | Zero3L2Init | EMA], keep: bool = True) -> dict[str, torch.Tensor]:
     """The parts' whole tensors on the CPU, keys ``<part>/<parameter name>``. Every rank calls it (FSDP2
-    shards are gathered one tensor at a time); ranks with ``keep=False`` (all but the writer) get {}."""
+    shards and ZeRO-3 slices are gathered one tensor at a time); ranks with ``keep=False`` (all but the
+    writer) get {}."""
     out = {}
     for key, part in parts.items():
+        params = getattr(part, "params", {})
         for name, t in part.state_dict().items():
-            whole = _whole(t.detach())
+            whole = _whole(t.detach(), params.get(name))
             if keep:
                 out[f"{key}/{name}"] = whole.cpu().contiguous()
     return out
@@ -410,15 +526,10 @@ def load_state(path: str | Path, parts: Mapping[str, L2Init | EMA]) -> None:
 
 def unsupported(accelerator) -> str | None:
     """Why L2Init / EMA cannot run under this accelerator's backend, or None where they can: single
-    process, DDP, DeepSpeed ZeRO-1/2 and FSDP2. Under DDP and ZeRO-1/2 the parameters stay whole on every
-    rank (ZeRO overwrites them from its fp32 master copies after each step; :class:`ZeroL2Init` moves both).
-    Under FSDP2 they are DTensor shards that the optimizer updates in place, and every update here is
-    elementwise on them. Not ZeRO-3 (the parameters are flat partitions inside DeepSpeed's engine) nor
-    FSDP1 (flat parameters). Freezing and LR multipliers work everywhere (they only shape the optimizer's
-    groups)."""
-    from cpt.train.backend import params_writable
+    process, DDP, DeepSpeed ZeRO-1/2/3 (:class:`ZeroL2Init`, :class:`Zero3L2Init` move DeepSpeed's fp32
+    masters too) and FSDP2; see cpt.train.backend.pieces_unwritable for the rest. Freezing and LR
+    multipliers work everywhere (they only shape the optimizer's groups)."""
+    from cpt.train.backend import pieces_unwritable
 
-    if not params_writable(accelerator):
-        return ("l2_init / ema: the parameters are flat partitions (ZeRO-3 / FSDP1), so they would not see whole "
-                "tensors (DDP, ZeRO-1/2 and FSDP2 can)")
-    return None
+    why = pieces_unwritable(accelerator)
+    return f"l2_init / ema: {why}" if why else None

@@ -395,13 +395,13 @@ class MitigateConfig(StrictModel):
     l2_init: float = Field(
         0.0, ge=0, description="Decoupled L2 toward the weights the stage started from: after each update "
         "w <- w - lr * l2_init * (w - w_stage_start), like AdamW's decoupled weight decay (lr * l2_init must "
-        "stay <= 1). The reference weights are in every checkpoint. With DeepSpeed ZeRO-1/2 it moves DeepSpeed's "
-        "master copies too; under FSDP2 it acts on the shards; not with ZeRO-3 / FSDP1."
+        "stay <= 1). The reference weights are in every checkpoint. With DeepSpeed ZeRO-1/2/3 it moves DeepSpeed's "
+        "fp32 master copies too; under FSDP2 it acts on the shards; not with FSDP1."
     )
     ema: EmaConfig | None = Field(
         None, description="An exponential moving average of the weights: probed beside the raw weights "
         "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. With DeepSpeed ZeRO-1/2 "
-        "(whole weights on every rank) and FSDP2 (an average per shard); not with ZeRO-3 / FSDP1."
+        "(whole weights on every rank), ZeRO-3 and FSDP2 (an average per slice / shard); not with FSDP1."
     )
 
     @property

@@ -144,6 +144,16 @@ def metric(run_dir, key="train/loss"):
     return [r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r]
 
 
+def logits(model_dir):
+    """The logits of an HF model dir on a fixed input (loaded as a user would)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(torch.arange(3, 40).view(1, -1)).logits
+
+
 def launch(recipe_path, *args, port=None, extra_env=None, config=None):
     """`accelerate launch` 2 gloo processes of `cpt train RECIPE ARGS` on CPU (``config``: an accelerate
     config file instead of --multi_gpu); asserts success."""
@@ -182,6 +192,43 @@ def two_proc_recipe(tmp_path, tokenizer_dir, prepared):
         path.write_text(r.to_yaml())
         return r, path
     return make
+
+
+def check_mitigations_on_two_processes(two_proc_recipe, name, tol, config=None, **train):
+    """The stateful mitigations on a sharded backend (``config``: an accelerate config; ``train``: e.g.
+    deepspeed=...), checked against 1 process: mitigate.l2_init and mitigate.ema with frozen parameters and
+    an LR multiplier (several optimizer groups), and the merged weights lent for a probe. The curve,
+    probe_ema and probe_merge are the 1-process run's to ``tol``; the pull shows (the curve is not the
+    plain run's); the lent weights show (probe_ema and probe_merge are not probe); final_ema/ gives the
+    1-process logits; the gathered mitigation state in a checkpoint resumes the run exactly (1e-6)."""
+    import pytest
+    import torch
+
+    from cpt.train.loop import train as train_run
+
+    shape = {"freeze": [r"layers\.0\.mlp"], "lr_multipliers": {r"layers\.1\.": 0.5}}  # optimizer groups only
+    both = {**shape, "l2_init": 100.0, "ema": {"decay": 0.5, "every": 1}}  # lr x c up to 0.3
+    merge = {"checkpoint": {"every": 1024}, "merge": {"last": 2, "weights": "uniform"}}
+    one, _ = two_proc_recipe(f"{name}-one", mitigate=both, tokens=4096, extra=merge)
+    train_run(one)
+    plain, _ = two_proc_recipe(f"{name}-none", mitigate=shape, tokens=4096)
+    train_run(plain)
+    whole, path = two_proc_recipe(name, mitigate=both, tokens=4096, extra=merge, **train)
+    launch(path, config=config)
+    ran, ref = whole.run.output_dir, one.run.output_dir
+    assert len(metric(ran, "probe_merge/en/loss")) == 1
+    for key in ("train/loss", "probe/en/loss", "probe_ema/en/loss", "probe_merge/en/loss"):
+        assert metric(ran, key) == pytest.approx(metric(ref, key), abs=tol), key
+    assert abs(metric(ref)[-1] - metric(plain.run.output_dir)[-1]) > 1e-3  # the pull shows
+    raw = metric(ran, "probe/en/loss")[-1]
+    assert min(abs(metric(ran, k)[-1] - raw) for k in ("probe_ema/en/loss", "probe_merge/en/loss")) > 1e-3
+    assert torch.allclose(logits(Path(ran) / "final_ema"), logits(Path(ref) / "final_ema"), atol=1e-4)
+
+    split, split_path = two_proc_recipe(f"{name}-split", mitigate=both, tokens=4096, **train)
+    launch(split_path, "--max-steps", "2", config=config)
+    launch(split_path, "--resume", config=config)
+    for key in ("train/loss", "probe_ema/en/loss"):
+        assert metric(split.run.output_dir, key) == pytest.approx(metric(ran, key), abs=1e-6), key
 
 
 def on_two_simulated_ranks(work):

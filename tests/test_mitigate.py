@@ -300,17 +300,20 @@ def test_lora_model_freeze_multipliers_l2_init_and_ema_on_adapters_only():
 def test_unsupported_backends():
     from accelerate.utils import DistributedType
 
-    def on(kind, stage=None, fsdp2=False):
+    def on(kind, stage=None, fsdp2=False, **zero):
         return SimpleNamespace(distributed_type=kind, is_fsdp2=fsdp2, state=SimpleNamespace(
-            deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+            deepspeed_plugin=SimpleNamespace(zero_stage=stage, deepspeed_config={"zero_optimization": zero})))
 
     assert unsupported(on(DistributedType.NO)) is None
     assert unsupported(on(DistributedType.MULTI_GPU)) is None
     assert "FSDP1" in unsupported(on(DistributedType.FSDP))
     assert unsupported(on(DistributedType.FSDP, fsdp2=True)) is None  # DTensor shards (tests/test_fsdp.py)
-    for stage in (1, 2):  # whole weights on every rank (ZeroL2Init moves the master copies too)
+    for stage in (1, 2, 3):  # ZeroL2Init / Zero3L2Init move DeepSpeed's master copies too (tests/test_scale.py)
         assert unsupported(on(DistributedType.DEEPSPEED, stage)) is None
-    assert "ZeRO-3" in unsupported(on(DistributedType.DEEPSPEED, 3))
+    assert unsupported(on(DistributedType.DEEPSPEED, 3, offload_optimizer={"device": "cpu"})) is None
+    assert "NVMe" in unsupported(on(DistributedType.DEEPSPEED, 3, offload_param={"device": "nvme"}))
+    assert "hpZ" in unsupported(on(DistributedType.DEEPSPEED, 3, zero_hpz_partition_size=8))
+    assert unsupported(on(DistributedType.DEEPSPEED, 2, zero_hpz_partition_size=8)) is None
 
 
 # ----------------------------------------------------------------------------------- in a training run

@@ -283,10 +283,10 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
     """recipe.merge at the end of ``stage`` (``final``; else at a probe, merge.at_probes): its last
     checkpoints so far averaged into merged/<stage>/ (merged/<stage>-latest/ at a probe) (cpt.merge), then
     probed in place of the weights as probe_merge/<set>/... (not for LoRA runs, whose merge is a full
-    model, nor with ZeRO-3/FSDP1 partitions). Returns the record's fields; None at a probe before the
+    model, nor where cpt.train.backend.pieces_unwritable says why not). Returns the record's fields; None at a probe before the
     stage has 2 checkpoints."""
     from cpt.merge import merge_checkpoints, merge_coefficients
-    from cpt.train.backend import params_writable
+    from cpt.train.backend import pieces_unwritable
 
     cfg = run.recipe.merge
     mine = [d for d in ckpt_lib.checkpoint_dirs(run.run_dir)
@@ -304,7 +304,7 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
     run.accelerator.wait_for_everyone()
     record: dict[str, Any] = {"merge/path": str(out), "merge/checkpoints": [p.name for p in paths],
                               "merge/coefficients": coefficients}
-    if probes is not None and run.recipe.peft is None and params_writable(run.accelerator):
+    if probes is not None and run.recipe.peft is None and pieces_unwritable(run.accelerator) is None:
         with _weights_from(run, out):
             measured = probes(run.model, run.accelerator)
         record |= {k.replace("probe/", "probe_merge/", 1): v for k, v in measured.items()}
@@ -317,18 +317,19 @@ def _weights_from(run: Run, model_dir: Path):
     it, its own again, bit for bit (cpt.mitigate.lent)."""
     from safetensors.torch import load_file
 
-    from cpt.train.backend import reshard
+    from cpt.train.backend import settler
 
     loaded: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
         loaded |= load_file(f)
     model = run.accelerator.unwrap_model(run.model)
-    reshard(model)  # FSDP2: the shards, not a unit's gathered weights
+    settle = settler(run.model, model)
+    settle()  # FSDP2: the shards, not a unit's gathered weights
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(loaded))
     if missing:
         raise CptError(f"{model_dir}: lacks {missing[0]} ({len(missing)} parameters missing)")
-    with mitigate.lent(model, params, loaded):
+    with mitigate.lent(model, params, loaded, settle):
         yield
 
 

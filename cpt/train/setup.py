@@ -26,10 +26,11 @@ from cpt.recipe import Recipe, recipe_diff
 from cpt.tracking import Tracker
 from cpt.train.backend import (
     deepspeed_plugin,
+    head_gatherable,
     make_accelerator,
     mfu_per_token_s,
     params_sharded,
-    params_writable,
+    settler,
 )
 from cpt.train.loss import choose_loss
 from cpt.train.state import TrainerState
@@ -251,7 +252,7 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
     _print_counts(main, "lr x", scaled, mit.lr_multipliers)
     model, optimizer = accelerator.prepare(model, optimizer)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), not params_writable(accelerator), vocab,
+    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), not head_gatherable(accelerator), vocab,
                              compute_dtype=autocast)
     if note and main:
         print(f"cpt: {note}")
@@ -267,10 +268,16 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         if why := mitigate.unsupported(accelerator):
             raise CptError(f"mitigate.{why}")
         weights = accelerator.unwrap_model(model)
+        settle = settler(model, weights)
         if mit.l2_init > 0:
             zero = getattr(optimizer, "optimizer", None) if recipe.train.deepspeed is not None else None
-            l2_init = mitigate.ZeroL2Init(zero, mit.l2_init) if zero is not None else mitigate.L2Init(weights, mit.l2_init)
-        ema = mitigate.EMA(weights, mit.ema.decay, mit.ema.every) if mit.ema is not None else None
+            if zero is None:
+                l2_init = mitigate.L2Init(weights, mit.l2_init)
+            elif hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+                l2_init = mitigate.Zero3L2Init(zero, weights, mit.l2_init, settle)
+            else:
+                l2_init = mitigate.ZeroL2Init(zero, mit.l2_init)
+        ema = mitigate.EMA(weights, mit.ema.decay, mit.ema.every, settle) if mit.ema is not None else None
         if resume_from is not None:
             mitigate.load_state(resume_from / mitigate.STATE_FILE, _mitigation_parts(l2_init, ema))
 
