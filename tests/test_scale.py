@@ -415,18 +415,19 @@ def test_l2_init_ema_and_merge_under_zero3_match_one_process_and_resume(two_proc
 @pytest.mark.multiproc
 def test_zero3_lora_matches_one_process_and_exports_merged(two_proc_recipe):
     """ZeRO-3 partitions the parameters; the model is still built whole with the recipe's seed (not
-    under deepspeed.zero.Init), so LoRA under ZeRO-3 follows the 1-process curve, and the export
-    gathers the shards into the same merged model."""
+    under deepspeed.zero.Init), so LoRA under ZeRO-3 follows the 1-process curve, with L2-init and EMA
+    on the adapters' slices too, and the export gathers the shards into the same merged model."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    lora = {**LORA, "dropout": 0.0}
-    one, _ = two_proc_recipe("z3-one", peft=lora)
+    lora, mit = {**LORA, "dropout": 0.0}, {"l2_init": 100.0, "ema": {"decay": 0.5, "every": 1}}
+    one, _ = two_proc_recipe("z3-one", peft=lora, mitigate=mit)
     train(one)
-    z3, path = two_proc_recipe("z3-lora", peft=lora, deepspeed=str(ROOT / "recipes/deepspeed/zero3.json"))
+    z3, path = two_proc_recipe("z3-lora", peft=lora, mitigate=mit, deepspeed=str(ROOT / "recipes/deepspeed/zero3.json"))
     out = launch(path, port=free_port())
     assert f"{one.run.name}: 0.48M params" in out.stdout.replace(z3.run.name, one.run.name)  # counted before sharding
-    assert metric(z3.run.output_dir) == pytest.approx(metric(one.run.output_dir), abs=2e-5)
+    for key in ("train/loss", "probe/en/loss", "probe_ema/en/loss"):
+        assert metric(z3.run.output_dir, key) == pytest.approx(metric(one.run.output_dir, key), abs=2e-5), key
     final = Path(z3.run.output_dir) / "final"
     adapted = PeftModel.from_pretrained(tiny_base(one), final / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(final).eval()
