@@ -289,8 +289,8 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
     """recipe.merge at the end of ``stage`` (``final``; else at a probe, merge.at_probes): its last
     checkpoints so far averaged into merged/<stage>/ (merged/<stage>-latest/ at a probe) (cpt.merge), then
     probed in place of the weights as probe_merge/<set>/... (not for LoRA runs, whose merge is a full
-    model, nor where cpt.train.backend.pieces_unwritable says why not). Returns the record's fields; None at a probe before the
-    stage has 2 checkpoints."""
+    model, nor where cpt.train.backend.pieces_unwritable says why not). Returns the record's fields; None
+    at a probe before the stage has 2 checkpoints."""
     from cpt.merge import merge_checkpoints, merge_coefficients
     from cpt.train.backend import pieces_unwritable
 
