@@ -399,7 +399,7 @@ def test_l2_init_under_bf16_zero_pulls_the_bf16_weights_and_the_master(two_proc_
 
 
 @pytest.mark.multiproc
-def test_l2_init_ema_and_merge_under_zero3_match_one_process_and_resume(two_proc_recipe):
+def test_l2_init_ema_and_merge_under_zero3_match_one_process_and_resume(two_proc_recipe, tmp_path):
     """mitigate.l2_init and mitigate.ema on DeepSpeed ZeRO-3's parameter slices (cpt.mitigate.Zero3L2Init
     pulls the fp32 master flats; EMA averages ``ds_tensor``), with frozen parameters, an LR multiplier and
     merged weights lent for a probe: the 1-process run's numbers and an exact resume
@@ -407,8 +407,13 @@ def test_l2_init_ema_and_merge_under_zero3_match_one_process_and_resume(two_proc
     observed, and 3e-5 off in probe_ema when a probe reused the weights another probe's forward had left
     gathered (before cpt.train.backend.settler released them). The tiny model's norm weights (64
     elements) are below stage3_param_persistence_threshold: DeepSpeed keeps them whole, and they too are
-    pulled and lent."""
-    check_mitigations_on_two_processes(two_proc_recipe, "z3-mit", 5e-6, deepspeed=str(ROOT / "recipes/deepspeed/zero3.json"))
+    pulled and lent. A small sub_group_size splits each optimizer group into several sub-groups (flat
+    buffers): taking the LR of the wrong group for one (sub-group i -> group i) fails the curve check."""
+    config = json.loads((ROOT / "recipes/deepspeed/zero3.json").read_text())
+    config["zero_optimization"]["sub_group_size"] = 20_000  # ~20 sub-groups: several per optimizer group
+    path = tmp_path / "zero3-subgroups.json"
+    path.write_text(json.dumps(config))
+    check_mitigations_on_two_processes(two_proc_recipe, "z3-mit", 5e-6, deepspeed=str(path))
 
 
 @pytest.mark.slow  # beyond the DDP and ZeRO-2 runs CI needs: python -m pytest --runslow
