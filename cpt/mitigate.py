@@ -178,20 +178,17 @@ def local_piece(p: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
     return torch.cat([piece, piece.new_zeros(n - piece.numel())]) if piece.numel() < n else piece
 
 
-def _reshard(model: torch.nn.Module) -> Callable[[], None]:
-    from cpt.train.backend import reshard
-
-    return lambda: reshard(model)
-
-
 @contextmanager
 def lent(model: torch.nn.Module, params: Mapping[str, torch.Tensor], weights: Mapping[str, torch.Tensor],
          settle: Callable[[], None] | None = None, local: bool = False) -> Iterator[None]:
     """Within the block ``params`` (of ``model``) hold ``weights`` (same names; whole tensors, or with
     ``local`` this rank's pieces in the layout of :func:`_local`); after it, their own values again, bit for
-    bit (kept as a copy meanwhile). ``settle`` (cpt.train.backend.settler; default: reshard FSDP2 units)
-    runs before and after each write, so that no forward reuses weights gathered from the old values."""
-    settle = settle or _reshard(model)
+    bit (kept as a copy meanwhile). ``settle`` (cpt.train.backend.settler; default: the one of ``model``
+    itself, which reshards FSDP2 units) runs before and after each write, so that no forward reuses
+    weights gathered from the old values."""
+    from cpt.train.backend import settler
+
+    settle = settle or settler(model, model)
     settle()
     raw = {n: _local(p).detach().clone() for n, p in params.items()}
     try:
@@ -429,6 +426,18 @@ class Zero3L2Init:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         _load_into(self.refs, state, "l2_init", self.params)  # into the views, so into self.flats
+
+
+def l2_init(model: torch.nn.Module, coeff: float, zero_optimizer, settle: Callable[[], None]
+            ) -> L2Init | ZeroL2Init | Zero3L2Init:
+    """The L2 pull for this backend: ``zero_optimizer`` is DeepSpeed's ZeRO optimizer under DeepSpeed
+    (None elsewhere; ZeRO-3's keeps the partitioned flats :class:`Zero3L2Init` acts on); ``settle``:
+    cpt.train.backend.settler of the prepared model."""
+    if zero_optimizer is None:
+        return L2Init(model, coeff)
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):
+        return Zero3L2Init(zero_optimizer, model, coeff, settle)
+    return ZeroL2Init(zero_optimizer, coeff)
 
 
 class EMA:

@@ -60,7 +60,7 @@ class Run:
     elapsed: float
     consumed: dict[str, int]          # draws per source before the current stage (the next one's offsets)
     loss: Any = None                  # (model, inputs) -> loss, and .token_nll for probes (cpt.train.loss)
-    l2_init: Any = None               # cpt.mitigate.L2Init (mitigate.l2_init), or None
+    l2_init: Any = None               # cpt.mitigate.l2_init(...) (recipe mitigate.l2_init), or None
     ema: Any = None                   # cpt.mitigate.EMA (mitigate.ema), or None
     old_rows: Any = None              # cpt.model.OldRows (model.extend_vocab.train_rows: new), or None
     warned: set[str] = field(default_factory=set)  # sources already warned about repeats
@@ -271,12 +271,7 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         settle = settler(model, weights)
         if mit.l2_init > 0:
             zero = getattr(optimizer, "optimizer", None) if recipe.train.deepspeed is not None else None
-            if zero is None:
-                l2_init = mitigate.L2Init(weights, mit.l2_init)
-            elif hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
-                l2_init = mitigate.Zero3L2Init(zero, weights, mit.l2_init, settle)
-            else:
-                l2_init = mitigate.ZeroL2Init(zero, mit.l2_init)
+            l2_init = mitigate.l2_init(weights, mit.l2_init, zero, settle)
         ema = mitigate.EMA(weights, mit.ema.decay, mit.ema.every, settle) if mit.ema is not None else None
         if resume_from is not None:
             mitigate.load_state(resume_from / mitigate.STATE_FILE, _mitigation_parts(l2_init, ema))
