@@ -24,30 +24,21 @@ the next stage or a decay branch starts from them.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 from cpt.errors import CptError
 from cpt.model import ADAPTER_DIR, is_peft, merged_copy
+from cpt.state import (  # noqa: F401  (checkpoint_dirs, find_checkpoint: part of this module's API)
+    STATE_FILE,
+    STEP_DIR,
+    TrainerState,
+    checkpoint_dirs,
+    find_checkpoint,
+    latest_checkpoint,
+    read_trainer_state,
+)
 from cpt.train.backend import weights_sharded
-from cpt.train.state import STATE_FILE, TrainerState
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    dirs = checkpoint_dirs(run_dir)
-    return dirs[-1] if dirs else None
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: TrainerState, recipe_yaml: str,
@@ -119,16 +110,6 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
     return final
 
 
-def read_trainer_state(ckpt: str | Path) -> TrainerState:
-    f = Path(ckpt) / STATE_FILE
-    if not f.is_file():
-        raise CptError(f"{ckpt}: not a cpt checkpoint (no {STATE_FILE})")
-    try:
-        return TrainerState.from_json(json.loads(f.read_text()), str(f))
-    except json.JSONDecodeError as e:
-        raise CptError(f"{f}: corrupt trainer state ({e})") from None
-
-
 _RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")
 
 
@@ -167,29 +148,6 @@ def load_checkpoint(accelerator, ckpt: str | Path) -> TrainerState:
     except Exception as e:  # safetensors / torch / shape errors of a damaged file
         raise CptError(f"{ckpt}: cannot restore the training state ({_why(e)})") from None
     return state
-
-
-def find_checkpoint(path: str | Path, selector: str = "latest") -> Path:
-    """A checkpoint dir from a run dir and a selector (latest | pre_anneal | <stage name> | step-N),
-    or ``path`` itself when it already is a checkpoint."""
-    path = Path(path)
-    if (path / STATE_FILE).is_file():
-        return path
-    dirs = checkpoint_dirs(path)
-    if not dirs:
-        raise CptError(f"{path}: no checkpoints (not a cpt run dir or checkpoint)")
-    if selector == "latest":
-        return dirs[-1]
-    if STEP_DIR.match(selector):
-        if (path / "checkpoints" / selector).is_dir():
-            return path / "checkpoints" / selector
-        raise CptError(f"{path}: no checkpoint {selector} (have {', '.join(d.name for d in dirs)})")
-    tag = selector if selector == "pre_anneal" else f"stage_end:{selector}"
-    tagged = [d for d in dirs if tag in read_trainer_state(d).tags]
-    if not tagged:
-        have = sorted({t for d in dirs for t in read_trainer_state(d).tags})
-        raise CptError(f"{path}: no checkpoint tagged {tag} (tags: {', '.join(have) or 'none'})")
-    return tagged[-1]
 
 
 def load_optimizer_state(optimizer, ckpt: str | Path) -> None:

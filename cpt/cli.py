@@ -1,5 +1,7 @@
 """`cpt` command line: thin verbs over library code. Heavy imports happen inside each verb so that
-`cpt --help` stays instant (and never imports DeepSpeed)."""
+`cpt --help` stays instant (and never imports DeepSpeed). The choice lists of the options come from the
+modules that own them (none of which imports torch), so that a new decay shape, search family, law or
+merge dtype reaches the command line without an edit here."""
 
 from __future__ import annotations
 
@@ -8,6 +10,10 @@ import sys
 from pathlib import Path
 
 from cpt.errors import CptError
+from cpt.merge import DTYPES
+from cpt.predict.laws import LAWS
+from cpt.predict.search import FAMILIES
+from cpt.schedules import DECAY_SHAPES
 
 
 def _split(args: list[str]) -> tuple[list[str], list[str]]:
@@ -253,7 +259,13 @@ def cmd_merge(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of causal LMs.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
+    for add_verb in (_add_train, _add_schedule, _add_prepare, _add_probe, _add_compare, _add_predict, _add_merge,
+                     _add_tokenizer):  # the order `cpt --help` lists them in
+        add_verb(sub)
+    return p
 
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train (or --resume) a run from a recipe",
                        description="cpt train RECIPE [key.path=value ...]")
     t.add_argument("args", nargs="+", metavar="RECIPE|key=value")
@@ -271,10 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "decay to min LR; a new run dir RUN-decay-at-STEP")
     t.add_argument("--decay", metavar="LENGTH", default=None,
                    help="with --branch-from: decay length (10%% of the run's budget, 200 steps, 2M)")
-    t.add_argument("--decay-shape", default=None, choices=["linear", "cosine", "1-sqrt", "exponential"],
+    t.add_argument("--decay-shape", default=None, choices=DECAY_SHAPES,
                    help="with --branch-from: decay shape (default: the recipe's)")
     t.set_defaults(func=cmd_train)
 
+
+def _add_schedule(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("schedule", help="print a recipe's LR phases and plot LR against tokens",
                        description="cpt schedule [key=value ...] RECIPE [key=value ...] [RECIPE [key=value ...] ...]: "
                                    "key=value before the first recipe applies to all, after a recipe to that "
@@ -284,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--title", default=None, help="the plot's title (default: learning rate against tokens)")
     s.set_defaults(func=cmd_schedule)
 
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("prepare", help="tokenize raw text once into memory-mapped token shards",
                        epilog="in parts, on N machines: cpt prepare FILES ... --num-shards N --shard-index I "
                               "--out DIR/part-I, then cpt prepare merge DIR/part-* --out DIR")
@@ -317,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split-seed", type=int, default=0, help="seed of the validation split's hash")
     d.set_defaults(func=cmd_prepare)
 
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
     pr = sub.add_parser("probe", help="held-out loss and downstream scores of a model or checkpoint",
                         description="cpt probe MODEL --sets NAME=PREPARED_DIR ... [--downstream NAME=JSONL ...] "
                                     "[--lm-eval TASK ... [--limit N] [--lm-eval-include DIR]]")
@@ -335,6 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     pr.set_defaults(func=cmd_probe)
 
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compare", help="plots and a summary table (HTML) from several runs' metrics",
                        description="cpt compare RUN_DIR [RUN_DIR ...] [--out DIR]")
     c.add_argument("runs", nargs="+", metavar="RUN_DIR")
@@ -345,6 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--smoothing", type=float, default=0.9, help="EMA factor of the train-loss line")
     c.set_defaults(func=cmd_compare)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     pd = sub.add_parser("predict", help="fit loss-curve laws on runs; predict other schedules; search for one",
                         description="cpt predict --fit RUN_DIR[@STAGE] ... --recipe R.yaml[@STAGE] ... "
                                     "[key.path=value ...] [--runs RUN_DIR ...] [--search FAMILY ...]")
@@ -354,10 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recipes whose schedules to predict; key=value overrides apply to all of them")
     pd.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
                     help="finished runs not used in the fit, to overlay where their recipe.yaml matches")
-    pd.add_argument("--search", nargs="+", default=[], choices=["wsd", "cosine", "linear", "infinite"],
+    pd.add_argument("--search", nargs="+", default=[], choices=FAMILIES,
                     metavar="FAMILY", help="minimise the predicted final loss over these schedule families "
-                    "(wsd, cosine, linear, infinite) at the first recipe's budget")
-    pd.add_argument("--law", nargs="+", default=["anneal", "multipower"], choices=["anneal", "multipower"],
+                    f"({', '.join(FAMILIES)}) at the first recipe's budget")
+    pd.add_argument("--law", nargs="+", default=list(LAWS), choices=LAWS,
                     help="laws to fit (default both)")
     pd.add_argument("--out", type=Path, default=Path("predict"), help="folder for report.md/.json, curves.png")
     pd.add_argument("--lam", type=float, default=0.999, help="anneal law: decay factor of the annealing momentum")
@@ -368,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what to fit and compare: train/loss, or a probe the runs log (probe/DOMAIN/loss)")
     pd.set_defaults(func=cmd_predict)
 
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("merge", help="average checkpoints into one HF model dir (uniform, weights, EMA, WSM)",
                        description="cpt merge CKPT [CKPT ...] --out DIR [--weights SPEC]: checkpoints oldest first")
     m.add_argument("checkpoints", nargs="+", metavar="CKPT",
@@ -380,12 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "emulate a linear, cosine, 1-sqrt or rex decay over the checkpoints)")
     m.add_argument("--last", type=int, default=None, metavar="K",
                    help="merge only the last K (after run dirs are expanded)")
-    m.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="dtype of the output (auto: as the last input stores it; for a cpt checkpoint its "
                         "config's dtype, as final/)")
     m.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     m.set_defaults(func=cmd_merge)
 
+
+def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     k = sub.add_parser("tokenizer", help="tokenizer tools")
     ksub = k.add_subparsers(dest="tverb", required=True, metavar="COMMAND")
     kt = ksub.add_parser("train", help="train a byte-level BPE tokenizer locally (HF tokenizer dir)")
@@ -409,7 +435,6 @@ def build_parser() -> argparse.ArgumentParser:
     ke.add_argument("--text-field", default="text")
     ke.add_argument("--max-documents", type=int, default=20000, help="documents read from --train (and --old)")
     ke.set_defaults(func=cmd_tokenizer_extend)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

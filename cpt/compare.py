@@ -135,7 +135,7 @@ def link_lineage(runs: list[Run]) -> None:
 
 def _checkpoint_tokens(ckpt: Path) -> int | None:
     """The token counter a cpt checkpoint was saved at (None when it cannot be read)."""
-    from cpt.checkpoint import read_trainer_state
+    from cpt.state import read_trainer_state
 
     try:
         return read_trainer_state(ckpt).tokens

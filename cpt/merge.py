@@ -43,8 +43,13 @@ from typing import Any
 
 from cpt.errors import CptError
 
+# the coefficients live in the low module cpt.merge_weights (the recipe schema checks them); re-exported
+from cpt.merge_weights import WSM_SHAPES as WSM_SHAPES
+from cpt.merge_weights import ema_coefficients as ema_coefficients
+from cpt.merge_weights import merge_coefficients as merge_coefficients
+from cpt.merge_weights import wsm_coefficients as wsm_coefficients
+
 MERGE_FILE = "merge.json"
-WSM_SHAPES = ("linear", "cosine", "1-sqrt", "rex")  # the decay shapes of cpt.schedules that end at 0
 DTYPES = ("float32", "bfloat16", "float16")
 
 WEIGHTS_FILE = "model.safetensors"
@@ -64,85 +69,6 @@ _EXTRA_FILES = ("generation_config.json",)
 # ---------------------------------------------------------------------------------------- coefficients
 
 
-def merge_coefficients(spec: str, n: int) -> list[float]:
-    """The ``n`` merge coefficients (oldest checkpoint first, summing to 1) that ``spec`` names:
-    ``uniform``, ``w1,w2,...`` (normalised to sum 1), ``ema:<decay>`` or ``wsm:<shape>``."""
-    if n < 1:
-        raise CptError(f"merge: nothing to merge ({n} checkpoints)")
-    spec = spec.strip()
-    if spec == "uniform":
-        return [1.0 / n] * n
-    if spec.startswith("ema:"):
-        return ema_coefficients(_number(spec, spec[4:]), n)
-    if spec.startswith("wsm:"):
-        return wsm_coefficients(spec[4:], n)
-    if "," not in spec and not _is_number(spec):
-        raise CptError(f"merge weights {spec!r}: expected uniform, w1,w2,... (one per checkpoint), ema:<decay> "
-                       f"or wsm:<shape> ({', '.join(WSM_SHAPES)})")
-    weights = [_number(spec, w) for w in spec.split(",")]
-    if len(weights) != n:
-        raise CptError(f"merge weights {spec!r}: {len(weights)} weights for {n} checkpoints")
-    if any(w < 0 for w in weights):
-        raise CptError(f"merge weights {spec!r}: weights must be >= 0")
-    total = sum(weights)
-    if total <= 0:
-        raise CptError(f"merge weights {spec!r}: all weights are zero")
-    return [w / total for w in weights]
-
-
-def ema_coefficients(decay: float, n: int) -> list[float]:
-    """The exponential moving average of ``n`` checkpoints started at the first one: newest ``1 - d``,
-    ``k`` places older ``d^k (1 - d)``, the first ``d^(n-1)`` (the remainder), oldest first."""
-    if not 0 <= decay < 1:
-        raise CptError(f"merge weights 'ema:{decay:g}': the decay must be in [0, 1)")
-    return [decay ** (n - 1)] + [decay ** (n - 1 - i) * (1 - decay) for i in range(1, n)]
-
-
-def wsm_coefficients(shape: str, n: int) -> list[float]:
-    """WSM merge coefficients of ``n`` checkpoints (oldest first) that emulate a decay of ``shape``.
-
-    Tian et al. 2025, "WSM: Decay-Free Learning Rate Schedule via Checkpoint Merging for LLM Pre-training"
-    (arXiv 2507.17634), Section 3, Theorem 3.1: merging checkpoints ``theta_n .. theta_{n+k}`` of a
-    constant-LR run, ``sum_{j=0..k} c_j theta_{n+j} = theta_n - sum_{i=1..k} w_i g_{n+i-1}``, applies the
-    weight ``w_i = sum_{j>=i} c_j`` to the update ``g`` made between checkpoints ``i-1`` and ``i``: a decay
-    sequence ``1 >= w_1 >= .. >= w_k >= 0`` is emulated by ``c_0 = 1 - w_1``, ``c_j = w_j - w_{j+1}``,
-    ``c_k = w_k``.
-
-    Here the ``n`` checkpoints stand for ``n`` equal parts of the emulated decay, and ``w_i`` is the decay
-    factor ``f`` of ``shape`` (1 at its start, 0 at its end; :class:`cpt.schedules.Phase` computes it)
-    where part ``i`` starts: ``w_i = f(i / n)``. So checkpoint ``j`` (0 = oldest) gets
-    ``c_j = f(j / n) - f((j + 1) / n)``, the LR drop over the part it stands for; the coefficients sum to
-    ``f(0) - f(1) = 1``, and ``linear`` gives the uniform mean (the mean of checkpoints is a linear decay).
-    """
-    from cpt.schedules import Phase
-
-    if shape not in WSM_SHAPES:
-        raise CptError(f"merge weights 'wsm:{shape}': unknown decay shape (expected one of {', '.join(WSM_SHAPES)})")
-    decay = Phase("merge", 0, n, 1.0, 0.0, shape)  # LR factor from 1 at the oldest checkpoint to 0 past the newest
-    factors = [decay.lr(j) for j in range(n + 1)]
-    drops = [max(a - b, 0.0) for a, b in zip(factors, factors[1:], strict=False)]
-    total = sum(drops)  # 1 up to rounding
-    return [d / total for d in drops]
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _number(spec: str, text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise CptError(f"merge weights {spec!r}: {text.strip()!r} is not a number") from None
-    if not math.isfinite(value):
-        raise CptError(f"merge weights {spec!r}: {text.strip()!r} is not finite")
-    return value
-
-
 def describe(spec: str, paths: list[Path], coefficients: list[float]) -> str:
     """The coefficients used, one line per input (oldest first), and how they came about."""
     head = f"merge weights {spec}"
@@ -159,7 +85,7 @@ def describe(spec: str, paths: list[Path], coefficients: list[float]) -> str:
 def resolve_inputs(paths: list[str | Path], last: int | None = None) -> list[Path]:
     """Model dirs to merge, in the order given: a model dir (cpt checkpoint or HF dir) as it is, a cpt
     run dir as its checkpoints (oldest first); ``last``: only the last K of them all."""
-    from cpt.checkpoint import checkpoint_dirs
+    from cpt.state import checkpoint_dirs
 
     found: list[Path] = []
     for p in map(Path, paths):
@@ -191,7 +117,7 @@ class _Input:
 
     @property
     def is_cpt_checkpoint(self) -> bool:
-        from cpt.train.state import STATE_FILE
+        from cpt.state import STATE_FILE
 
         return (self.path / STATE_FILE).is_file()
 
@@ -332,7 +258,7 @@ def _check_order(paths: list[Path]) -> None:
     """Checkpoints of one run given out of step order are a mistake: ema and wsm weigh by position."""
     seen: dict[Path, tuple[int, Path]] = {}
     for p in paths:
-        from cpt.checkpoint import STEP_DIR
+        from cpt.state import STEP_DIR
 
         m = STEP_DIR.match(p.name)
         if m is None or p.parent.name != "checkpoints":
@@ -526,7 +452,7 @@ def _write_side_files(last: _Input, tmp: Path, out_dtype: str | None, total_size
 
 
 def _describe_input(path: Path, coefficient: float) -> dict[str, Any]:
-    from cpt.train.state import STATE_FILE
+    from cpt.state import STATE_FILE
 
     entry: dict[str, Any] = {"path": str(path.resolve()), "coefficient": coefficient}
     state = path / STATE_FILE

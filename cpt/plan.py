@@ -11,12 +11,11 @@ from typing import Any
 
 import yaml
 
-from cpt.checkpoint import find_checkpoint, read_trainer_state
 from cpt.errors import CptError
 from cpt.recipe import Recipe, validate_recipe
-from cpt.schedules import build_schedule
+from cpt.schedules import BRANCHES, build_schedule
 from cpt.stages import StagePlan, plan_stages, stage_at
-from cpt.train.state import STATE_FILE, Origin
+from cpt.state import STATE_FILE, Origin, find_checkpoint, read_trainer_state
 from cpt.units import parse_length
 
 
@@ -85,10 +84,6 @@ def plan_run(recipe: Recipe, origin: Origin | None = None, *, allow_missing_init
 
 # ------------------------------------------------------------------------------------- decay branches
 
-_LENGTHS = {"wsd": ["warmup", "decay.length"], "infinite": ["warmup", "cooldown.length", "cooldown.timescale",
-                                                              "anneal.length"]}
-
-
 def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None, shape: str | None = None,
                 output_dir: str | None = None) -> Recipe:
     """A decay branch of a WSD or infinite run: from a stable-phase checkpoint at token X, decay over D
@@ -98,9 +93,10 @@ def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None
     budget. The parent's fractional lengths are frozen into tokens first, so moving the horizon to X + D
     changes nothing but where the decay sits."""
     kind = parent.schedule.kind if parent.schedule is not None else None
-    if kind not in _LENGTHS:
-        raise CptError(f"--branch-from: a decay branch needs a wsd or infinite schedule (this recipe's "
-                       f"schedule is {kind})")
+    branch = parent.schedule.branch if parent.schedule is not None else None  # the kind says how, if at all
+    if branch is None:
+        raise CptError(f"--branch-from: a decay branch needs a {' or '.join(BRANCHES)} schedule "
+                       f"(this recipe's schedule is {kind})")
     ckpt = find_checkpoint(checkpoint)
     state = read_trainer_state(ckpt)
     x, step = state.tokens, state.step
@@ -109,26 +105,27 @@ def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None
     main = build_schedule(parent.schedule, total_tokens=budget, tokens_per_step=step_tokens,
                           batch_size=step_tokens // parent.data.seq_len)
     phase = next((p.name for p in main.phases if p.start <= x < p.end), "end")
-    if phase not in ("stable", "constant"):
-        raise CptError(f"--branch-from: {ckpt} is at token {x}, in the {phase} phase; branch from the "
-                       f"stable (wsd) or constant (infinite) phase")
+    if phase != branch.phase:
+        where = " or ".join(f"{b.phase} ({k})" for k, b in BRANCHES.items())
+        raise CptError(f"--branch-from: {ckpt} is at token {x}, in the {phase} phase; "
+                       f"branch from the {where} phase")
 
     data = parent.to_dict()
     sched = data["schedule"]
-    for dotted in _LENGTHS[kind]:
+    for dotted in branch.lengths:
         node, key = _node(sched, dotted)
         if node is not None and node.get(key) is not None:
             node[key] = parse_length(node[key]).to_tokens(budget, step_tokens)
-    block = "decay" if kind == "wsd" else "anneal"
-    if kind == "infinite" and not sched.get("anneal"):
-        raise CptError("--branch-from: the infinite schedule has no anneal block to branch with")
+    block = branch.block
+    if not sched.get(block):
+        raise CptError(f"--branch-from: the {kind} schedule has no {block} block to branch with")
     if decay is not None:
         sched[block]["length"] = parse_length(decay).to_tokens(budget, step_tokens)
     if shape is not None:
         sched[block]["shape"] = shape
     d = sched[block]["length"]
-    if kind == "wsd":
-        sched["decay_at"] = x
+    if branch.at is not None:
+        sched[branch.at] = x
     stage = stage_at(plan_stages(parent, Origin()), x)
     data["run"]["name"] = f"{parent.run.name}-decay-at-{step}"
     data["run"]["output_dir"] = output_dir or f"{parent.run.output_dir}-decay-at-{step}"

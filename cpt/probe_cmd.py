@@ -35,7 +35,7 @@ def load_model(path: str | Path):
     (cpt.model.load_causal_lm); a checkpoint without its own tokenizer (older layout) takes its run's."""
     from cpt.data.tokenizer import load_tokenizer
     from cpt.model import load_causal_lm
-    from cpt.train.state import STATE_FILE
+    from cpt.state import STATE_FILE
 
     path = Path(path)
     try:

@@ -8,6 +8,12 @@ at the restored counter, and a decay branch (WSD) is the same recipe with the de
 Recipes describe a schedule under ``schedule:`` with a ``kind`` (see :data:`ScheduleConfig`); lengths
 are tokens (``2M``), optimizer steps (``200 steps``) or fractions of the stage budget (``10%``), and
 :func:`build_schedule` resolves them once the budget and tokens per step are known.
+
+Each kind's config class lays out its own phases (``layout``) and says itself what other modules need to
+know of its structure: where its final anneal starts (the built :class:`Schedule`'s ``anneal_start``)
+and how a decay branch is cut from it (``branch``, a :class:`Branching`). Stages and decay branches
+read these rather than phase names or kinds, so a new kind is its class here and its place in the
+:data:`ScheduleConfig` union.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import Field
 
@@ -96,10 +102,17 @@ class Phase:
 
 @dataclass(frozen=True)
 class Schedule:
-    """LR as a function of tokens seen in the stage: contiguous phases, then the last LR held."""
+    """LR as a function of tokens seen in the stage: contiguous phases, then the last LR held.
+
+    ``anneal_start`` is the token where the schedule's final anneal begins (WSD's decay after its stable
+    phase, the infinite schedule's anneal), or None where the kind has none. The kind that lays out the
+    phases sets it, since the checkpoint kept just before it (pre_anneal) and a mixture's ``at: decay``
+    depend on it, and reading it back from phase names would tie every such reader to every kind.
+    """
 
     phases: tuple[Phase, ...]
     total_tokens: int
+    anneal_start: int | None = None
     _starts: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +127,8 @@ class Schedule:
             if ph.end <= ph.start:
                 raise ValueError(f"phase {ph.name!r} is empty: [{ph.start}, {ph.end})")
         object.__setattr__(self, "_starts", tuple(ph.start for ph in self.phases))
+        if self.anneal_start is not None and self.anneal_start not in self._starts:
+            raise ValueError(f"anneal_start {self.anneal_start} is not where a phase starts")
 
     def __call__(self, tokens: int | float) -> float:
         """LR after ``tokens`` tokens of the stage (the LR for the step that starts there)."""
@@ -129,6 +144,8 @@ class Schedule:
 # --------------------------------------------------------------------------------------------------
 
 DecayShape = Literal["linear", "cosine", "1-sqrt", "exponential"]
+DECAY_SHAPES: tuple[str, ...] = get_args(DecayShape)
+"""The shapes a final decay may take (``decay.shape``, `cpt train --decay-shape`)."""
 
 
 class DecayConfig(StrictModel):
@@ -175,6 +192,23 @@ class AnnealConfig(StrictModel):
 WarmupFrom = Annotated[float, Field(ge=0)] | Literal["checkpoint"]
 
 
+@dataclass(frozen=True)
+class Branching:
+    """How a decay branch (`cpt train --branch-from`) is cut from a run of one kind.
+
+    A branch starts from a checkpoint in ``phase`` and decays by the recipe's ``block`` (whose length
+    and shape the branch may set). The parent's ``lengths`` (dotted keys) are frozen into tokens of its
+    budget first, so that moving the horizon to the branch's end moves nothing but the decay. ``at`` is
+    the key that places the decay at the branch point; a kind whose decay sits at the end of the budget
+    needs none.
+    """
+
+    phase: str
+    block: str
+    lengths: tuple[str, ...]
+    at: str | None = None
+
+
 class _ScheduleBase(StrictModel):
     kind: str = Field(description="The schedule kind.")
     max_lr: float = Field(gt=0, description="Peak learning rate, reached at the end of the warmup.")
@@ -189,11 +223,22 @@ class _ScheduleBase(StrictModel):
         "ended at (re-warming from where it left off; needs init_from).",
     )
 
+    branch: ClassVar[Branching | None] = None
+    """How a decay branch is cut from this kind; None where it cannot be branched."""
+
+    def layout(self, budget: _Budget) -> Schedule:
+        """The phases over ``budget``, with the checks that only this kind's fields involve."""
+        raise NotImplementedError(f"schedule kind {self.kind!r} lays out no phases")
+
 
 class ConstantScheduleConfig(_ScheduleBase):
     """Warmup, then max_lr forever."""
 
     kind: Literal["constant"] = Field(description="Warmup, then max_lr forever.")
+
+    def layout(self, budget: _Budget) -> Schedule:
+        T, W, top = budget.total, budget.warm.tokens, self.max_lr
+        return budget.schedule(budget.warmup(top), Phase("constant", W, T, top, top, "constant"))
 
 
 class DecayScheduleConfig(_ScheduleBase):
@@ -207,6 +252,11 @@ class DecayScheduleConfig(_ScheduleBase):
         default=0.0, ge=0, description="LR at the end of the budget (cosine: often 0.1 max_lr)."
     )
 
+    def layout(self, budget: _Budget) -> Schedule:
+        # The decay is the whole schedule, not a final anneal after a plateau: no anneal_start.
+        T, W, top = budget.total, budget.warm.tokens, self.max_lr
+        return budget.schedule(budget.warmup(top), Phase("decay", W, T, top, self.min_lr, self.kind))
+
 
 class InvSqrtScheduleConfig(_ScheduleBase):
     """Warmup, then max_lr * sqrt(alpha / (alpha + t)) with t counted from the end of the warmup."""
@@ -215,6 +265,16 @@ class InvSqrtScheduleConfig(_ScheduleBase):
     timescale: LengthField = Field(
         description="alpha: tokens after the warmup at which the LR has fallen to max_lr / sqrt(2)."
     )
+
+    def layout(self, budget: _Budget) -> Schedule:
+        T, W, top = budget.total, budget.warm.tokens, self.max_lr
+        alpha = budget.span("timescale", self.timescale).tokens
+        if alpha <= 0:
+            raise CptError(f"schedule.timescale: must be positive, got {self.timescale}")
+        # No end of its own: the phase stops at the budget on the curve max_lr*sqrt(a/(a+t)).
+        end_lr = top * math.sqrt(alpha / (alpha + T - W))
+        decay = Phase("decay", W, T, top, end_lr, "inv_sqrt", {"timescale": alpha})
+        return budget.schedule(budget.warmup(top), decay)
 
 
 class WSDScheduleConfig(_ScheduleBase):
@@ -229,6 +289,34 @@ class WSDScheduleConfig(_ScheduleBase):
         "holds at min_lr after the decay. Default: the decay ends at the end of the budget.",
     )
 
+    branch: ClassVar[Branching | None] = Branching(
+        phase="stable", block="decay", lengths=("warmup", "decay.length"), at="decay_at"
+    )
+
+    def layout(self, budget: _Budget) -> Schedule:
+        T, W, top = budget.total, budget.warm.tokens, self.max_lr
+        decay = budget.span("decay.length", self.decay.length)
+        _check_decay_target(self.decay.shape, self.min_lr, "schedule.min_lr")
+        _check_fits(T, decay, budget.warm)
+        if self.decay_at is None:
+            d0 = T - decay.tokens
+        else:
+            at = budget.span("decay_at", self.decay_at)
+            if at.tokens < W:
+                raise CptError(f"{at} falls inside the warmup ({budget.warm})")
+            _check_fits(T, at, decay)
+            d0 = at.tokens
+        d1 = d0 + decay.tokens
+        # Only a decay that follows a stable stretch is a final anneal; straight after the warmup it is
+        # the whole schedule, as a cosine's is.
+        return budget.schedule(
+            budget.warmup(top),
+            Phase("stable", W, d0, top, top, "constant"),
+            Phase("decay", d0, d1, top, self.min_lr, self.decay.shape),
+            Phase("hold", d1, T, self.min_lr, self.min_lr, "constant"),
+            anneal_start=d0 if W < d0 < d1 else None,
+        )
+
 
 class InfiniteScheduleConfig(_ScheduleBase):
     """Ibrahim et al. 2024: warmup, cooldown to a constant LR, constant, optional anneal at the end."""
@@ -242,6 +330,52 @@ class InfiniteScheduleConfig(_ScheduleBase):
         description="Final anneal at the end of the budget, for a release checkpoint; omitted = the constant "
         "phase runs to the end and the next stage continues from it without re-warming.",
     )
+
+    branch: ClassVar[Branching | None] = Branching(
+        phase="constant", block="anneal",
+        lengths=("warmup", "cooldown.length", "cooldown.timescale", "anneal.length"),
+    )
+
+    def layout(self, budget: _Budget) -> Schedule:
+        T, W, top = budget.total, budget.warm.tokens, self.max_lr
+        cool = budget.span("cooldown.length", self.cooldown.length)
+        const = self.cooldown.to
+        if const > top:
+            raise CptError(f"schedule.cooldown.to: {const:g} exceeds schedule.max_lr: {top:g}")
+        c1 = W + cool.tokens
+        cooldown = Phase("cooldown", W, c1, top, const, self.cooldown.shape, self._cooldown_params(budget))
+        if self.anneal is None:
+            _check_fits(T, cool, budget.warm)
+            constant = Phase("constant", c1, T, const, const, "constant")
+            return budget.schedule(budget.warmup(top), cooldown, constant)
+        ann = budget.span("anneal.length", self.anneal.length)
+        if self.anneal.to > const:
+            raise CptError(f"schedule.anneal.to: {self.anneal.to:g} exceeds schedule.cooldown.to: {const:g}")
+        _check_decay_target(self.anneal.shape, self.anneal.to, "schedule.anneal.to")
+        _check_fits(T, ann, cool, budget.warm)
+        a0 = T - ann.tokens
+        return budget.schedule(
+            budget.warmup(top),
+            cooldown,
+            Phase("constant", c1, a0, const, const, "constant"),
+            Phase("anneal", a0, T, const, self.anneal.to, self.anneal.shape),
+            anneal_start=a0 if a0 < T else None,
+        )
+
+    def _cooldown_params(self, budget: _Budget) -> dict[str, Any]:
+        # The timescale belongs to the inv_sqrt cooldown alone; given with cosine it would be silently unused.
+        if self.cooldown.shape != "inv_sqrt":
+            if self.cooldown.timescale is not None:
+                raise CptError(
+                    "schedule.cooldown.timescale: only used when schedule.cooldown.shape is inv_sqrt"
+                )
+            return {}
+        if self.cooldown.timescale is None:
+            raise CptError("schedule.cooldown.timescale: needed when schedule.cooldown.shape is inv_sqrt")
+        timescale = budget.span("cooldown.timescale", self.cooldown.timescale).tokens
+        if timescale <= 0:
+            raise CptError(f"schedule.cooldown.timescale: must be positive, got {self.cooldown.timescale}")
+        return {"timescale": timescale}
 
 
 class PowerScheduleConfig(_ScheduleBase):
@@ -258,6 +392,29 @@ class PowerScheduleConfig(_ScheduleBase):
         default_factory=DecayConfig, description="The final decay, from the power-law LR at its start."
     )
 
+    def layout(self, budget: _Budget) -> Schedule:
+        if budget.batch_size is None or budget.batch_size <= 0:
+            raise CptError("schedule: kind 'power' needs the batch size in sequences per optimizer step")
+        T, W, top = budget.total, budget.warm.tokens, self.max_lr
+        decay = budget.span("decay.length", self.decay.length)
+        _check_decay_target(self.decay.shape, self.min_lr, "schedule.min_lr")
+        _check_fits(T, decay, budget.warm)
+        law = {"max_lr": top, "batch": budget.batch_size, "a": self.a, "b": self.b}
+        d0 = T - decay.tokens
+        lr_w, lr_d = power_law_lr(W, **law), power_law_lr(d0, **law)
+        if self.min_lr > lr_d:
+            raise CptError(
+                f"schedule.min_lr: {self.min_lr:g} exceeds the power-law LR {lr_d:.4g} at the decay start "
+                f"(token {format_count(d0)})"
+            )
+        # The decay follows the power law rather than a stable phase, and has never counted as a final
+        # anneal: no anneal_start.
+        return budget.schedule(
+            budget.warmup(lr_w),  # ramps to the power law, not to max_lr
+            Phase("power", W, d0, lr_w, lr_d, "power", law),
+            Phase("decay", d0, T, lr_d, self.min_lr, self.decay.shape),
+        )
+
 
 ScheduleConfig = Annotated[
     ConstantScheduleConfig
@@ -269,6 +426,16 @@ ScheduleConfig = Annotated[
     Field(discriminator="kind"),
 ]
 """The ``schedule:`` section of a recipe; ``kind`` picks the model."""
+
+KINDS: dict[str, type[_ScheduleBase]] = {
+    kind: cls
+    for cls in get_args(get_args(ScheduleConfig)[0])
+    for kind in get_args(cls.model_fields["kind"].annotation)
+}
+"""Schedule kind -> its config class, read off the union so that the union is the one list of kinds."""
+
+BRANCHES: dict[str, Branching] = {kind: cls.branch for kind, cls in KINDS.items() if cls.branch is not None}
+"""The kinds a decay branch can be cut from, and how."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +455,28 @@ class _Span:
         return f"{self.key}: {self.length} ({format_count(self.tokens)} tokens)"
 
 
+@dataclass(frozen=True)
+class _Budget:
+    """What a kind lays its phases out over: the stage budget, the warmup resolved and checked, the LR
+    the warmup starts at, and the batch size in sequences (the power law's unit)."""
+
+    total: int
+    tokens_per_step: int
+    warm: _Span
+    lr0: float
+    batch_size: int | None
+
+    def span(self, key: str, length: Length) -> _Span:
+        return _Span(f"schedule.{key}", length, length.to_tokens(self.total, self.tokens_per_step))
+
+    def warmup(self, to: float) -> Phase:
+        return Phase("warmup", 0, self.warm.tokens, self.lr0, to, "linear")
+
+    def schedule(self, *phases: Phase, anneal_start: int | None = None) -> Schedule:
+        # Zero-length spans (no warmup, a decay that fills the stable phase) are simply left out.
+        return Schedule(tuple(p for p in phases if p.end > p.start), self.total, anneal_start)
+
+
 def _check_fits(total: int, *spans: _Span) -> None:
     spans = tuple(s for s in spans if s.tokens > 0)
     if sum(s.tokens for s in spans) > total:
@@ -295,11 +484,6 @@ def _check_fits(total: int, *spans: _Span) -> None:
         raise CptError(
             f"{' plus '.join(map(str, spans))} {verb} the stage budget of {format_count(total)} tokens"
         )
-
-
-def _phases(*phases: Phase) -> tuple[Phase, ...]:
-    # Zero-length spans (no warmup, a decay that fills the stable phase) are simply left out.
-    return tuple(p for p in phases if p.end > p.start)
 
 
 def build_schedule(
@@ -313,17 +497,15 @@ def build_schedule(
 
     ``start_lr`` is the LR the continued checkpoint ended at (for ``warmup_from: checkpoint``);
     ``batch_size`` is sequences per optimizer step (for ``kind: power``). Every rule that involves
-    several fields is checked here, raising :class:`CptError` that names the recipe key at fault.
+    several fields is checked here or in the kind's ``layout``, raising :class:`CptError` that names
+    the recipe key at fault.
     """
     if total_tokens <= 0:
         raise CptError(f"schedule: the stage budget must be positive, got {total_tokens} tokens")
     if tokens_per_step <= 0:
         raise CptError(f"schedule: tokens per step must be positive, got {tokens_per_step}")
 
-    def span(key: str, length: Length) -> _Span:
-        return _Span(f"schedule.{key}", length, length.to_tokens(total_tokens, tokens_per_step))
-
-    warm = span("warmup", cfg.warmup)
+    warm = _Span("schedule.warmup", cfg.warmup, cfg.warmup.to_tokens(total_tokens, tokens_per_step))
     if cfg.warmup_from == "checkpoint":
         if start_lr is None:
             raise CptError("schedule.warmup_from: 'checkpoint' needs a checkpoint to start from (init_from)")
@@ -333,106 +515,8 @@ def build_schedule(
     min_lr = getattr(cfg, "min_lr", None)
     if min_lr is not None and min_lr > cfg.max_lr:
         raise CptError(f"schedule.min_lr: {min_lr:g} exceeds schedule.max_lr: {cfg.max_lr:g}")
-
-    T, W, top = total_tokens, warm.tokens, cfg.max_lr
-    _check_fits(T, warm)
-    warmup = Phase("warmup", 0, W, lr0, top, "linear")
-
-    if isinstance(cfg, ConstantScheduleConfig):
-        phases = _phases(warmup, Phase("constant", W, T, top, top, "constant"))
-
-    elif isinstance(cfg, DecayScheduleConfig):
-        phases = _phases(warmup, Phase("decay", W, T, top, cfg.min_lr, cfg.kind))
-
-    elif isinstance(cfg, InvSqrtScheduleConfig):
-        alpha = span("timescale", cfg.timescale).tokens
-        if alpha <= 0:
-            raise CptError(f"schedule.timescale: must be positive, got {cfg.timescale}")
-        # No end of its own: the phase stops at the budget on the curve max_lr*sqrt(a/(a+t)).
-        end_lr = top * math.sqrt(alpha / (alpha + T - W))
-        phases = _phases(warmup, Phase("decay", W, T, top, end_lr, "inv_sqrt", {"timescale": alpha}))
-
-    elif isinstance(cfg, WSDScheduleConfig):
-        decay = span("decay.length", cfg.decay.length)
-        _check_decay_target(cfg.decay.shape, cfg.min_lr, "schedule.min_lr")
-        _check_fits(T, decay, warm)
-        if cfg.decay_at is None:
-            d0 = T - decay.tokens
-        else:
-            at = span("decay_at", cfg.decay_at)
-            if at.tokens < W:
-                raise CptError(f"{at} falls inside the warmup ({warm})")
-            _check_fits(T, at, decay)
-            d0 = at.tokens
-        d1 = d0 + decay.tokens
-        phases = _phases(
-            warmup,
-            Phase("stable", W, d0, top, top, "constant"),
-            Phase("decay", d0, d1, top, cfg.min_lr, cfg.decay.shape),
-            Phase("hold", d1, T, cfg.min_lr, cfg.min_lr, "constant"),
-        )
-
-    elif isinstance(cfg, InfiniteScheduleConfig):
-        cool = span("cooldown.length", cfg.cooldown.length)
-        const = cfg.cooldown.to
-        if const > top:
-            raise CptError(f"schedule.cooldown.to: {const:g} exceeds schedule.max_lr: {top:g}")
-        params: dict[str, Any] = {}
-        if cfg.cooldown.shape == "inv_sqrt":
-            if cfg.cooldown.timescale is None:
-                raise CptError("schedule.cooldown.timescale: needed when schedule.cooldown.shape is inv_sqrt")
-            params["timescale"] = span("cooldown.timescale", cfg.cooldown.timescale).tokens
-            if params["timescale"] <= 0:
-                raise CptError(f"schedule.cooldown.timescale: must be positive, got {cfg.cooldown.timescale}")
-        elif cfg.cooldown.timescale is not None:
-            raise CptError("schedule.cooldown.timescale: only used when schedule.cooldown.shape is inv_sqrt")
-        c1 = W + cool.tokens
-        if cfg.anneal is None:
-            _check_fits(T, cool, warm)
-            phases = _phases(
-                warmup,
-                Phase("cooldown", W, c1, top, const, cfg.cooldown.shape, params),
-                Phase("constant", c1, T, const, const, "constant"),
-            )
-        else:
-            ann = span("anneal.length", cfg.anneal.length)
-            if cfg.anneal.to > const:
-                raise CptError(
-                    f"schedule.anneal.to: {cfg.anneal.to:g} exceeds schedule.cooldown.to: {const:g}"
-                )
-            _check_decay_target(cfg.anneal.shape, cfg.anneal.to, "schedule.anneal.to")
-            _check_fits(T, ann, cool, warm)
-            phases = _phases(
-                warmup,
-                Phase("cooldown", W, c1, top, const, cfg.cooldown.shape, params),
-                Phase("constant", c1, T - ann.tokens, const, const, "constant"),
-                Phase("anneal", T - ann.tokens, T, const, cfg.anneal.to, cfg.anneal.shape),
-            )
-
-    elif isinstance(cfg, PowerScheduleConfig):
-        if batch_size is None or batch_size <= 0:
-            raise CptError("schedule: kind 'power' needs the batch size in sequences per optimizer step")
-        decay = span("decay.length", cfg.decay.length)
-        _check_decay_target(cfg.decay.shape, cfg.min_lr, "schedule.min_lr")
-        _check_fits(T, decay, warm)
-        law = {"max_lr": top, "batch": batch_size, "a": cfg.a, "b": cfg.b}
-        d0 = T - decay.tokens
-        lr_w, lr_d = power_law_lr(W, **law), power_law_lr(d0, **law)
-        if cfg.min_lr > lr_d:
-            raise CptError(
-                f"schedule.min_lr: {cfg.min_lr:g} exceeds the power-law LR {lr_d:.4g} at the decay start "
-                f"(token {format_count(d0)})"
-            )
-        phases = _phases(
-            Phase("warmup", 0, W, lr0, lr_w, "linear"),  # ramps to the power law, not to max_lr
-            Phase("power", W, d0, lr_w, lr_d, "power", law),
-            Phase("decay", d0, T, lr_d, cfg.min_lr, cfg.decay.shape),
-        )
-
-    else:  # pragma: no cover - the discriminated union admits nothing else
-        raise CptError(f"schedule.kind: unknown kind {cfg.kind!r}")
-
-    return Schedule(phases, total_tokens)
+    _check_fits(total_tokens, warm)
+    return cfg.layout(_Budget(total_tokens, tokens_per_step, warm, lr0, batch_size))
 
 
 def _check_decay_target(shape: str, target: float, key: str) -> None:

@@ -17,7 +17,7 @@ from cpt.data.mixture import MixtureSchedule
 from cpt.errors import CptError
 from cpt.recipe import MixturePoint, Recipe
 from cpt.schedules import Phase, Schedule, build_schedule
-from cpt.train.state import Origin
+from cpt.state import Origin
 
 
 @dataclass
@@ -60,7 +60,7 @@ def plan_stages(recipe: Recipe, origin: Origin) -> list[StagePlan]:
         else:
             sched, offset = run_schedule, 0
         end = start + st.tokens
-        anneal = _anneal_start(sched)
+        anneal = sched.anneal_start
         anneal = anneal + offset if anneal is not None and start <= anneal + offset < end else None
         where = f"stages[{i}].mixture" if recipe.stages is not None else "data.mixture"
         mixture = resolve_mixture(st.mixture, st.tokens, tokens_per_step, recipe.data.seq_len,
@@ -130,13 +130,3 @@ def _default_new(mixture: dict[str, float], previous: dict[str, float] | None, p
         top = max(mixture.values())
         return [d for d, w in mixture.items() if w == top and d in probe_sets]
     return [d for d, w in mixture.items() if w > previous.get(d, 0.0) and d in probe_sets]
-
-
-def _anneal_start(schedule: Schedule) -> int | None:
-    """Token (schedule time) where the final anneal of an infinite schedule or the decay of a WSD one
-    begins: the checkpoint just before it is the one the next stage continues from."""
-    names = [p.name for p in schedule.phases]
-    for i, p in enumerate(schedule.phases):
-        if p.name == "anneal" or (p.name == "decay" and i > 0 and names[i - 1] == "stable"):
-            return p.start
-    return None

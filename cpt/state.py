@@ -1,4 +1,5 @@
-"""What a checkpoint carries besides weights, optimizer and RNG: one typed, versioned record.
+"""What a checkpoint carries besides weights, optimizer and RNG: one typed, versioned record, and where
+the records of a run directory are (its complete checkpoints, oldest first).
 
 ``Origin`` is where a run's counters start (stored in every checkpoint so that a resume re-plans the same
 stages); ``TrainerState`` is the rest of the run's position. Both are plain JSON in
@@ -8,13 +9,17 @@ an unknown version or shape with one line instead of a KeyError or TypeError dee
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from cpt.errors import CptError
 
 STATE_FILE = "trainer_state.json"  # in every checkpoint dir: what makes a dir a cpt checkpoint
 STATE_VERSION = 2  # 1: unversioned records of cpt before the guard; read as such (no guard state)
+STEP_DIR = re.compile(r"^step-(\d+)$")  # checkpoints/step-00000120: a complete checkpoint
 
 
 @dataclass
@@ -90,3 +95,53 @@ def _known(cls, d: dict[str, Any], where: str) -> dict[str, Any]:
     if unknown:
         raise CptError(f"{where}: unknown fields {', '.join(unknown)} (a checkpoint of another cpt?)")
     return d
+
+
+# ------------------------------------------------------------------- where a run dir keeps its records
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def find_checkpoint(path: str | Path, selector: str = "latest") -> Path:
+    """A checkpoint dir from a run dir and a selector (latest | pre_anneal | <stage name> | step-N),
+    or ``path`` itself when it already is a checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    dirs = checkpoint_dirs(path)
+    if not dirs:
+        raise CptError(f"{path}: no checkpoints (not a cpt run dir or checkpoint)")
+    if selector == "latest":
+        return dirs[-1]
+    if STEP_DIR.match(selector):
+        if (path / "checkpoints" / selector).is_dir():
+            return path / "checkpoints" / selector
+        raise CptError(f"{path}: no checkpoint {selector} (have {', '.join(d.name for d in dirs)})")
+    tag = selector if selector == "pre_anneal" else f"stage_end:{selector}"
+    tagged = [d for d in dirs if tag in read_trainer_state(d).tags]
+    if not tagged:
+        have = sorted({t for d in dirs for t in read_trainer_state(d).tags})
+        raise CptError(f"{path}: no checkpoint tagged {tag} (tags: {', '.join(have) or 'none'})")
+    return tagged[-1]
+
+
+def read_trainer_state(ckpt: str | Path) -> TrainerState:
+    f = Path(ckpt) / STATE_FILE
+    if not f.is_file():
+        raise CptError(f"{ckpt}: not a cpt checkpoint (no {STATE_FILE})")
+    try:
+        return TrainerState.from_json(json.loads(f.read_text()), str(f))
+    except json.JSONDecodeError as e:
+        raise CptError(f"{f}: corrupt trainer state ({e})") from None

@@ -159,7 +159,7 @@ def test_a_run_started_from_a_run_among_those_compared_is_drawn_after_it(runs, t
 
     ckpt = runs[1] / "checkpoints" / "step-00000002"
     ckpt.mkdir(parents=True)
-    from cpt.train.state import STATE_FILE, Origin, TrainerState
+    from cpt.state import STATE_FILE, Origin, TrainerState
     state = TrainerState(step=2, tokens=2000, stage="b", sampler={}, data_consumed={}, mixture={}, lr=1e-3,
                          elapsed_s=1.0, tags=[], origin=Origin())
     (ckpt / STATE_FILE).write_text(json.dumps(state.to_json()))

@@ -148,7 +148,7 @@ def test_bad_data_paths_and_mismatched_seq_len(make_recipe, prepared):
 
 
 def test_world_layout_splits_the_same_global_batch():
-    from cpt.train.step import Layout
+    from cpt.train.layout import Layout
 
     picks = list(range(16))
     one = Layout(128, 16, 4, 1, 4).my_micro_batches(picks, 0)

@@ -164,16 +164,7 @@ def fit(curves: Sequence[Curve], law: str, lam: float = LAMBDA, bootstrap: int =
         J = np.concatenate([law_jacobian(law, theta, f)[i] for f, i in zip(feats, idx, strict=True)])
         return np.nan_to_num(J / pred[:, None], nan=0.0, posinf=0.0, neginf=0.0)
 
-    ymax = float(y.max())
-    if law == "anneal":
-        lo = [0.0, 0.0, 0.01, 0.0]
-        hi = [ymax, np.inf, 3.0, np.inf]
-        grid = [(a,) for a in np.linspace(0.05, 2.0, 40)]
-    else:
-        lo = [0.0, 0.0, 0.01, 0.0, 1e-6, 0.01, 0.0]
-        hi = [ymax, np.inf, 3.0, np.inf, 1e4, 5.0, 2.0]
-        grid = [(a, c, b, g) for a in (0.2, 0.5, 1.0) for c in (0.01, 0.1, 1.0, 10.0)
-                for b in (0.3, 0.6, 1.2) for g in (0.0, 0.5, 1.0)]
+    lo, hi, grid = _search_space(law, float(y.max()))
     starts = _grid_starts(law, grid, feats, idx, y, lo, hi)
 
     best = None
@@ -183,11 +174,36 @@ def fit(curves: Sequence[Curve], law: str, lam: float = LAMBDA, bootstrap: int =
         if best is None or r.cost < best.cost:
             best = r
     theta = best.x
+    boots = _bootstrap(residuals, jacobian, theta, idx, (lo, hi), delta, bootstrap, seed)
+    rmse = float(np.sqrt(np.mean(residuals(theta) ** 2)))
+    return Fit(law, theta, ref, tps.pop(), lam, tuple(c.name for c in curves), boots, delta, rmse)
+
+
+def _search_space(law: str, ymax: float) -> tuple[list[float], list[float], list[tuple[float, ...]]]:
+    """Bounds of ``law``'s parameters (L0 below the highest loss seen) and the grid over its nonlinear
+    ones that the fit starts from."""
+    if law == "anneal":
+        lo = [0.0, 0.0, 0.01, 0.0]
+        hi = [ymax, np.inf, 3.0, np.inf]
+        grid = [(a,) for a in np.linspace(0.05, 2.0, 40)]
+    else:
+        lo = [0.0, 0.0, 0.01, 0.0, 1e-6, 0.01, 0.0]
+        hi = [ymax, np.inf, 3.0, np.inf, 1e4, 5.0, 2.0]
+        grid = [(a, c, b, g) for a in (0.2, 0.5, 1.0) for c in (0.01, 0.1, 1.0, 10.0)
+                for b in (0.3, 0.6, 1.2) for g in (0.0, 0.5, 1.0)]
+    return lo, hi, grid
+
+
+def _bootstrap(residuals, jacobian, theta: np.ndarray, idx: list[np.ndarray], bounds, delta: float,
+               replicates: int, seed: int) -> np.ndarray:
+    """``replicates`` refits from ``theta``, each on the measured points of every run resampled in moving
+    blocks (rows of the result; none: an empty array of the parameters' width)."""
+    from scipy.optimize import least_squares
 
     rng = np.random.default_rng(seed)
     offsets = np.cumsum([0] + [len(i) for i in idx])
     boots = []
-    for _ in range(bootstrap):
+    for _ in range(replicates):
         pick = np.concatenate([off + _block_resample(len(i), rng) for off, i in zip(offsets, idx, strict=False)])
 
         def res_b(th, pick=pick):
@@ -196,12 +212,10 @@ def fit(curves: Sequence[Curve], law: str, lam: float = LAMBDA, bootstrap: int =
         def jac_b(th, pick=pick):
             return jacobian(th)[pick]
 
-        r = least_squares(res_b, theta, jac=jac_b, bounds=(lo, hi), loss="huber", f_scale=delta,
+        r = least_squares(res_b, theta, jac=jac_b, bounds=bounds, loss="huber", f_scale=delta,
                           x_scale="jac", max_nfev=500, ftol=1e-6, xtol=1e-6)
         boots.append(r.x)
-    rmse = float(np.sqrt(np.mean(residuals(theta) ** 2)))
-    return Fit(law, theta, ref, tps.pop(), lam, tuple(c.name for c in curves),
-               np.array(boots) if boots else np.zeros((0, len(theta))), delta, rmse)
+    return np.array(boots) if boots else np.zeros((0, len(theta)))
 
 
 def _grid_starts(law, grid, feats, idx, y, lo, hi, keep: int = 3) -> list[np.ndarray]:

@@ -118,23 +118,7 @@ def run_predict(fit_runs: Sequence[str], recipes: Sequence[str] = (), overrides:
 
     if families:
         first = recipes[0] if recipes else str(fit_dirs[0] / "recipe.yaml")
-        path, stage = _split_at(first)
-        _, recipe = recipe_curve(path, overrides, stage)
-        if getattr(recipe, "stages", None) or recipe.schedule is None:
-            raise CptError("--search: the template recipe (the first --recipe) must be single-stage with a schedule")
-        template = recipe.schedule.model_dump(mode="json")
-        cands: dict[str, dict[str, Any]] = {}
-        for fam in families:
-            cands.update(family_candidates(fam, template))
-        report["search"] = {"template": str(path), "tokens": recipe.train.tokens, "laws": {}, "fragments": {}}
-        for law, f in fits.items():
-            res = search(f, cands, recipe.train.tokens, recipe.train.global_batch_tokens, recipe.data.seq_len)
-            report["search"]["laws"][law] = [r.__dict__ for r in res]
-            frag = out / f"best-schedule-{law}.yaml"
-            frag.write_text(fragment(res, law, f, recipe, Path(path), overrides))
-            report["search"]["fragments"][law] = str(frag)
-            echo(f"search ({law}): best {res[0].label}: predicted loss after the last step {res[0].final:.4f} "
-                 f"[{res[0].low:.4f}, {res[0].high:.4f}] -> {frag}")
+        report["search"] = _search(families, first, overrides, fits, out, echo)
 
     (out / "report.json").write_text(json.dumps(report, indent=1, default=float))
     (out / "report.md").write_text(render_report(report))
@@ -144,3 +128,26 @@ def run_predict(fit_runs: Sequence[str], recipes: Sequence[str] = (), overrides:
     echo(f"report: {out / 'report.md'}, {out / 'report.json'}" + (f", plot: {out / 'curves.png'}" if plotted else ""))
     return report
 
+
+def _search(families: Sequence[str], first: str, overrides: Sequence[str], fits: dict[str, Fit], out: Path,
+            echo) -> dict[str, Any]:
+    """Search ``families`` under each fitted law at the budget of the template recipe ``first``, writing
+    the best schedule of each law as a recipe beside the report; returns the report's search section."""
+    path, stage = _split_at(first)
+    _, recipe = recipe_curve(path, overrides, stage)
+    if getattr(recipe, "stages", None) or recipe.schedule is None:
+        raise CptError("--search: the template recipe (the first --recipe) must be single-stage with a schedule")
+    template = recipe.schedule.model_dump(mode="json")
+    cands: dict[str, dict[str, Any]] = {}
+    for fam in families:
+        cands.update(family_candidates(fam, template))
+    section: dict[str, Any] = {"template": str(path), "tokens": recipe.train.tokens, "laws": {}, "fragments": {}}
+    for law, f in fits.items():
+        res = search(f, cands, recipe.train.tokens, recipe.train.global_batch_tokens, recipe.data.seq_len)
+        section["laws"][law] = [r.__dict__ for r in res]
+        frag = out / f"best-schedule-{law}.yaml"
+        frag.write_text(fragment(res, law, f, recipe, Path(path), overrides))
+        section["fragments"][law] = str(frag)
+        echo(f"search ({law}): best {res[0].label}: predicted loss after the last step {res[0].final:.4f} "
+             f"[{res[0].low:.4f}, {res[0].high:.4f}] -> {frag}")
+    return section

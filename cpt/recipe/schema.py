@@ -1,36 +1,28 @@
-"""Recipes: one typed schema (pydantic v2) loaded from YAML.
+"""The recipe schema: every section of a recipe as a pydantic v2 model, with its defaults, the
+description of every field and the validators, down to :class:`Recipe` (the whole file) and its rules
+that involve several sections. Every default lives here, so the schema documents the recipes.
 
-A recipe file may name parents with ``extends:`` (a path or a list, relative to the file); parents are
-merged depth-first, dicts recursively, anything else replaced. Dotted overrides from the command line
-(``schedule.max_lr=1e-3``, values parsed as YAML) are applied on top, then ``${a.b}`` references are
-filled from the merged recipe, then the result is validated. Every default lives in this schema;
-every field is documented where it is declared, so the schema documents the recipes.
+Loading a recipe file (``extends:``, overrides, ``${...}``, error messages) is :mod:`cpt.recipe.load`.
 """
 
 from __future__ import annotations
 
-import difflib
-import os
-import re
-import typing
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     PlainSerializer,
     Tag,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from cpt.errors import CptError
+from cpt.merge_weights import merge_coefficients
 from cpt.schedules import ScheduleConfig
 from cpt.tracking import WandbConfig
 from cpt.units import Length, StrictModel, TokenCount, parse_length
@@ -150,7 +142,7 @@ class MixturePoint(StrictModel):
 
 
 Mixture = Annotated[
-    # tags in brackets: error locations drop them (_locate), they are not keys the user wrote
+    # tags in brackets: error locations drop them (load._locate), they are not keys the user wrote
     Annotated[dict[str, float], Tag("mixture[dict]")] | Annotated[list[MixturePoint], Tag("mixture[list]")],
     Discriminator(lambda v: "mixture[list]" if isinstance(v, list) else "mixture[dict]"),
 ]
@@ -452,7 +444,14 @@ class Recipe(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        """Rules that involve several sections, each naming the key at fault."""
+        """Rules that involve several sections, each naming the key at fault (checked in this order)."""
+        self._check_model_source()
+        self._check_merge()
+        self._check_budgets()
+        return self
+
+    def _check_model_source(self) -> None:
+        """model.preset / model.tokenizer against init_from, and what train.deepspeed rules out."""
         loads = self.init_from is not None and self.init_from.load.weights
         if loads and self.model.preset is not None:
             raise ValueError("model.preset: init_from.load.weights loads the model; remove model.preset")
@@ -468,53 +467,26 @@ class Recipe(StrictModel):
                              "optimizer state partitioned in its own format); set it to false, or train without "
                              "DeepSpeed")
 
+    def _check_merge(self) -> None:
+        """merge: valid weights, and checkpoints saved and kept for it."""
+        if self.merge is None:
+            return
+        try:
+            merge_coefficients(self.merge.weights, self.merge.last)
+        except CptError as e:
+            raise ValueError(f"merge.weights: {e}") from None
+        if self.checkpoint.every is None:
+            raise ValueError("merge: needs checkpoint.every (the checkpoints it merges)")
+        if self.checkpoint.keep_last < self.merge.last:
+            raise ValueError(f"checkpoint.keep_last = {self.checkpoint.keep_last}: merge.last = "
+                             f"{self.merge.last} checkpoints must be kept")
 
-        if self.merge is not None:
-            from cpt.errors import CptError
-            from cpt.merge import merge_coefficients
-
-            try:
-                merge_coefficients(self.merge.weights, self.merge.last)
-            except CptError as e:
-                raise ValueError(f"merge.weights: {e}") from None
-            if self.checkpoint.every is None:
-                raise ValueError("merge: needs checkpoint.every (the checkpoints it merges)")
-            if self.checkpoint.keep_last < self.merge.last:
-                raise ValueError(f"checkpoint.keep_last = {self.checkpoint.keep_last}: merge.last = "
-                                 f"{self.merge.last} checkpoints must be kept")
-
+    def _check_budgets(self) -> None:
+        """Token budgets in whole steps, the run or its stages complete, probe sets that exist."""
         L, G = self.data.seq_len, self.train.global_batch_tokens
         if G % L:
             raise ValueError(f"train.global_batch_tokens = {G}: not a multiple of data.seq_len = {L}")
-        if self.stages is None:
-            if self.train.tokens is None:
-                raise ValueError("train.tokens: required (the run's token budget) unless stages are given")
-            if self.data.mixture is None:
-                raise ValueError("data.mixture: required unless stages are given")
-            if self.schedule is None:
-                raise ValueError("schedule: required unless every stage has its own")
-            budgets = [("train.tokens", self.train.tokens)]
-        else:
-            if not self.stages:
-                raise ValueError("stages: empty; give at least one stage or leave stages out")
-            if self.train.tokens is not None:
-                total = sum(st.tokens for st in self.stages)
-                if self.train.tokens != total:
-                    raise ValueError(f"train.tokens = {self.train.tokens}: the stages' budgets sum to {total}; "
-                                     f"leave train.tokens out with stages")
-            if self.data.mixture is not None:
-                raise ValueError("data.mixture: with stages, each stage sets its mixture (stages[i].mixture)")
-            names = [st.name for st in self.stages]
-            if len(set(names)) != len(names):
-                raise ValueError(f"stages: names must be unique, got {names}")
-            for i, st in enumerate(self.stages):
-                check_mixture(st.mixture, self.data.sources, f"stages[{i}].mixture")
-                for name in (st.probes or []) + (st.new_domains or []):
-                    if name not in self.probes.sets:
-                        raise ValueError(f"stages[{i}]: probe set {name!r} is not one of probes.sets")
-            if self.schedule is None and self.stages[0].schedule is None:
-                raise ValueError("schedule: required unless the first stage has its own (stages[0].schedule)")
-            budgets = [(f"stages[{i}].tokens", st.tokens) for i, st in enumerate(self.stages)]
+        budgets = self._run_budget() if self.stages is None else self._stage_budgets(self.stages)
         for key, tokens in budgets:
             if tokens < G or tokens % G:
                 raise ValueError(f"{key} = {tokens}: must be a positive multiple of one step "
@@ -522,7 +494,39 @@ class Recipe(StrictModel):
         for name in self.probes.new_domains or []:
             if name not in self.probes.sets:
                 raise ValueError(f"probes.new_domains: {name!r} is not one of probes.sets")
-        return self
+
+    def _run_budget(self) -> list[tuple[str, int]]:
+        """A recipe without stages: what the single stage needs, and its budget."""
+        if self.train.tokens is None:
+            raise ValueError("train.tokens: required (the run's token budget) unless stages are given")
+        if self.data.mixture is None:
+            raise ValueError("data.mixture: required unless stages are given")
+        if self.schedule is None:
+            raise ValueError("schedule: required unless every stage has its own")
+        return [("train.tokens", self.train.tokens)]
+
+    def _stage_budgets(self, stages: list[StageConfig]) -> list[tuple[str, int]]:
+        """A recipe with stages: each stage complete and consistent with the run, and their budgets."""
+        if not stages:
+            raise ValueError("stages: empty; give at least one stage or leave stages out")
+        if self.train.tokens is not None:
+            total = sum(st.tokens for st in stages)
+            if self.train.tokens != total:
+                raise ValueError(f"train.tokens = {self.train.tokens}: the stages' budgets sum to {total}; "
+                                 f"leave train.tokens out with stages")
+        if self.data.mixture is not None:
+            raise ValueError("data.mixture: with stages, each stage sets its mixture (stages[i].mixture)")
+        names = [st.name for st in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        for i, st in enumerate(stages):
+            check_mixture(st.mixture, self.data.sources, f"stages[{i}].mixture")
+            for name in (st.probes or []) + (st.new_domains or []):
+                if name not in self.probes.sets:
+                    raise ValueError(f"stages[{i}]: probe set {name!r} is not one of probes.sets")
+        if self.schedule is None and stages[0].schedule is None:
+            raise ValueError("schedule: required unless the first stage has its own (stages[0].schedule)")
+        return [(f"stages[{i}].tokens", st.tokens) for i, st in enumerate(stages)]
 
     def stage_list(self) -> list[StageConfig]:
         """The stages to run; a recipe without stages is one stage named after the run."""
@@ -537,214 +541,3 @@ class Recipe(StrictModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# --------------------------------------------------------------------------------------------- loading
-
-
-def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load, merge (``extends:``), override, interpolate and validate a recipe; CptError on any problem."""
-    data = _load_tree(Path(path), chain=())
-    for item in overrides:
-        _apply_override(data, item)
-    data = _interpolate(data, data)
-    return validate_recipe(data, source=str(path))
-
-
-def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise CptError(_explain(e, data, source)) from None
-
-
-def _load_tree(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    path = path.resolve()
-    if path in chain:
-        raise CptError(f"{path}: extends itself through {' -> '.join(p.name for p in chain)}")
-    if not path.is_file():
-        where = f" (extended by {chain[-1]})" if chain else ""
-        raise CptError(f"recipe file not found: {path}{where}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise CptError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise CptError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
-    parents = data.pop("extends", None) or []
-    if isinstance(parents, str):
-        parents = [parents]
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        merged = _merge(merged, _load_tree(path.parent / parent, chain + (path,)))
-    return _merge(merged, data)
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def _apply_override(data: dict[str, Any], item: str) -> None:
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise CptError(f"override {item!r}: expected key.path=value, e.g. schedule.max_lr=1e-3")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node: Any = data
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):  # stages.1.tokens: an index into a list
-            if not part.isdigit() or int(part) >= len(node):
-                raise CptError(f"override {item!r}: {where} is not an index of a list of {len(node)}")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-            continue
-        if not isinstance(node, dict):
-            raise CptError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
-        if last:
-            node[part] = value
-        else:
-            if node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-
-
-_REF = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
-
-
-def _interpolate(node: Any, root: dict[str, Any]) -> Any:
-    if isinstance(node, dict):
-        return {k: _interpolate(v, root) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_interpolate(v, root) for v in node]
-    if isinstance(node, str) and "${" in node:
-        def sub(m: re.Match[str]) -> str:
-            value: Any = root
-            for part in m.group(1).split("."):
-                if not isinstance(value, dict) or part not in value:
-                    raise CptError(f"${{{m.group(1)}}}: no such key in the recipe")
-                value = value[part]
-            if isinstance(value, (dict, list)):
-                raise CptError(f"${{{m.group(1)}}}: refers to a section, not a value")
-            return str(value)
-
-        return _REF.sub(sub, node)
-    return node
-
-
-# ------------------------------------------------------------------------------------ error messages
-
-
-def _explain(err: ValidationError, data: dict[str, Any], source: str) -> str:
-    """One line naming the key, the value and what was expected (plus a count of further problems)."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    key, value, present = _locate(first["loc"], data)
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    if first["type"] == "extra_forbidden":
-        choices = _field_names(first["loc"][:-1], data)
-        close = difflib.get_close_matches(str(first["loc"][-1]), choices, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(choices)})"
-        return f"{source}: {key}: unknown key{hint}{more}"
-    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        key = f"{key}.kind"
-        value, present = (value or {}).get("kind") if isinstance(value, dict) else None, True
-        kinds = first.get("ctx", {}).get("expected_tags", "")
-        return f"{source}: {key} = {value!r}: expected one of {kinds}{more}"
-    if first["type"] == "missing":
-        return f"{source}: {key}: required key is missing{more}"
-    msg = first["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-        if not key or msg.startswith(key.split(".")[0]):
-            return f"{source}: {msg}{more}"
-    shown = f" = {value!r}" if present else ""
-    return f"{source}: {key}{shown}: {msg}{more}"
-
-
-def _locate(loc: tuple[Any, ...], data: Any) -> tuple[str, Any, bool]:
-    """Map a pydantic loc onto the recipe's keys, dropping union-tag segments (e.g. 'wsd')."""
-    parts: list[str] = []
-    node, present = data, True
-    for item in loc:
-        if isinstance(node, dict) and item in node:
-            node = node[item]
-            parts.append(str(item))
-        elif isinstance(node, (list, tuple)) and isinstance(item, int) and item < len(node):
-            node = node[item]
-            parts.append(str(item))
-        elif isinstance(node, dict) and node.get("kind") == item:
-            continue  # discriminated-union tag: not a key the user wrote
-        elif isinstance(item, str) and ("[" in item or item.startswith("function-")):
-            continue  # pydantic's internal names for union members / validators
-        else:
-            parts.append(str(item))
-            present = False
-    return ".".join(parts), node if present else None, present
-
-
-def _field_names(loc: tuple[Any, ...], data: Any) -> list[str]:
-    """Field names allowed at ``loc`` in the schema, following the input through unions."""
-    model: Any = Recipe
-    node = data
-    for item in loc:
-        if isinstance(node, dict) and node.get("kind") == item:
-            continue
-        if isinstance(item, str) and "[" in item:
-            continue  # a union member's tag
-        if isinstance(item, int) and isinstance(node, list):
-            node = node[item] if item < len(node) else None
-            continue  # an element of a list: _model_of(list[X]) finds X
-        ann = _model_of(model, node)
-        if ann is None or item not in ann.model_fields:
-            return []
-        model = ann.model_fields[item].annotation
-        node = node.get(item) if isinstance(node, dict) else None
-    ann = _model_of(model, node)
-    return list(ann.model_fields) if ann is not None else []
-
-
-def _model_of(annotation: Any, node: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    models = [m for arg in typing.get_args(annotation) if (m := _model_of(arg, node)) is not None]
-    for m in models:
-        kind = m.model_fields.get("kind")
-        if kind is None or not isinstance(node, dict):
-            return m
-        if node.get("kind") in typing.get_args(kind.annotation):
-            return m
-    # a single model with a defaulted kind (e.g. `PeftConfig | None`): not a union to pick from
-    return models[0] if len(models) == 1 else None
-
-
-def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose values differ between two resolved recipes: {key: (old, new)}."""
-    a, b = _flatten(old), _flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
