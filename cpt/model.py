@@ -109,7 +109,7 @@ def load_causal_lm(path: str | Path, attn_implementation: str = "auto", trust_re
     import torch
     from transformers import AutoModelForCausalLM
 
-    from cpt.train.state import STATE_FILE
+    from cpt.state import STATE_FILE
 
     path = Path(path)
     if not path.is_dir():
@@ -191,29 +191,6 @@ def build_model(cfg: ModelConfig, tokenizer, seed: int, weights_from: str | Path
     return model
 
 
-class OldRows:
-    """model.extend_vocab.train_rows: new. The first ``rows`` rows of the input embeddings and of an untied
-    head (the init_from model's own tokens) as they are now; :meth:`restore`, called after every optimizer
-    update, puts them back bit for bit, so AdamW's update and weight decay move only the new rows. The
-    rows are read from the weights (at a resume: the checkpoint's, which hold them unchanged)."""
-
-    def __init__(self, model, rows: int):
-        import torch
-
-        tables = [model.get_input_embeddings().weight]
-        head = model.get_output_embeddings()
-        if head is not None and head.weight is not tables[0]:
-            tables.append(head.weight)
-        with torch.no_grad():
-            self.kept = [(w, w[:rows].clone()) for w in tables]
-        self.rows = rows
-
-    def restore(self) -> None:
-        import torch
-
-        with torch.no_grad():
-            for w, old in self.kept:
-                w[:self.rows].copy_(old)
 
 
 def old_token_rows(source: str | Path) -> int:

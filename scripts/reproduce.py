@@ -522,7 +522,7 @@ def mitigate_section(s: Suite, per: dict[str, list[list[float]]], how: dict[str,
     return ("## 6. Mitigations beyond replay, English → German\n\nFrom the English model, "
             f"{info['tokens'] // K}K tokens of German, re-warmed to {BASE_LR:g} (1% warmup) and re-decayed (cosine) "
             "as experiment 2's 0% replay run (`recipes/paper/replay-de-0.yaml`), one mitigation "
-            f"(`mitigate.*`, cpt/mitigate.py) per row; the none / replay rows are experiment 2's recipes"
+            f"(`mitigate.*`, cpt/mitigate/) per row; the none / replay rows are experiment 2's recipes"
             + (" and runs" if info["tokens"] == b.cpt else f" at this stage's {info['tokens'] // K}K tokens")
             + ". Seeds "
             f"{', '.join(map(str, b.seeds))} (mean ± std). 'en worst' = the highest English loss of the "

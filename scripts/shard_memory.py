@@ -56,9 +56,9 @@ def child(recipe_path: str, out: str) -> None:
 
     log_step = loop._log_step
 
-    def measured(run, *args):
-        log_step(run, *args)
-        record = {"rank": run.accelerator.process_index, "step": run.step, "tensor_gib": tensor_gib(),
+    def measured(run, at, *args):
+        log_step(run, at, *args)
+        record = {"rank": run.accelerator.process_index, "step": at.step, "tensor_gib": tensor_gib(),
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         with open(f"{out}.rank{run.accelerator.process_index}", "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -11,8 +11,8 @@ from conftest import with_overrides  # tests/ is on sys.path (pytest's rootdir c
 from cpt.errors import CptError
 from cpt.plan import plan_run
 from cpt.recipe import validate_recipe
+from cpt.state import STATE_VERSION, Origin, TrainerState
 from cpt.train.loop import after_step
-from cpt.train.state import STATE_VERSION, Origin, TrainerState
 
 TPS = 1024
 
@@ -35,8 +35,9 @@ def recipe(**over):
 def decide(r, after, *, stopped=False, steps_taken=1, max_steps=None, has_probes=True):
     plan = plan_run(r)
     stage = plan.stage_at(after - TPS)
-    return after_step(after - TPS, after, stage, plan.end, TPS, r, has_probes=has_probes, stopped=stopped,
-                      steps_taken=steps_taken, max_steps=max_steps)
+    halt_asked = stopped or (max_steps is not None and steps_taken >= max_steps)
+    return after_step(after - TPS, after, stage, r, end_tokens=plan.end, has_probes=has_probes,
+                      halt_asked=halt_asked)
 
 
 def test_after_step_decides_probes_saves_tags_and_halts_by_hand():

@@ -20,8 +20,8 @@ from conftest import check_mitigations_on_two_processes, free_port, launch, metr
 
 from cpt import checkpoint as ckpt_lib
 from cpt.errors import CptError
-from cpt.train.loop import train
 from cpt.train.layout import Layout
+from cpt.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}

@@ -374,9 +374,10 @@ class EmaConfig(StrictModel):
 
 
 class MitigateConfig(StrictModel):
-    """Forgetting mitigations beyond replay (cpt/mitigate.py). Patterns are regular expressions searched
-    (re.search) in the names of the trainable parameters, e.g. 'embed_tokens|lm_head', 'layers\\.[0-7]\\.'
-    (write the trailing dot: 'layers\\.1' also matches layers.10); a pattern matching nothing is an error."""
+    """Forgetting mitigations beyond replay (cpt/mitigate/, one module each). Patterns are regular
+    expressions searched (re.search) in the names of the trainable parameters, e.g. 'embed_tokens|lm_head',
+    'layers\\.[0-7]\\.' (write the trailing dot: 'layers\\.1' also matches layers.10); a pattern matching
+    nothing is an error."""
 
     freeze: list[str] = Field(default_factory=list, description="Parameters not trained (e.g. the bottom "
                               "layers); counts per pattern are printed at start.")
@@ -395,10 +396,6 @@ class MitigateConfig(StrictModel):
         "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. With DeepSpeed ZeRO-1/2 "
         "(whole weights on every rank), ZeRO-3 and FSDP2 (an average per slice / shard); not with FSDP1."
     )
-
-    @property
-    def stateful(self) -> bool:
-        return self.l2_init > 0 or self.ema is not None
 
 
 class MergeConfig(StrictModel):

@@ -1,12 +1,12 @@
-"""Everything backend-specific in one place: the Accelerator (accelerate, DeepSpeed, FSDP, gloo on CPU),
-DeepSpeed's config and /dev/shm quirks, whether a backend shards the weights, and MFU (model FLOPs and
-GPU peaks). The loop and the checkpoint code ask this module; none of them imports a DeepSpeed type.
+"""The backend: the Accelerator (accelerate, DeepSpeed, FSDP, gloo on CPU), DeepSpeed's config and
+/dev/shm quirks, whether a backend shards the weights, and MFU (model FLOPs and GPU peaks). How a rank
+holds the weights (pieces, settling, lending, the optimizer's masters) is cpt.train.weights and
+cpt.train.masters; nothing else in cpt knows DeepSpeed's or FSDP's tensors.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 
 from cpt.errors import CptError
 from cpt.recipe import Recipe
-from cpt.train.step import Layout
+from cpt.train.layout import Layout
 
 
 def _accelerator(**kwargs):
@@ -187,33 +187,8 @@ def params_sharded(accelerator) -> bool:
     return False
 
 
-def reshard(model) -> None:
-    """FSDP2: free the whole parameters a forward gathered and kept. Groups with reshard_after_forward
-    false (accelerate's tail: final norm and LM head) keep them until a backward, which a probe never
-    runs; the next forward would reuse them. Elsewhere nothing to do."""
-    from torch.distributed.fsdp import FSDPModule
-
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
 
 
-def settler(wrapped, model) -> Callable[[], None]:
-    """What to run before and after weights are written into this rank's pieces of the parameters outside
-    a step (EMA or merged weights lent for a probe, L2 pulled after one), so that the next forward gathers
-    what the pieces hold. ``wrapped``: the model accelerator.prepare returned; ``model``: unwrapped.
-
-    - FSDP2: :func:`reshard` (a unit a forward left gathered would be reused as it is).
-    - DeepSpeed ZeRO-3: release every gathered parameter (``empty_partition_cache`` of its optimizer; the
-      engine's adds a gc.collect, too slow for every step). DeepSpeed keeps some gathered past a forward
-      for reuse, and the small ones ("persistent") whole all along; the next forward gathers them from the
-      slices. (Re-gathering the persistent ones here, as DeepSpeed's step does, made the run's last
-      collective a gloo all-gather into views, which gloo's worker thread could still be releasing when
-      the interpreter shut down: "terminate called without an active exception", 4 exits in 43.)
-    - Elsewhere the weights are whole: nothing to do."""
-    if getattr(wrapped, "zero_optimization_stage", lambda: 0)() == 3:
-        return wrapped.optimizer.empty_partition_cache
-    return lambda: reshard(model)
 
 
 def head_gatherable(accelerator) -> bool:
@@ -223,23 +198,6 @@ def head_gatherable(accelerator) -> bool:
     return not params_sharded(accelerator) or bool(getattr(accelerator, "is_fsdp2", False))
 
 
-def pieces_unwritable(accelerator) -> str | None:
-    """Why this rank cannot write its pieces of the parameters in place outside a step (L2 pull, EMA and
-    merged weights lent for probes; see :func:`settler`), or None where it can: whole tensors (one
-    process, DDP, ZeRO-1/2), FSDP2's DTensor shards, ZeRO-3's slices (``p.ds_tensor``) where they live in
-    memory. Not FSDP1 (flat parameters), nor ZeRO-3 with NVMe offload (the slices are swapped out) or
-    with ZeRO++'s hpZ (a second copy of each slice, ``ds_secondary_tensor``, is what forwards gather)."""
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP and not getattr(accelerator, "is_fsdp2", False):
-        return "FSDP1 keeps flat parameters (FSDP2 works: fsdp_version: 2)"
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        if any((zero.get(k) or {}).get("device") == "nvme" for k in ("offload_param", "offload_optimizer")):
-            return "ZeRO-3 with NVMe offload swaps the parameter slices out (offload to cpu keeps them in memory)"
-        if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
-            return "ZeRO-3 with zero_hpz_partition_size > 1 (ZeRO++ hpZ) gathers from a second copy of the slices"
-    return None
 
 
 # ------------------------------------------------------------------------------------------- FLOPs/MFU

@@ -6,7 +6,10 @@ spent.
 Progress is counted in optimizer steps and tokens on one counter for the whole run (cpt.stages). The
 LR is a pure function of that counter (cpt.schedules), written into the optimizer before every step
 and logged as applied, so a resume only needs the counters and a wrong resume shows up in the first
-record.
+record. ``run`` (cpt.train.setup.Run) holds the parts, built once; ``at`` (Progress) the counters the loop
+advances. Mitigations (cpt.mitigate) enter only through their hooks, called on all of them alike:
+on_stage_start, after_update (inside the step), after_step, and their variant weights (EMA's average),
+probed and exported beside the weights.
 """
 
 from __future__ import annotations
@@ -25,14 +28,17 @@ from tqdm.auto import tqdm
 from cpt import checkpoint as ckpt_lib
 from cpt import mitigate
 from cpt.data.mixture import MixtureSampler
-from cpt.data.source import TokenSource, read_batch
+from cpt.data.source import read_batch
 from cpt.errors import CptError, DivergedError
+from cpt.merge import merge_checkpoints
+from cpt.merge_weights import merge_coefficients
 from cpt.probes import Forgetting, HeldOutLoss, crossed, probe_due
 from cpt.recipe import Recipe
 from cpt.stages import StagePlan
-from cpt.train.setup import Run, setup
-from cpt.train.state import TrainerState
+from cpt.state import TrainerState
+from cpt.train.setup import Progress, Run, setup
 from cpt.train.step import StepStats, train_step
+from cpt.train.weights import lent, pieces_unwritable, settler
 
 
 @dataclass
@@ -50,20 +56,15 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     """Run (or exactly resume) one training run described by ``recipe``.
 
     ``max_steps`` stops (with a checkpoint) once the run has taken that many steps since its origin."""
-    run, probe_sets = setup(recipe, resume, allow_changes)
+    run, at = setup(recipe, resume, allow_changes)
     stop = StopFlag()
-    bar = _progress_bar(run)
+    bar = _progress_bar(run, at)
     try:
         for stage in run.plan.stages:
-            if run.tokens < stage.end and not run_stage(run, stage, probe_sets, stop, bar, max_steps):
+            if at.tokens < stage.end and not run_stage(run, at, stage, stop, bar, max_steps):
                 break
-        if run.tokens == run.plan.end:
-            ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final",
-                                  dtype=run.export_dtype)
-            if run.ema is not None:
-                with run.ema.applied():
-                    ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final_ema",
-                                          dtype=run.export_dtype)
+        if at.tokens == run.plan.end:
+            _export_final(run)
     finally:
         bar.close()
         run.tracker.close(exit_code=0 if sys.exc_info()[0] is None else 1)  # a crash marks the W&B run failed
@@ -75,66 +76,58 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
     # exception", a SIGABRT after "cpt: done" (4 of 43 ZeRO-3 runs so; 0 of 40 with the barrier).
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
-    done = run.tokens == run.plan.end
-    return TrainResult(run.run_dir, run.step, run.tokens, done, run.main, None if done else stop.signum)
+    done = at.tokens == run.plan.end
+    return TrainResult(run.run_dir, at.step, at.tokens, done, run.main, None if done else stop.signum)
 
 
-def run_stage(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], stop: StopFlag, bar,
-              max_steps: int | None) -> bool:
-    """Train ``stage`` from where the run stands to its end; False when the run was stopped early."""
-    recipe, step_tokens = run.recipe, run.tokens_per_step
-    mid_stage = run.saved is not None and run.tokens > stage.start  # resumed inside this stage
-    sampler = _stage_sampler(run, stage, mid_stage)
-    probes, forgetting = _stage_probes(run, stage, probe_sets, mid_stage)
-    if run.l2_init is not None and not mid_stage:
-        run.l2_init.restart()  # mitigate.l2_init pulls toward the weights this stage starts from
-    while run.tokens < stage.end:
+def run_stage(run: Run, at: Progress, stage: StagePlan, stop: StopFlag, bar, max_steps: int | None) -> bool:
+    """Train ``stage`` from where the run stands (``at``, advanced in place) to its end; False when the run
+    was stopped early."""
+    mid_stage = run.saved is not None and at.tokens > stage.start  # resumed inside this stage
+    sampler = _stage_sampler(run, at, stage, mid_stage)
+    probes, forgetting = _stage_probes(run, at, stage, mid_stage)
+    for m in run.mitigations if not mid_stage else ():
+        m.on_stage_start()  # e.g. L2-init pulls toward the weights this stage starts from
+    while at.tokens < stage.end:
         t0 = time.perf_counter()
         picks = sampler.draw(run.layout.sequences_per_step)  # the same global batch on every rank
         batches = [run.frame(read_batch(run.sources, micro, vocab_size=run.vocab))
                    for micro in run.layout.my_micro_batches(picks, run.accelerator.process_index)]
-        stats = train_step(run.model, run.optimizer, run.accelerator, batches, stage.lr(run.tokens),
-                           recipe.train.grad_clip, run.guard, run.loss, t0, run.l2_init)
+        stats = train_step(run, batches, stage.lr(at.tokens), t0)
         if stats.verdict == "halt":
-            raise _diverged(run, stage, stats)
-        if run.old_rows is not None:  # model.extend_vocab.train_rows: new
-            run.old_rows.restore()
-        before = run.tokens
-        run.step, run.tokens, run.elapsed = run.step + 1, run.tokens + step_tokens, run.elapsed + stats.seconds
-        if run.ema is not None:
-            run.ema.update(run.step)
-        _log_step(run, stage, sampler, stats, bar)
+            raise _diverged(run, at, stage, stats)
+        before = at.tokens
+        at.step, at.tokens, at.elapsed = at.step + 1, at.tokens + run.tokens_per_step, at.elapsed + stats.seconds
+        for m in run.mitigations:
+            m.after_step(at.step)
+        _log_step(run, at, stage, sampler, stats, bar)
 
-        decision = after_step(before, run.tokens, stage, run.plan.end, step_tokens, recipe, has_probes=probes is not None,
-                              stopped=stop.signum is not None, steps_taken=run.step - run.plan.origin.step,
-                              max_steps=max_steps)
-        tag = {"step": run.step, "tokens": run.tokens, "stage": stage.name}
+        halt_asked = stop.signum is not None or (max_steps is not None and at.step - run.plan.origin.step >= max_steps)
+        decision = after_step(before, at.tokens, stage, run.recipe, end_tokens=run.plan.end,
+                              has_probes=probes is not None, halt_asked=halt_asked)
+        tag = {"step": at.step, "tokens": at.tokens, "stage": stage.name}
         if decision.probe:
-            measured = probes(run.model, run.accelerator)
-            if run.ema is not None:  # the averaged weights, probed as their own series
-                with run.ema.applied():
-                    averaged = probes(run.model, run.accelerator)
-                measured |= {k.replace("probe/", "probe_ema/", 1): v for k, v in averaged.items()}
-            run.tracker.log({**tag, **measured, **forgetting.update(run.tokens, measured)})
+            measured = _probe_with_variants(run, probes)
+            run.tracker.log({**tag, **measured, **forgetting.update(at.tokens, measured)})
         if decision.lm_eval:
             _lm_eval(run, tag)
         # saved as it stands before end_stage closes it: a run extended past this stage's old end
         # (train.tokens raised on --resume) goes on with the same baseline
         probe_state = forgetting.state_dict() if forgetting else None
-        if run.tokens == stage.end and forgetting is not None:
+        if at.tokens == stage.end and forgetting is not None:
             run.tracker.log({**tag, "event": "stage_end", **forgetting.end_stage()})
         if decision.save:
-            _save(run, stage, sampler, probe_state, decision.tags)
-        if recipe.merge is not None and (run.tokens == stage.end or (decision.probe and recipe.merge.at_probes)):
-            merged = _merge_stage(run, stage, probes, final=run.tokens == stage.end)
+            _save(run, at, stage, sampler, probe_state, decision.tags)
+        if run.recipe.merge is not None and (at.tokens == stage.end or (decision.probe and run.recipe.merge.at_probes)):
+            merged = _merge_stage(run, stage, probes, final=at.tokens == stage.end)
             if merged is not None:
                 run.tracker.log({**tag, "event": "merge", **merged})
         if decision.halt:
             if run.main:
                 why = f"signal {stop.signum}" if stop.signum is not None else f"--max-steps {max_steps}"
-                print(f"cpt: stopped at step {run.step} ({why}); checkpoint saved, continue with --resume")
+                print(f"cpt: stopped at step {at.step} ({why}); checkpoint saved, continue with --resume")
             return False
-    run.consumed = sampler.consumed()
+    at.consumed = sampler.consumed()
     return True
 
 
@@ -149,10 +142,10 @@ class Decision:
     halt: bool = False  # stop the run here (a signal, --max-steps), after the save
 
 
-def after_step(before: int, tokens: int, stage: StagePlan, end_tokens: int, tokens_per_step: int,
-               recipe: Recipe, *, has_probes: bool, stopped: bool, steps_taken: int,
-               max_steps: int | None) -> Decision:
-    """The one decision after a step that took the run from ``before`` to ``tokens``: pure, no model.
+def after_step(before: int, tokens: int, stage: StagePlan, recipe: Recipe, *, end_tokens: int, has_probes: bool,
+               halt_asked: bool) -> Decision:
+    """The one decision after a step that took the run from ``before`` to ``tokens`` (the run ends at
+    ``end_tokens``): pure, no model. ``halt_asked``: a signal came, or --max-steps is reached.
 
     Probe at the stage's end and on the probe cadence (probes.every, denser after a stage start); tag
     the stage's last checkpoint and the one just before a final anneal; save on those, on the checkpoint
@@ -163,9 +156,9 @@ def after_step(before: int, tokens: int, stage: StagePlan, end_tokens: int, toke
                                                     dense.every if dense else None,
                                                     dense.for_ if dense else None))
     tags = [f"stage_end:{stage.name}"] if stage_done else []
-    if stage.anneal_start is not None and tokens <= stage.anneal_start < tokens + tokens_per_step:
+    if stage.anneal_start is not None and tokens <= stage.anneal_start < tokens + recipe.train.global_batch_tokens:
         tags.append("pre_anneal")
-    halt = (stopped or (max_steps is not None and steps_taken >= max_steps)) and tokens < end_tokens
+    halt = halt_asked and tokens < end_tokens
     save = bool(tags) or halt or tokens == end_tokens or crossed(before, tokens, recipe.checkpoint.every)
     lm = recipe.probes.lm_eval
     lm_eval = lm is not None and (stage_done or crossed(before, tokens, lm.every))
@@ -175,35 +168,57 @@ def after_step(before: int, tokens: int, stage: StagePlan, end_tokens: int, toke
 # ------------------------------------------------------------------------------------ the step's parts
 
 
-def _stage_sampler(run: Run, stage: StagePlan, mid_stage: bool) -> MixtureSampler:
+def _probe_with_variants(run: Run, probes) -> dict[str, Any]:
+    """The probes on the weights, then on each mitigation's variant weights (EMA's average), each variant
+    logged as its own series: probe_<variant>/<set>/..."""
+    measured = probes(run.model, run.accelerator)
+    for m in run.mitigations:
+        for name, lend in m.variants().items():
+            with lend():
+                other = probes(run.model, run.accelerator)
+            measured |= {k.replace("probe/", f"probe_{name}/", 1): v for k, v in other.items()}
+    return measured
+
+
+def _export_final(run: Run) -> None:
+    """final/: the model as an HF dir; final_<variant>/ for each mitigation's variant weights (final_ema/)."""
+    ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / "final", dtype=run.export_dtype)
+    for m in run.mitigations:
+        for name, lend in m.variants().items():
+            with lend():
+                ckpt_lib.export_model(run.accelerator, run.model, run.tokenizer, run.run_dir / f"final_{name}",
+                                      dtype=run.export_dtype)
+
+
+def _stage_sampler(run: Run, at: Progress, stage: StagePlan, mid_stage: bool) -> MixtureSampler:
     sizes = {n: s.num_sequences for n, s in run.sources.items()}
-    sampler = MixtureSampler(sizes, stage.mixture, run.recipe.run.seed, offsets=run.consumed)
+    sampler = MixtureSampler(sizes, stage.mixture, run.recipe.run.seed, offsets=at.consumed)
     origin = run.plan.origin
     if mid_stage:
         sampler.load_state_dict(run.saved.sampler)
-    elif stage.index == 0 and origin.sampler and run.tokens == origin.tokens:
+    elif stage.index == 0 and origin.sampler and at.tokens == origin.tokens:
         sampler.load_state_dict(origin.sampler)  # same data, same weights: the exact order goes on
     return sampler
 
 
-def _stage_probes(run: Run, stage: StagePlan, probe_sets: dict[str, TokenSource], mid_stage: bool):
+def _stage_probes(run: Run, at: Progress, stage: StagePlan, mid_stage: bool):
     """(HeldOutLoss, Forgetting) of the stage, or (None, None) without probe sets; at a stage
     start the baseline is measured and logged (before the stage's first step), on resume restored."""
-    tag = {"step": run.step, "tokens": run.tokens, "stage": stage.name}
+    tag = {"step": at.step, "tokens": at.tokens, "stage": stage.name}
     probes = forgetting = None
     if stage.probe_sets:
         cfg = run.recipe.probes
-        probes = HeldOutLoss({n: probe_sets[n] for n in stage.probe_sets}, cfg.max_sequences,
+        probes = HeldOutLoss({n: run.probe_sets[n] for n in stage.probe_sets}, cfg.max_sequences,
                              cfg.micro_batch_size, run.accelerator.process_index, run.accelerator.num_processes,
                              frame=run.frame, loss=run.loss)
         forgetting = Forgetting(stage.probe_sets, stage.new_domains)
     if not mid_stage:
-        run.tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(run.tokens),
+        run.tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(at.tokens),
                          "stage_start/new_domains": stage.new_domains})
         if probes is not None:
             baseline = probes(run.model, run.accelerator)
-            forgetting.start_stage(baseline, run.tokens)
-            run.tracker.log({**tag, **baseline, **forgetting.update(run.tokens, baseline)})
+            forgetting.start_stage(baseline, at.tokens)
+            run.tracker.log({**tag, **baseline, **forgetting.update(at.tokens, baseline)})
         if run.recipe.probes.lm_eval is not None:
             _lm_eval(run, tag)
     elif forgetting is not None and run.saved.probe_state:
@@ -235,14 +250,14 @@ def _peak_rss_gib() -> float:
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
-def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepStats, bar) -> None:
+def _log_step(run: Run, at: Progress, stage: StagePlan, sampler: MixtureSampler, stats: StepStats, bar) -> None:
     """The step's record, its warnings (skipped update, loss spike, repeated data) and the progress bar."""
     recipe, guard, step_tokens = run.recipe, run.guard, run.tokens_per_step
     epochs = sampler.repeats()
-    record = {"step": run.step, "tokens": run.tokens, "stage": stage.name, "train/loss": stats.loss,
+    record = {"step": at.step, "tokens": at.tokens, "stage": stage.name, "train/loss": stats.loss,
               "lr": run.optimizer.param_groups[0]["lr"], "train/grad_norm": stats.grad_norm,
               **({"train/skipped_steps": guard.skipped} if guard.skipped else {}),
-              "train/tokens_per_s": step_tokens / stats.seconds, "time/elapsed_s": run.elapsed,
+              "train/tokens_per_s": step_tokens / stats.seconds, "time/elapsed_s": at.elapsed,
               **({"train/mfu": step_tokens / stats.seconds * run.mfu_per_token_s} if run.mfu_per_token_s else {}),
               **({"train/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
                  if run.accelerator.device.type == "cuda" else {"train/peak_rss_gib": _peak_rss_gib()}),
@@ -250,16 +265,16 @@ def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepSt
               **{f"data/{n}/share": v for n, v in sampler.last_shares().items()}}
     run.tracker.log(record)
     if stats.verdict == "skip" and run.main:
-        tqdm.write(f"cpt: warning: step {run.step}: loss {stats.loss:.4g}, grad norm {stats.grad_norm}: not "
+        tqdm.write(f"cpt: warning: step {at.step}: loss {stats.loss:.4g}, grad norm {stats.grad_norm}: not "
                    f"finite; update skipped ({guard.in_a_row} in a row, {guard.skipped} in all)")
     if (median := guard.spike(stats.loss)) is not None:
-        run.tracker.log({"step": run.step, "tokens": run.tokens, "stage": stage.name, "event": "loss_spike",
+        run.tracker.log({"step": at.step, "tokens": at.tokens, "stage": stage.name, "event": "loss_spike",
                          "train/loss": stats.loss, "loss_spike/median": median})
         if run.main:
-            tqdm.write(f"cpt: loss spike at step {run.step}: {stats.loss:.4f} vs a median of {median:.4f} over "
+            tqdm.write(f"cpt: loss spike at step {at.step}: {stats.loss:.4f} vs a median of {median:.4f} over "
                        f"the last {len(guard.recent) - 1} steps")
-    for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in run.warned]:
-        run.warned.add(name)
+    for name in [n for n, e in epochs.items() if e >= recipe.data.warn_epochs and n not in at.warned]:
+        at.warned.add(name)
         if run.main:
             tqdm.write(f"cpt: warning: source {name} has been read {epochs[name]:.1f} times over "
                        f"(data.warn_epochs = {recipe.data.warn_epochs:g}); repeated data trains less and can "
@@ -269,17 +284,17 @@ def _log_step(run: Run, stage: StagePlan, sampler: MixtureSampler, stats: StepSt
                     tok_s=f"{record['train/tokens_per_s']:.0f}", refresh=False)
 
 
-def _save(run: Run, stage: StagePlan, sampler: MixtureSampler, probe_state: dict[str, Any] | None,
+def _save(run: Run, at: Progress, stage: StagePlan, sampler: MixtureSampler, probe_state: dict[str, Any] | None,
           tags: list[str]) -> None:
     state = TrainerState(
-        step=run.step, tokens=run.tokens, stage=stage.name, sampler=sampler.state_dict(),
-        data_consumed=sampler.consumed(), mixture=stage.mixture.share_at(run.tokens - stage.start), lr=run.optimizer.param_groups[0]["lr"],
-        elapsed_s=run.elapsed, tags=tags, origin=run.plan.origin,
-        next_lr=run.plan.stage_at(run.tokens).lr(run.tokens), probe_state=probe_state,
+        step=at.step, tokens=at.tokens, stage=stage.name, sampler=sampler.state_dict(),
+        data_consumed=sampler.consumed(), mixture=stage.mixture.share_at(at.tokens - stage.start),
+        lr=run.optimizer.param_groups[0]["lr"], elapsed_s=at.elapsed, tags=tags, origin=run.plan.origin,
+        next_lr=run.plan.stage_at(at.tokens).lr(at.tokens), probe_state=probe_state,
         metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict())
-    parts = run.mitigations  # gathered by every rank (FSDP2 shards), written by the main process
+    parts = run.stateful  # gathered by every rank (FSDP2 shards), written by the main process
     tensors = mitigate.state_tensors(parts, keep=run.main) if parts else None
-    ckpt_lib.save_checkpoint(run.accelerator, run.run_dir, run.step, state, run.recipe.to_yaml(),
+    ckpt_lib.save_checkpoint(run.accelerator, run.run_dir, at.step, state, run.recipe.to_yaml(),
                              run.recipe.checkpoint.keep_last, model=run.model, tokenizer=run.tokenizer,
                              write_extra=(lambda d: mitigate.write_state(d / mitigate.STATE_FILE, tensors))
                              if parts else None)
@@ -289,11 +304,8 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
     """recipe.merge at the end of ``stage`` (``final``; else at a probe, merge.at_probes): its last
     checkpoints so far averaged into merged/<stage>/ (merged/<stage>-latest/ at a probe) (cpt.merge), then
     probed in place of the weights as probe_merge/<set>/... (not for LoRA runs, whose merge is a full
-    model, nor where cpt.train.backend.pieces_unwritable says why not). Returns the record's fields; None
+    model, nor where cpt.train.weights.pieces_unwritable says why not). Returns the record's fields; None
     at a probe before the stage has 2 checkpoints."""
-    from cpt.merge import merge_checkpoints, merge_coefficients
-    from cpt.train.backend import pieces_unwritable
-
     cfg = run.recipe.merge
     mine = [d for d in ckpt_lib.checkpoint_dirs(run.run_dir)
             if stage.start < ckpt_lib.read_trainer_state(d).tokens <= stage.end]
@@ -320,10 +332,8 @@ def _merge_stage(run: Run, stage: StagePlan, probes, final: bool) -> dict[str, A
 @contextmanager
 def _weights_from(run: Run, model_dir: Path):
     """Within the block the model holds the weights of ``model_dir`` (an HF dir of the same model); after
-    it, its own again, bit for bit (cpt.mitigate.lent)."""
+    it, its own again, bit for bit (cpt.train.weights.lent)."""
     from safetensors.torch import load_file
-
-    from cpt.train.backend import settler
 
     loaded: dict[str, torch.Tensor] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
@@ -335,13 +345,13 @@ def _weights_from(run: Run, model_dir: Path):
     missing = sorted(set(params) - set(loaded))
     if missing:
         raise CptError(f"{model_dir}: lacks {missing[0]} ({len(missing)} parameters missing)")
-    with mitigate.lent(model, params, loaded, settle):
+    with lent(model, params, loaded, settle):
         yield
 
 
-def _diverged(run: Run, stage: StagePlan, stats: StepStats) -> DivergedError:
+def _diverged(run: Run, at: Progress, stage: StagePlan, stats: StepStats) -> DivergedError:
     """Log the non-finite step and say where the run can go on from (train.on_nonfinite)."""
-    step, tokens, step_tokens = run.step + 1, run.tokens, run.tokens_per_step
+    step, tokens, step_tokens = at.step + 1, at.tokens, run.tokens_per_step
     run.tracker.log({"step": step, "tokens": tokens + step_tokens, "stage": stage.name, "event": "nonfinite",
                      "train/loss": stats.loss, "train/grad_norm": stats.grad_norm, "lr": stage.lr(tokens)})
     in_a_row = run.guard.in_a_row
@@ -353,9 +363,9 @@ def _diverged(run: Run, stage: StagePlan, stats: StepStats) -> DivergedError:
         f"train.on_nonfinite: skip drops such steps)")
 
 
-def _progress_bar(run: Run):
+def _progress_bar(run: Run, at: Progress):
     step_tokens, start = run.tokens_per_step, run.plan.origin.tokens
-    return tqdm(total=(run.plan.end - start) // step_tokens, initial=(run.tokens - start) // step_tokens, unit="step",
+    return tqdm(total=(run.plan.end - start) // step_tokens, initial=(at.tokens - start) // step_tokens, unit="step",
                 dynamic_ncols=True, disable=not (run.main and run.recipe.tracking.progress))
 
 

@@ -20,9 +20,19 @@ from cpt.data.source import SubsetSource, TokenSource, validate_source
 from cpt.data.tokenizer import load_tokenizer, tokenizer_identity
 from cpt.errors import CptError
 from cpt.guard import StepGuard
-from cpt.model import build_model, check_seq_len, model_config, num_params, preset_config, wrap_peft
+from cpt.mitigate import Mitigation
+from cpt.model import (
+    build_model,
+    check_seq_len,
+    model_config,
+    num_params,
+    preset_config,
+    source_dtype,
+    wrap_peft,
+)
 from cpt.plan import RunPlan, describe_origin, plan_run
 from cpt.recipe import Recipe, recipe_diff
+from cpt.state import TrainerState
 from cpt.tracking import Tracker
 from cpt.train.backend import (
     deepspeed_plugin,
@@ -30,16 +40,18 @@ from cpt.train.backend import (
     make_accelerator,
     mfu_per_token_s,
     params_sharded,
-    settler,
 )
+from cpt.train.layout import Layout
 from cpt.train.loss import choose_loss
-from cpt.train.state import TrainerState
-from cpt.train.step import Layout, make_optimizer, model_inputs
+from cpt.train.optim import make_optimizer
+from cpt.train.step import model_inputs
+from cpt.train.weights import weights_of
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """A run being trained: its parts (built once by :func:`setup`) and its counters (moved by the loop)."""
+    """A run's parts, built once by :func:`setup`: the loop reads them and replaces none (the guard, the
+    tracker and the mitigations keep state of their own, saved in checkpoints)."""
 
     recipe: Recipe
     accelerator: Any
@@ -49,21 +61,15 @@ class Run:
     optimizer: Any
     tokenizer: Any
     sources: dict[str, TokenSource | SubsetSource]
+    probe_sets: dict[str, TokenSource]  # probes.sets, checked against the tokenizer and seq_len
     vocab: int                        # embedding rows: token ids past it are refused before the forward
     guard: StepGuard
     tracker: Tracker
-    mfu_per_token_s: float | None
-    saved: TrainerState | None        # the state resumed from (None: a fresh start)
-    resume_from: Path | None
-    step: int
-    tokens: int
-    elapsed: float
-    consumed: dict[str, int]          # draws per source before the current stage (the next one's offsets)
-    loss: Any = None                  # (model, inputs) -> loss, and .token_nll for probes (cpt.train.loss)
-    l2_init: Any = None               # cpt.mitigate.l2_init(...) (recipe mitigate.l2_init), or None
-    ema: Any = None                   # cpt.mitigate.EMA (mitigate.ema), or None
-    old_rows: Any = None              # cpt.model.OldRows (model.extend_vocab.train_rows: new), or None
-    warned: set[str] = field(default_factory=set)  # sources already warned about repeats
+    loss: Any                         # (model, inputs) -> loss, and .token_nll for probes (cpt.train.loss)
+    mitigations: tuple[Mitigation, ...] = ()  # cpt.mitigate.build: hooks called in this order
+    mfu_per_token_s: float | None = None
+    saved: TrainerState | None = None  # the state resumed from (None: a fresh start)
+    resume_from: Path | None = None
 
     def frame(self, ids):
         """Packed token ids -> the forward's inputs (document masking, document-start loss)."""
@@ -74,8 +80,6 @@ class Run:
     @property
     def export_dtype(self):
         """dtype of final/: model.export_dtype, or (auto) the dtype the weights came in."""
-        from cpt.model import source_dtype
-
         want = self.recipe.model.export_dtype
         if want != "auto":
             return getattr(torch, want)
@@ -83,9 +87,9 @@ class Run:
         return source_dtype((model.get_base_model() if self.recipe.peft is not None else model).config)
 
     @property
-    def mitigations(self) -> dict:
+    def stateful(self) -> dict[str, Mitigation]:
         """The mitigations with state of their own (saved in every checkpoint), by name."""
-        return _mitigation_parts(self.l2_init, self.ema)
+        return mitigate.stateful(list(self.mitigations))
 
     @property
     def run_dir(self) -> Path:
@@ -98,6 +102,24 @@ class Run:
     @property
     def tokens_per_step(self) -> int:
         return self.recipe.train.global_batch_tokens
+
+
+@dataclass
+class Progress:
+    """What the loop advances: the live half of cpt.state.TrainerState (a checkpoint saves it there)."""
+
+    step: int
+    tokens: int
+    elapsed: float                    # training seconds so far (steps only)
+    consumed: dict[str, int]          # draws per source before the current stage (the next one's offsets)
+    warned: set[str] = field(default_factory=set)  # sources already warned about repeats
+
+    @classmethod
+    def at_start(cls, saved: TrainerState | None, origin) -> Progress:
+        """Counters of a resumed checkpoint, or of the run's origin."""
+        if saved:
+            return cls(saved.step, saved.tokens, saved.elapsed_s, dict(saved.data_consumed))
+        return cls(origin.step, origin.tokens, 0.0, dict(origin.consumed))
 
 
 def open_keyed(key: str, opener, *args, **kwargs):
@@ -184,43 +206,83 @@ def check_recipe(recipe: Recipe, resume: bool = False, allow_changes: tuple[str,
             f"{f', resuming {resume_from.name}' if resume_from else ''}")
 
 
-def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple[Run, dict[str, TokenSource]]:
-    """Build the run: (Run, its checked probe sets)."""
+def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple[Run, Progress]:
+    """Build the run: its parts (:class:`Run`) and where its counters stand (:class:`Progress`)."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(recipe)
     main = accelerator.is_main_process
-    run_dir = Path(recipe.run.output_dir)
     layout = Layout.from_recipe(recipe, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = layout.grad_accum
-    step_tokens = recipe.train.global_batch_tokens
 
     # Where the counters start: the checkpoint being resumed (its own record of the run's origin),
     # or init_from (a new stage), or zero. Stages are planned from that alone.
     resume_from = start_or_resume(recipe, resume, allow_changes)
     saved = ckpt_lib.read_trainer_state(resume_from) if resume_from else None
     plan = plan_run(recipe, saved.origin if saved else None)
-    origin = plan.origin
     if main:
+        run_dir = Path(recipe.run.output_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     set_seed(recipe.run.seed)
 
-    # A cpt checkpoint is also an HF model dir (config, weights, tokenizer): on resume the model is
-    # built from our own checkpoint, then load_state restores weights, optimizer and RNG exactly.
-    weights_from = origin.path if recipe.init_from and recipe.init_from.load.weights else None
+    tokenizer, sources, probe_sets = open_data(recipe, resume_from or plan.origin.path)
+    mitigations = mitigate.build(recipe, plan.origin.path, main)
+    model, vocab, n_params, mfu = _build_model(recipe, accelerator, tokenizer, sources, plan.origin.path,
+                                               resume_from, mitigations)
+    optimizer = make_optimizer(model, recipe.train.optimizer, plan.stages[0].lr(plan.origin.tokens),
+                               accelerator.device.type, _optimizer_groups(mitigations, model, recipe))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss = _loss(recipe, accelerator, model, vocab)
+    if recipe.probes.lm_eval is not None:
+        _check_lm_eval(recipe.probes.lm_eval, params_sharded(accelerator))
+    if resume_from is not None:
+        ckpt_lib.load_checkpoint(accelerator, resume_from)
+    elif recipe.init_from is not None and recipe.init_from.load.optimizer:
+        open_keyed("init_from.load.optimizer", ckpt_lib.load_optimizer_state, optimizer, plan.origin.path)
+    _attach(mitigations, accelerator, model, optimizer, resume_from)
+
+    guard = StepGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, recipe.train.spike_factor,
+                      recipe.train.spike_window, check_grad_norm=recipe.train.precision != "fp16")
+    guard.load_state_dict(saved.guard if saved else None)
+    at = Progress.at_start(saved, plan.origin)
+    tracker = Tracker(Path(recipe.run.output_dir), recipe.to_dict(), enabled=main,
+                      resume_step=at.step if saved else None, wandb_cfg=recipe.tracking.wandb,
+                      keep_records=saved.metrics_records if saved else None)
+    run = Run(recipe, accelerator, layout, plan, model, optimizer, tokenizer, sources, probe_sets, vocab, guard,
+              tracker, loss, tuple(mitigations), mfu, saved, resume_from)
+    if main:
+        step_tokens = run.tokens_per_step
+        print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "
+              f"{len(plan.stages)} stage(s), {(plan.end - at.tokens) // step_tokens} steps x {step_tokens} tokens "
+              f"to go, {accelerator.num_processes} process(es), grad accum {layout.grad_accum}; "
+              f"{f'resumed from {resume_from}' if saved else 'fresh start'}")
+    if saved:
+        _note_schedule_change(run, at)
+    else:
+        _log_init(run, at)
+    model.train()
+    return run, at
+
+
+def _build_model(recipe: Recipe, accelerator, tokenizer, sources, origin: str | None, resume_from: Path | None,
+                 mitigations: list[Mitigation]):
+    """The model before accelerate wraps it: loaded (init_from; on resume our own checkpoint, whose weights
+    load_state restores exactly) or built from the preset, checked against seq_len and the data's token
+    ids, with activation checkpointing, LoRA, the mitigations' before_optimizer (freezing) and compile.
+    Returns (model, embedding rows, parameter count, MFU per token/s)."""
+    main = accelerator.is_main_process
+    weights_from = origin if recipe.init_from and recipe.init_from.load.weights else None
     if resume_from is not None and weights_from is not None:
         weights_from = str(resume_from)
-    tokenizer, sources, probe_sets = open_data(recipe, resume_from or origin.path)
-
     model = build_model(recipe.model, tokenizer, recipe.run.seed, weights_from)
-    if weights_from is not None and recipe.model.config and not saved and main:
+    if weights_from is not None and recipe.model.config and resume_from is None and main:
         _, changes = model_config(weights_from, recipe.model.config, recipe.model.trust_remote_code)
         print("cpt: model.config: " + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
     check_seq_len(model.config, recipe.data.seq_len,
                   f"config of {weights_from}" if weights_from else f"model.preset {recipe.model.preset}")
     vocab = model.get_input_embeddings().num_embeddings
-    if recipe.model.extend_vocab is not None and weights_from is not None and not saved and main:
+    if recipe.model.extend_vocab is not None and weights_from is not None and resume_from is None and main:
         print(f"cpt: model.extend_vocab: {vocab} embedding rows for the tokenizer's {len(tokenizer)} tokens "
               f"(new rows: {recipe.model.extend_vocab.init})")
     for name, src in sources.items():  # what the manifest says, at start; read_batch checks the ids read
@@ -232,12 +294,10 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.peft is not None:  # frozen base + adapters; make_optimizer takes only what requires grad
+    if recipe.peft is not None:  # frozen base + adapters; the optimizer takes only what requires grad
         model = wrap_peft(model, recipe.peft, verbose=main)
-    mit = recipe.mitigate
-    if mit.freeze:  # before the optimizer and DDP, which take what requires grad
-        frozen = open_keyed("mitigate.freeze", mitigate.freeze, model, mit.freeze)
-        _print_counts(main, "frozen", frozen)
+    for m in mitigations:  # before the optimizer and DDP, which take what requires grad
+        m.before_optimizer(model)
     n_params = num_params(model)  # counted before ZeRO-3/FSDP shard the parameters
     mfu = mfu_per_token_s(model, recipe, accelerator)
     if recipe.train.compile:
@@ -247,103 +307,49 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
         # resume would not be exact
         torch._dynamo.reset()
         model.compile(dynamic=False)  # in place: parameter names, and so checkpoints, stay the plain model's
-    optimizer, scaled = open_keyed("mitigate.lr_multipliers", make_optimizer, model, recipe.train.optimizer,
-                                   plan.stages[0].lr(origin.tokens), accelerator.device.type, mit.lr_multipliers)
-    _print_counts(main, "lr x", scaled, mit.lr_multipliers)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, vocab, n_params, mfu
+
+
+def _optimizer_groups(mitigations: list[Mitigation], model, recipe: Recipe) -> list[dict] | None:
+    """The optimizer's parameter groups as a mitigation shapes them (layer-wise LR), or None (plain)."""
+    shaped = [g for m in mitigations if (g := m.optimizer_groups(model, recipe.train.optimizer.weight_decay))]
+    if len(shaped) > 1:
+        raise CptError("mitigate: two mitigations shape the optimizer's parameter groups; only one may")
+    return shaped[0] if shaped else None
+
+
+def _loss(recipe: Recipe, accelerator, model, vocab: int):
+    """train.loss for the prepared model (cpt.train.loss.choose_loss), saying what it chose where it fell back."""
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
-    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), not head_gatherable(accelerator), vocab,
-                             compute_dtype=autocast)
-    if note and main:
+    loss, note = choose_loss(recipe.train.loss, accelerator.unwrap_model(model), not head_gatherable(accelerator),
+                             vocab, compute_dtype=autocast)
+    if note and accelerator.is_main_process:
         print(f"cpt: {note}")
-    if recipe.probes.lm_eval is not None:
-        _check_lm_eval(recipe.probes.lm_eval, params_sharded(accelerator))
-    if resume_from is not None:
-        ckpt_lib.load_checkpoint(accelerator, resume_from)
-    elif recipe.init_from is not None and recipe.init_from.load.optimizer:
-        open_keyed("init_from.load.optimizer", ckpt_lib.load_optimizer_state, optimizer, origin.path)
-
-    l2_init = ema = None
-    if mit.stateful:
-        if why := mitigate.unsupported(accelerator):
-            raise CptError(f"mitigate.{why}")
-        weights = accelerator.unwrap_model(model)
-        settle = settler(model, weights)
-        if mit.l2_init > 0:
-            zero = getattr(optimizer, "optimizer", None) if recipe.train.deepspeed is not None else None
-            l2_init = mitigate.l2_init(weights, mit.l2_init, zero, settle)
-        ema = mitigate.EMA(weights, mit.ema.decay, mit.ema.every, settle) if mit.ema is not None else None
-        if resume_from is not None:
-            mitigate.load_state(resume_from / mitigate.STATE_FILE, _mitigation_parts(l2_init, ema))
-
-    old_rows = _old_rows(recipe, accelerator, model, origin.path, main)
-
-    guard = StepGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, recipe.train.spike_factor,
-                      recipe.train.spike_window, check_grad_norm=recipe.train.precision != "fp16")
-    guard.load_state_dict(saved.guard if saved else None)
-    step, tokens = (saved.step, saved.tokens) if saved else (origin.step, origin.tokens)
-    tracker = Tracker(run_dir, recipe.to_dict(), enabled=main, resume_step=step if saved else None,
-                      wandb_cfg=recipe.tracking.wandb, keep_records=saved.metrics_records if saved else None)
-    run = Run(recipe, accelerator, layout, plan, model, optimizer, tokenizer, sources, vocab, guard, tracker, mfu,
-              saved, resume_from, step, tokens, saved.elapsed_s if saved else 0.0,
-              dict(saved.data_consumed) if saved else dict(origin.consumed), loss=loss, l2_init=l2_init, ema=ema,
-              old_rows=old_rows)
-    if main:
-        how = f"resumed from {resume_from}" if saved else "fresh start"
-        print(f"cpt: {recipe.run.name}: {n_params / 1e6:.2f}M params, "
-              f"{len(plan.stages)} stage(s), {(plan.end - tokens) // step_tokens} steps x {step_tokens} tokens to go, "
-              f"{accelerator.num_processes} process(es), grad accum {layout.grad_accum}; {how}")
-    if saved:
-        _note_schedule_change(run)
-    else:
-        _log_init(run)
-    model.train()
-    return run, probe_sets
+    return loss
 
 
-def _old_rows(recipe: Recipe, accelerator, model, source: str | None, main: bool):
-    """model.extend_vocab.train_rows: new -> the OldRows keeper of the init_from model's own token rows."""
-    from accelerate.utils import DistributedType
-
-    from cpt.model import OldRows, old_token_rows
-
-    ext = recipe.model.extend_vocab
-    if ext is None or ext.train_rows == "all":
-        return None
-    if accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP) or recipe.peft is not None:
-        raise CptError("model.extend_vocab.train_rows: new restores rows of the module's weights after each update: "
-                       "not with DeepSpeed / FSDP (they update copies or shards of their own) or peft")
-    if source is None:
-        raise CptError("model.extend_vocab.train_rows: new needs init_from (the model whose rows stay)")
-    rows = old_token_rows(source)
-    keeper = OldRows(accelerator.unwrap_model(model), rows)
-    if main:
-        print(f"cpt: model.extend_vocab.train_rows: new: rows 0..{rows - 1} (the tokens of {source}) of "
-              f"{len(keeper.kept)} table(s) kept; rows {rows}.. train")
-    return keeper
+def _attach(mitigations: list[Mitigation], accelerator, model, optimizer, resume_from: Path | None) -> None:
+    """Hand the mitigations the backend's weights (after a resumed checkpoint's are in), then their own
+    saved state. Those that write into the weights outside a step are refused where the backend cannot."""
+    if any(m.writes_weights for m in mitigations) and (why := mitigate.unsupported(accelerator)):
+        raise CptError(f"mitigate.{why}")
+    weights = weights_of(accelerator, model, optimizer)
+    for m in mitigations:
+        m.attach(weights)
+    if resume_from is not None and (parts := mitigate.stateful(mitigations)):
+        mitigate.load_state(resume_from / mitigate.STATE_FILE, parts)
 
 
-def _mitigation_parts(l2_init, ema) -> dict:
-    return {k: v for k, v in (("l2_init", l2_init), ("ema", ema)) if v is not None}
-
-
-def _print_counts(main: bool, what: str, counts: dict[str, tuple[int, int]], factors=None) -> None:
-    """One line per mitigate pattern: what it matched."""
-    for pattern, (tensors, params) in counts.items() if main else ():
-        factor = f" {factors[pattern]:g}" if factors else ""
-        print(f"cpt: mitigate: {what}{factor} {pattern!r}: {tensors} tensors, {params / 1e6:.3f}M parameters")
-
-
-def _note_schedule_change(run: Run) -> None:
+def _note_schedule_change(run: Run, at: Progress) -> None:
     """On resume: say so when the recipe's schedule no longer continues the checkpoint's (e.g.
     train.tokens raised with --allow-change, which moves a horizon-dependent schedule)."""
-    tokens, end = run.tokens, run.plan.end
+    tokens, end = at.tokens, run.plan.end
     if tokens >= end or run.saved.next_lr is None:
         return
     lr_now = run.plan.stage_at(tokens).lr(tokens)
     if math.isclose(lr_now, run.saved.next_lr, rel_tol=1e-9, abs_tol=1e-15):
         return
-    run.tracker.log({"step": run.step, "tokens": tokens, "event": "schedule_change",
+    run.tracker.log({"step": at.step, "tokens": tokens, "event": "schedule_change",
                      "schedule_change/lr_was": run.saved.next_lr, "schedule_change/lr": lr_now,
                      "schedule_change/end_tokens": end})
     if run.main:
@@ -352,20 +358,20 @@ def _note_schedule_change(run: Run) -> None:
               f"({(end - tokens) // run.tokens_per_step} more steps)")
 
 
-def _log_init(run: Run) -> None:
+def _log_init(run: Run, at: Progress) -> None:
     """A fresh start: what init_from loaded and reset, and an LR jump where a schedule is continued."""
     recipe, origin = run.recipe, run.plan.origin
     loaded, reset = describe_origin(recipe, origin)
     if run.main:
         print(f"cpt: init from {origin.path or 'scratch'}: loaded {', '.join(loaded) or 'nothing'}; "
               f"reset {', '.join(reset) or 'nothing'}")
-    run.tracker.log({"step": run.step, "tokens": run.tokens, "event": "init", "init/path": origin.path,
+    run.tracker.log({"step": at.step, "tokens": at.tokens, "event": "init", "init/path": origin.path,
                      "init/loaded": loaded, "init/reset": reset})
-    lr0 = run.plan.stages[0].lr(run.tokens)
+    lr0 = run.plan.stages[0].lr(at.tokens)
     if origin.next_lr is not None and recipe.init_from.load.schedule_state and not math.isclose(
             lr0, origin.next_lr, rel_tol=1e-9, abs_tol=1e-15) and run.main:
         print(f"cpt: note: the LR goes from {origin.next_lr:.3e} (where the checkpoint's schedule was going) "
-              f"to {lr0:.3e} at token {run.tokens}; lengths given as fractions refer to the whole horizon")
+              f"to {lr0:.3e} at token {at.tokens}; lengths given as fractions refer to the whole horizon")
 
 
 def _check_lm_eval(cfg, sharded: bool) -> None:
