@@ -258,9 +258,8 @@ def batons_in_cpt_loop() -> Iterator[None]:
         side = getattr(_current, "side", None)
         if side is not None:
             if "optimizer" not in side.info:
-                model = args[0] if args else kwargs.get("model")
-                opt = args[1] if len(args) > 1 else kwargs.get("optimizer")
-                side.info.update(params=num_params(model), optimizer=describe_optimizer(opt))
+                run = args[0] if args else kwargs["run"]  # train_step(run, batches, lr, t0)
+                side.info.update(params=num_params(run.model), optimizer=describe_optimizer(run.optimizer))
             side.turn()
         return real(*args, **kwargs)
 
