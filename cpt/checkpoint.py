@@ -38,7 +38,7 @@ from cpt.state import (  # noqa: F401  (checkpoint_dirs, find_checkpoint: part o
     latest_checkpoint,
     read_trainer_state,
 )
-from cpt.train.backend import weights_sharded
+from cpt.train.backend import collective_failure, weights_sharded
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: TrainerState, recipe_yaml: str,
@@ -49,7 +49,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: TrainerS
 
     A write that fails (disk full, quota, a vanished mount) removes its temporary dir and is one line
     that says the earlier checkpoints are intact: the rename below is the commit, so nothing partial
-    can be taken for a checkpoint."""
+    can be taken for a checkpoint. A collective that fails meanwhile (a lost or frozen peer) is raised as
+    it is, for the loop to report as such."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -58,6 +59,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, state: TrainerS
                                 tokenizer, write_extra)
     except Exception as e:  # OSError from open(), RuntimeError from torch.save, SafetensorError, ...
         shutil.rmtree(tmp, ignore_errors=True)
+        if collective_failure(e):  # a peer died or froze during the save: not a disk problem (the loop says so)
+            raise
         raise CptError(f"checkpoint {final} could not be written ({_why(e)}); nothing partial was kept and the "
                        f"earlier checkpoints are intact: free space, then --resume") from None
 

@@ -268,13 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train (or --resume) a run from a recipe",
                        description="cpt train RECIPE [key.path=value ...]")
-    t.add_argument("args", nargs="+", metavar="RECIPE|key=value")
-    t.add_argument("--resume", action="store_true",
-                   help="continue this run exactly from its latest checkpoint (same recipe)")
+    t.add_argument("args", nargs="*", metavar="RECIPE|key=value")  # checked in cmd_train (--resume R.yaml)
+    t.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                   help="continue this run exactly from its latest checkpoint (same recipe); --resume auto: "
+                        "resume if run.output_dir holds a checkpoint, else start fresh (one command for a first "
+                        "start and a requeue)")
     t.add_argument("--allow-change", action="append", default=[], metavar="KEY",
                    help="with --resume: a recipe key (or section) allowed to differ from the checkpoint's")
     t.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many steps (checkpointed; continue with --resume)")
+                   help="stop (with a checkpoint) once the run has taken this many steps since it started, "
+                        "counted over resumes: a run resumed at step 20 with --max-steps 30 stops at 30")
     t.add_argument("--dry-run", action="store_true",
                    help="print the resolved recipe, check everything that can be checked without training "
                         "(paths, data vs tokenizer and seq_len, batch layout, position limit) and exit")
@@ -445,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser = build_parser()
         ns, extra = parser.parse_known_args(argv)
+    if getattr(ns, "resume", False) not in (False, True, "auto"):  # --resume took a recipe or override as its value
+        v = ns.resume
+        ns.args, ns.resume = ([*ns.args, v] if "=" in v else [v, *ns.args]), True
     if extra:  # `cpt train R.yaml --resume train.tokens=32K`: argparse leaves what follows a flag over
         if getattr(ns, "args", None) is None or any("=" not in a or a.startswith("-") for a in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -12,3 +12,11 @@ class DivergedError(CptError):
     the last good checkpoint. Its own exit code, so a job script can tell it from bad input."""
 
     exit_code = 3
+
+
+class PeerError(CptError):
+    """Another process of the run died or stopped answering (a killed or frozen node): its collectives
+    failed or timed out (train.collective_timeout). The message names the last intact checkpoint; its own
+    exit code, so a job script can requeue on it."""
+
+    exit_code = 4

@@ -63,6 +63,7 @@ class TrainerState:
     probe_state: dict[str, Any] | None = None  # cpt.probes.Forgetting.state_dict() of the open stage
     metrics_records: int | None = None  # records in metrics.jsonl when saved: a resume cuts it there
     guard: dict[str, Any] | None = None  # StepGuard.state_dict(); None in version-1 records
+    processes: int | None = None     # processes that trained it (a resume on another count is logged)
     version: int = STATE_VERSION
 
     def to_json(self) -> dict[str, Any]:

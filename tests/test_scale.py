@@ -8,7 +8,9 @@ runs them (deselect with `-m "not multiproc"`). FSDP2 is in tests/test_fsdp.py; 
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -223,28 +225,138 @@ def test_accelerate_configs_parse_into_plugins(monkeypatch):
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
 
 
-def test_slurm_launcher_command_line(tmp_path):
+def fake_slurm_bin(tmp_path):
+    """A bin/ with a fake `scontrol`: `show hostnames` expands gpu-a[17-18]; anything else is logged."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-a18\\n"\n')
+    (fake / "scontrol").write_text('#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-a18\\n" && exit 0\n'
+                                   'echo "$*" >> "$SIM/scontrol.log"\n')
     (fake / "scontrol").chmod(0o755)
+    return fake
+
+
+def test_slurm_launcher_command_line(tmp_path):
+    fake = fake_slurm_bin(tmp_path)
     env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-a[17-18]", "SLURM_NNODES": "2",
            "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4", "CPT_DRY_RUN": "1"}
     script = ROOT / "scripts/slurm/launch.sh"
 
-    def run(*args, **extra):
-        out = subprocess.run(["bash", str(script), *args], env={**env, **extra}, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr
-        return out.stdout.strip().splitlines()[-1]
+    def run(*args, drop=(), **extra):
+        out = subprocess.run(["bash", str(script), *args], capture_output=True, text=True,
+                             env={k: v for k, v in {**env, **extra}.items() if k not in drop})
+        assert out.returncode == 0 and "unbound variable" not in out.stderr, out.stderr
+        return out.stdout.strip().splitlines()
 
-    assert run("recipes/x.yaml", "run.name=a b", "--resume") == (
+    # the user's own --resume goes through as it is; without one, `--resume auto`: one line for start and requeue
+    assert run("recipes/x.yaml", "run.name=a b", "--resume")[-1] == (
         "accelerate launch --num_machines 2 --machine_rank 1 --main_process_ip gpu-a17 --main_process_port 29500 "
         "--num_processes 8 --multi_gpu -m cpt.cli train recipes/x.yaml run.name=a\\ b --resume")
-    line = run("r.yaml", MASTER_PORT="6000", GPUS_PER_NODE="8", ACCELERATE_CONFIG="recipes/accelerate/fsdp2.yaml")
+    assert run("recipes/x.yaml", "run.name=a b")[-1].endswith("train recipes/x.yaml run.name=a\\ b --resume auto")
+    assert run("r.yaml", "--resume=auto")[-1].endswith("train r.yaml --resume=auto")
+    head, line = run("r.yaml", MASTER_PORT="6000", GPUS_PER_NODE="8", ACCELERATE_CONFIG="recipes/accelerate/fsdp2.yaml")
     assert "--main_process_port 6000 --num_processes 16 --config_file recipes/accelerate/fsdp2.yaml -m cpt.cli" in line
+    # torchrun passes SIGUSR1 on to its workers only when told, and waits for their checkpoint 300 s, not 30
+    assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in head
+    # set -u: any SLURM_* but the node list may be missing (CPT_DRY_RUN=1 without SLURM_NODEID: node 0)
+    for var in ("SLURM_NODEID", "SLURM_NNODES", "SLURM_GPUS_ON_NODE"):
+        assert " --num_machines 2 --machine_rank " in run("r.yaml", drop=(var,))[-1], var
+    assert "--machine_rank 0 " in run("r.yaml", drop=("SLURM_NODEID",))[-1]
+    assert "--num_processes 16 " in run("r.yaml", drop=("SLURM_GPUS_ON_NODE",))[-1]  # 8 per node
+    bare = run("r.yaml", drop=[k for k in env if k.startswith("SLURM_") and k != "SLURM_JOB_NODELIST"])
+    assert bare[-1].startswith("accelerate launch --num_machines 2 --machine_rank 0 ")
+    # a container: srun options and a command prefix
+    head, line = run("r.yaml", CPT_SRUN_ARGS="--container-image=/c.sqsh --container-mounts=/a:/b",
+                     CPT_LAUNCH_PREFIX="apptainer exec --nv /c.sif")
+    assert "--kill-on-bad-exit=1 --container-image=/c.sqsh --container-mounts=/a:/b runs on each node" in head
+    assert line.startswith("apptainer exec --nv /c.sif accelerate launch --num_machines 2 ")
     missing = subprocess.run(["bash", str(script), "r.yaml"], env={"PATH": os.environ["PATH"], "CPT_DRY_RUN": "1"},
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "not inside a SLURM allocation" in missing.stderr
+
+
+# A fake srun: each node a task in a process group of its own, SIGUSR1 passed on to every process of every
+# task as it is (slurmstepd signals a step's processes), SIGTERM answered by killing the tasks (srun's own
+# answer); its status the largest of the tasks'. A fake accelerate: records its arguments and signal
+# settings, "checkpoints" on SIGUSR1/SIGTERM (0.3 s) and exits 128 + the signal.
+FAKE_SRUN = """#!/usr/bin/env bash
+echo $$ > "$SIM/srun.pid"
+while [[ $1 == -* ]]; do echo "$1" >> "$SIM/srun.opts"; shift; done
+pids=()
+for i in 0 1; do SLURM_NODEID=$i setsid "$@" 2>> "$SIM/node.$i.err" & pids+=($!); done
+fwd() { for p in "${pids[@]}"; do kill -"$1" -- "-$p" 2>/dev/null; done; }
+trap 'fwd USR1' USR1
+trap 'fwd KILL' TERM
+status=0
+for p in "${pids[@]}"; do
+  while :; do wait "$p"; rc=$?; kill -0 "$p" 2>/dev/null || break; done
+  ((rc > status)) && status=$rc
+done
+exit $status
+"""
+FAKE_ACCELERATE = """#!/usr/bin/env python3
+import os, signal, sys, time
+sim, node = os.environ["SIM"], os.environ["SLURM_NODEID"]
+open(f"{sim}/args.{node}", "w").write("\\n".join(sys.argv[1:]))
+open(f"{sim}/env.{node}", "w").write(os.environ["PET_SIGNALS_TO_HANDLE"])
+got = []
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, lambda s, f: got.append(s))
+open(f"{sim}/started.{node}", "w").close()
+t = time.time()
+while not got and time.time() - t < 20:
+    time.sleep(0.02)
+time.sleep(0.3)
+open(f"{sim}/stopped.{node}", "w").write(" ".join(map(str, got)))
+sys.exit(128 + got[0] if got else 0)
+"""
+
+
+def test_slurm_launcher_requeues_on_usr1(tmp_path):
+    """The time-limit flow with fake srun/accelerate/scontrol: SIGUSR1 to the batch shell (--signal=B:USR1)
+    reaches every node's `accelerate launch` through srun, the nodes exit 0 (138 would make
+    --kill-on-bad-exit kill the others), and the job is requeued. SIGTERM to the batch shell is not
+    forwarded (srun would kill its tasks) and requeues nothing."""
+    fake = fake_slurm_bin(tmp_path)
+    for name, text in (("srun", FAKE_SRUN), ("accelerate", FAKE_ACCELERATE)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+
+    def start(sim):
+        sim.mkdir()
+        env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SIM": str(sim), "SLURM_JOB_ID": "42",
+               "SLURM_JOB_NODELIST": "gpu-a[17-18]", "SLURM_NNODES": "2", "GPUS_PER_NODE": "4"}
+        env.pop("CPT_DRY_RUN", None)
+        proc = subprocess.Popen(["bash", str(ROOT / "scripts/slurm/launch.sh"), "r.yaml", "run.name=a b"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 20
+        while not all((sim / f"started.{i}").exists() for i in (0, 1)):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        return proc
+
+    sim = tmp_path / "usr1"
+    proc = start(sim)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert (sim / "scontrol.log").read_text() == "requeue 42\n"
+    for i in (0, 1):
+        assert (sim / f"stopped.{i}").read_text() == str(int(signal.SIGUSR1))  # exactly one USR1 each
+        assert (sim / f"args.{i}").read_text().split("\n")[-3:] == ["run.name=a b", "--resume", "auto"]
+        assert "SIGUSR1" in (sim / f"env.{i}").read_text().split(",")
+        assert "stopped by signal 10 after a checkpoint (exit 138)" in (sim / f"node.{i}.err").read_text()
+    assert "--kill-on-bad-exit=1" in (sim / "srun.opts").read_text()
+
+    sim = tmp_path / "term"
+    proc = start(sim)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None and not (sim / "stopped.0").exists()  # the shell waits, nothing forwarded
+    os.kill(int((sim / "srun.pid").read_text()), signal.SIGUSR1)  # scancel --signal=USR1 JOB: the job step only -> checkpoint, no requeue
+    _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert "SIGTERM (not forwarded" in err and not (sim / "scontrol.log").exists()
+    assert all((sim / f"stopped.{i}").read_text() == "10" for i in (0, 1))
 
 
 # ----------------------------------------------------------------------------------------------- MFU

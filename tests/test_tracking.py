@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cpt.tracking import WANDB_ID_FILE, Tracker, WandbConfig, read_metrics, wandb_api_key_configured
+from cpt.tracking import (
+    WANDB_ID_FILE,
+    Tracker,
+    WandbConfig,
+    read_metrics,
+    read_wandb_log,
+    wandb_api_key_configured,
+)
 
 RECIPE = {"run": {"name": "track-me", "output_dir": "x", "seed": 3}, "schedule": {"kind": "wsd", "max_lr": 0.001}}
 RECORDS = [
@@ -20,35 +27,12 @@ RECORDS = [
 ]
 
 
-def wandb_records(path: Path) -> list:
-    """The protobuf records of a W&B transaction log (``run-<id>.wandb``): a 7-byte header, then
-    LevelDB-log framing in 32 KiB blocks (crc32 4, length 2, type 1; types FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, out, buf = 7, 32768, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a header: zero padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        buf += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):
-            rec = pb.Record()
-            rec.ParseFromString(buf)
-            out.append(rec)
-            buf = b""
-    return out
-
-
 def finished_records(path: Path, timeout: float = 30.0) -> list:
     """The records of a finished run. finish() returns before W&B's service process has written the
     offline log to disk (it flushes in the background), so wait for the run's exit record."""
     deadline = time.monotonic() + timeout
     while True:
-        records = wandb_records(path)
+        records = read_wandb_log(path)
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.05)
@@ -108,6 +92,7 @@ def test_wandb_offline_run_and_resume_continue_one_run(tmp_path, monkeypatch, ca
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     t = Tracker(run_dir, RECIPE, enabled=True, resume_step=1, wandb_cfg={**cfg, "mode": "online"})
     t.log({"step": 2, "tokens": 2048, "train/loss": 4.0})
+    t.log({"step": 3, "tokens": 3072, "train/loss": 3.5})
     t.close()
     assert "no W&B API key is configured" in capsys.readouterr().err
     assert (run_dir / WANDB_ID_FILE).read_text().strip() == run_id
@@ -115,11 +100,11 @@ def test_wandb_offline_run_and_resume_continue_one_run(tmp_path, monkeypatch, ca
     assert len(segments) == 2 and segments[0] == first  # the resumed segment: same W&B run id, own dir
     resumed = finished_records(segments[1] / f"run-{run_id}.wandb")
     assert [r.run.run_id for r in resumed if r.WhichOneof("record_type") == "run"] == [run_id]
-    # W&B's own step is cpt's: the resumed segment goes on at step 2, not at its own counter's 0
-    # (synced, a step below the run's last would be dropped by W&B)
+    # W&B's own step is cpt's: the resumed segment goes on past the steps the first one holds (step 2,
+    # recomputed, is not sent again), not at its own counter's 0
     steps = [r.history.step.num for r in resumed if r.WhichOneof("record_type") == "history"]
-    assert steps == [2]
-    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2]  # trimmed, then appended
+    assert steps == [3]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]  # trimmed, then appended
 
 
 def test_api_key_detection(tmp_path, monkeypatch):
@@ -151,7 +136,7 @@ def test_broken_wandb_degrades_to_jsonl(tmp_path, monkeypatch, capsys):
     assert read_metrics(tmp_path / "metrics.jsonl")[0]["train/loss"] == 4.5
 
     class DyingRun:
-        def log(self, values):
+        def log(self, values, step=None):
             raise OSError("pipe closed")
 
     t = Tracker(tmp_path / "b", RECIPE, enabled=False)
@@ -171,3 +156,7 @@ def test_wandb_config_schema():
     with pytest.raises(ValidationError):
         WandbConfig(mode="sometimes")
     assert all(f.description for f in WandbConfig.model_fields.values())
+    # wandb.init's common keys, each passed on
+    cfg = WandbConfig(entity="team", name="n", group="g", job_type="cpt", tags=["t"], notes="why", dir="d",
+                      save_code=True)
+    assert (cfg.job_type, cfg.notes, cfg.dir, cfg.save_code) == ("cpt", "why", "d", True)

@@ -231,6 +231,13 @@ class TrainConfig(StrictModel):
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward pass per process.")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     grad_clip: float | None = Field(1.0, description="Clip the global grad norm to this; null = no clipping.")
+    collective_timeout: float = Field(
+        600, gt=0, description="Seconds a process waits in a collective (an all-reduce, a barrier) before it "
+        "gives up on a peer that stopped answering (a frozen node) and the run ends with one line naming the "
+        "last checkpoint; a dead peer is seen at once. 10 minutes: far below torch's 30, long enough for the "
+        "main process to write a checkpoint, merge or run probes.lm_eval while the others wait. Raise it for "
+        "a big model's checkpoint on a slow filesystem."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 autocast on a GPU that supports it, fp32 otherwise. bf16 autocast "
         "(fp32 weights) also runs on CPUs: 2x the fp32 tokens/s at 20M parameters on an AVX512-BF16 CPU "

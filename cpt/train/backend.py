@@ -7,6 +7,7 @@ cpt.train.masters; nothing else in cpt knows DeepSpeed's or FSDP's tensors.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,17 @@ def make_accelerator(recipe: Recipe):
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     ds = recipe.train.deepspeed
+    # train.collective_timeout: how long a collective waits for a peer before it raises (then the loop
+    # ends the run with cpt.errors.PeerError); it is the process group's, so the first run of a process sets it
+    group = {"timeout": timedelta(seconds=recipe.train.collective_timeout)}
     extra: dict[str, Any] = {}
     if ds is not None:
         extra["deepspeed_plugin"] = deepspeed_plugin(ds)
         if not torch.cuda.is_available():
             # Without a backend accelerate counts 1 process while DeepSpeed's own init sees N, and
             # DeepSpeed's batch-size check (micro x accum x world) fails; gloo is torch's CPU collective.
-            extra["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            group["backend"] = "gloo"
+    extra["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
     accelerator = _accelerator(mixed_precision={"fp32": "no"}.get(precision, precision),
                                step_scheduler_with_optimizer=False, **extra)
     if ds is not None:
@@ -167,6 +172,22 @@ def fill_deepspeed_config(config: dict[str, Any], path: str, layout: Layout, gra
             raise CptError(f"train.deepspeed: {path} sets {key} = {have!r} but the recipe gives {value!r} "
                            f"(train.global_batch_tokens, train.micro_batch_size, train.grad_clip and the "
                            f"process count decide it): write \"auto\"")
+
+
+def collective_failure(e: BaseException) -> str | None:
+    """What a failed collective says of the peers ("timed out": one stopped answering within
+    train.collective_timeout; "lost": one is gone), or None when ``e`` is no failed collective. gloo raises
+    plain RuntimeErrors that name its sources ("Connection closed by peer", "Timed out waiting 600000ms for
+    recv operation"); NCCL's are torch.distributed.DistError (DistBackendError)."""
+    import torch.distributed as dist
+
+    if not isinstance(e, RuntimeError):
+        return None
+    text = str(e)
+    if not (isinstance(e, getattr(dist, "DistError", ())) or "gloo" in text or "NCCL" in text
+            or "Connection reset by peer" in text or "Connection closed by peer" in text):
+        return None
+    return "timed out" if ("Timed out" in text or "timed out" in text or "Timeout" in text) else "lost"
 
 
 def weights_sharded(accelerator) -> bool:

@@ -14,7 +14,6 @@ probed and exported beside the weights.
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -29,14 +28,16 @@ from cpt import checkpoint as ckpt_lib
 from cpt import mitigate
 from cpt.data.mixture import MixtureSampler
 from cpt.data.source import read_batch
-from cpt.errors import CptError, DivergedError
+from cpt.errors import CptError, DivergedError, PeerError
 from cpt.merge import merge_checkpoints
 from cpt.merge_weights import merge_coefficients
 from cpt.probes import Forgetting, HeldOutLoss, crossed, probe_due
 from cpt.recipe import Recipe
 from cpt.stages import StagePlan
 from cpt.state import TrainerState
+from cpt.train.backend import collective_failure
 from cpt.train.setup import Progress, Run, setup
+from cpt.train.signals import StopFlag, die_with_parent
 from cpt.train.step import StepStats, train_step
 from cpt.train.weights import lent, pieces_unwritable, settler
 
@@ -51,13 +52,15 @@ class TrainResult:
     signum: int | None = None  # the signal that stopped the run early (checkpointed), if one did
 
 
-def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...] = (),
+def train(recipe: Recipe, *, resume: bool | str = False, allow_changes: tuple[str, ...] = (),
           max_steps: int | None = None) -> TrainResult:
-    """Run (or exactly resume) one training run described by ``recipe``.
+    """Run (or exactly resume) one training run described by ``recipe``. ``resume``: True, or "auto" (resume
+    when the run dir holds a checkpoint, else start fresh; cpt.train.setup.start_or_resume).
 
     ``max_steps`` stops (with a checkpoint) once the run has taken that many steps since its origin."""
     run, at = setup(recipe, resume, allow_changes)
     stop = StopFlag()
+    die_with_parent()
     bar = _progress_bar(run, at)
     try:
         for stage in run.plan.stages:
@@ -65,6 +68,10 @@ def train(recipe: Recipe, *, resume: bool = False, allow_changes: tuple[str, ...
                 break
         if at.tokens == run.plan.end:
             _export_final(run)
+    except RuntimeError as e:
+        if (what := collective_failure(e)) is None:
+            raise
+        raise _peer_lost(run, at, what, e) from None
     finally:
         bar.close()
         run.tracker.close(exit_code=0 if sys.exc_info()[0] is None else 1)  # a crash marks the W&B run failed
@@ -102,7 +109,8 @@ def run_stage(run: Run, at: Progress, stage: StagePlan, stop: StopFlag, bar, max
             m.after_step(at.step)
         _log_step(run, at, stage, sampler, stats, bar)
 
-        halt_asked = stop.signum is not None or (max_steps is not None and at.step - run.plan.origin.step >= max_steps)
+        stopped = stop.agree(run.accelerator) is not None  # a signal to any process stops them all here
+        halt_asked = stopped or (max_steps is not None and at.step - run.plan.origin.step >= max_steps)
         decision = after_step(before, at.tokens, stage, run.recipe, end_tokens=run.plan.end,
                               has_probes=probes is not None, halt_asked=halt_asked)
         tag = {"step": at.step, "tokens": at.tokens, "stage": stage.name}
@@ -291,7 +299,8 @@ def _save(run: Run, at: Progress, stage: StagePlan, sampler: MixtureSampler, pro
         data_consumed=sampler.consumed(), mixture=stage.mixture.share_at(at.tokens - stage.start),
         lr=run.optimizer.param_groups[0]["lr"], elapsed_s=at.elapsed, tags=tags, origin=run.plan.origin,
         next_lr=run.plan.stage_at(at.tokens).lr(at.tokens), probe_state=probe_state,
-        metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict())
+        metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict(),
+        processes=run.accelerator.num_processes)
     parts = run.stateful  # gathered by every rank (FSDP2 shards), written by the main process
     tensors = mitigate.state_tensors(parts, keep=run.main) if parts else None
     ckpt_lib.save_checkpoint(run.accelerator, run.run_dir, at.step, state, run.recipe.to_yaml(),
@@ -363,29 +372,22 @@ def _diverged(run: Run, at: Progress, stage: StagePlan, stats: StepStats) -> Div
         f"train.on_nonfinite: skip drops such steps)")
 
 
+def _peer_lost(run: Run, at: Progress, what: str, e: BaseException) -> PeerError:
+    """A collective failed: a peer process died or stopped answering. One line with where the run can go
+    on from (the checkpoints on disk are complete or absent: a save that failed kept nothing partial)."""
+    acc = run.accelerator
+    how = (f"stopped answering for train.collective_timeout = {run.recipe.train.collective_timeout:g} s (a frozen "
+           f"or overloaded node)" if what == "timed out" else "is gone (killed, crashed, or its node lost)")
+    last = ckpt_lib.latest_checkpoint(run.run_dir)
+    detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+    return PeerError(f"process {acc.process_index} of {acc.num_processes}: a peer process {how}, during step "
+                     f"{at.step + 1} or after it ({detail}); the last intact checkpoint is "
+                     f"{last or 'none: the run starts over'}: relaunch every node with the same command and "
+                     f"--resume auto")
+
+
 def _progress_bar(run: Run, at: Progress):
     step_tokens, start = run.tokens_per_step, run.plan.origin.tokens
     return tqdm(total=(run.plan.end - start) // step_tokens, initial=(at.tokens - start) // step_tokens, unit="step",
                 dynamic_ncols=True, disable=not (run.main and run.recipe.tracking.progress))
 
-
-class StopFlag:
-    """SIGTERM/SIGINT ask for a clean stop at the end of the current step (checkpoint, then exit)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-        for s in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker)
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def restore(self) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)

@@ -31,7 +31,7 @@ from cpt.model import (
     wrap_peft,
 )
 from cpt.plan import RunPlan, describe_origin, plan_run
-from cpt.recipe import Recipe, recipe_diff
+from cpt.recipe import Recipe, recipe_diff, validate_recipe
 from cpt.state import TrainerState
 from cpt.tracking import Tracker
 from cpt.train.backend import (
@@ -150,10 +150,19 @@ def open_data(recipe: Recipe, model_dir: str | Path | None):
     return tokenizer, sources, probe_sets
 
 
-def start_or_resume(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to mix the two up."""
+def start_or_resume(recipe: Recipe, resume: bool | str, allow_changes: tuple[str, ...]) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run; refuses to mix the two up.
+
+    ``resume``: False (a fresh run; a run dir with checkpoints is refused), True (--resume: the latest
+    checkpoint; none is an error) or "auto" (--resume auto, one command for a first start and a requeue:
+    resume when the run dir holds a checkpoint, start fresh when it holds none, refuse a run dir that holds
+    another run's recipe)."""
     run_dir = Path(recipe.run.output_dir)
     latest = ckpt_lib.latest_checkpoint(run_dir)
+    if resume == "auto":
+        if latest is None:
+            _check_same_run(recipe, run_dir / "recipe.yaml", allow_changes, "--resume auto")
+        resume = latest is not None
     if not resume:
         if latest is not None:
             raise CptError(
@@ -162,27 +171,39 @@ def start_or_resume(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]
             )
         return None
     if latest is None:
-        raise CptError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}")
+        raise CptError(f"--resume: no checkpoint in {run_dir / 'checkpoints'} (--resume auto starts fresh there)")
+    _check_same_run(recipe, latest / "recipe.yaml", allow_changes, "--resume")
+    return latest
+
+
+def _check_same_run(recipe: Recipe, saved_path: Path, allow_changes: tuple[str, ...], flag: str) -> None:
+    """Refuse when ``saved_path`` (a checkpoint's or a run dir's recipe.yaml) describes another run than
+    ``recipe``, but for the keys allowed to change. The saved recipe is read through today's schema, so a
+    key that a newer cpt added (with its default) is no difference. A run dir without one passes."""
+    if flag == "--resume auto" and not saved_path.exists():
+        return
     try:
-        saved = yaml.safe_load((latest / "recipe.yaml").read_text())
+        saved = yaml.safe_load(saved_path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise CptError(f"--resume: {latest / 'recipe.yaml'} cannot be read ({type(e).__name__})") from None
+        raise CptError(f"{flag}: {saved_path} cannot be read ({type(e).__name__})") from None
     if not isinstance(saved, dict):
-        raise CptError(f"--resume: {latest / 'recipe.yaml'} is not a recipe")
+        raise CptError(f"{flag}: {saved_path} is not a recipe")
+    try:
+        saved = validate_recipe(saved).to_dict()
+    except CptError:
+        pass  # compared as written: the differences are named below
     changed = {
         k: v for k, v in recipe_diff(saved, recipe.to_dict()).items()
         if not any(k == a or k.startswith(a + ".") for a in allow_changes)
     }
     if changed:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise CptError(
-            f"--resume: the recipe differs from the checkpoint's in {listed} "
-            f"(pass --allow-change KEY for each change you mean)"
-        )
-    return latest
+        what = "the checkpoint's" if flag == "--resume" else f"the one in {saved_path.parent} (another run)"
+        raise CptError(f"{flag}: the recipe differs from {what} in {listed} "
+                       f"(pass --allow-change KEY for each change you mean)")
 
 
-def check_recipe(recipe: Recipe, resume: bool = False, allow_changes: tuple[str, ...] = ()) -> str:
+def check_recipe(recipe: Recipe, resume: bool | str = False, allow_changes: tuple[str, ...] = ()) -> str:
     """Everything ``cpt train --dry-run`` can check without training: the checkpoint to resume or start
     from, the stage plan, the batch layout at this launch's world size, the tokenizer, every source and
     probe set (exists, seq_len, tokenizer), the model's position limit and a DeepSpeed config. Returns
@@ -206,7 +227,7 @@ def check_recipe(recipe: Recipe, resume: bool = False, allow_changes: tuple[str,
             f"{f', resuming {resume_from.name}' if resume_from else ''}")
 
 
-def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple[Run, Progress]:
+def setup(recipe: Recipe, resume: bool | str, allow_changes: tuple[str, ...]) -> tuple[Run, Progress]:
     """Build the run: its parts (:class:`Run`) and where its counters stand (:class:`Progress`)."""
     from accelerate.utils import set_seed
 
@@ -258,6 +279,7 @@ def setup(recipe: Recipe, resume: bool, allow_changes: tuple[str, ...]) -> tuple
               f"to go, {accelerator.num_processes} process(es), grad accum {layout.grad_accum}; "
               f"{f'resumed from {resume_from}' if saved else 'fresh start'}")
     if saved:
+        _log_resume(run, at)
         _note_schedule_change(run, at)
     else:
         _log_init(run, at)
@@ -338,6 +360,17 @@ def _attach(mitigations: list[Mitigation], accelerator, model, optimizer, resume
         m.attach(weights)
     if resume_from is not None and (parts := mitigate.stateful(mitigations)):
         mitigate.load_state(resume_from / mitigate.STATE_FILE, parts)
+
+
+def _log_resume(run: Run, at: Progress) -> None:
+    """On resume: an event record (metrics.jsonl, W&B) of where the run goes on from and on how many
+    processes, with the count it was saved on where that differs."""
+    now, was = run.accelerator.num_processes, run.saved.processes
+    run.tracker.log({"step": at.step, "tokens": at.tokens, "event": "resume", "resume/from": str(run.resume_from),
+                     "resume/processes": now, **({"resume/processes_was": was} if was not in (None, now) else {})})
+    if was not in (None, now) and run.main:
+        print(f"cpt: note: resumed on {now} process(es); the checkpoint was saved by {was} (same global batch: "
+              f"grad accum {run.layout.grad_accum})")
 
 
 def _note_schedule_change(run: Run, at: Progress) -> None:
