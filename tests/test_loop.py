@@ -100,3 +100,18 @@ def test_one_planner_for_train_schedule_and_predict(tmp_path):
     assert plan.note == f"init_from.path {tmp_path / 'not-yet'} does not exist yet: counting from token 0"
     assert [(s.name, s.start, s.end) for s in plan.stages] == [("a", 0, 8 * TPS), ("b", 8 * TPS, 24 * TPS)]
     assert plan.stage_at(8 * TPS).name == "b" and plan.stage_at(10**9).name == "b" and plan.end == 24 * TPS
+
+
+def test_the_progress_bar_shows_the_step_just_taken():
+    import io
+
+    from tqdm import tqdm
+
+    from cpt.train.loop import show_step
+
+    out = io.StringIO()
+    bar = tqdm(total=3, file=out, mininterval=0, miniters=1, ascii=True)
+    show_step(bar, loss="1.500", lr="1.00e-03")
+    show_step(bar, loss="1.250", lr="2.00e-03")
+    last = out.getvalue().split("\r")[-1]
+    assert "2/3" in last and "loss=1.250" in last and "lr=2.00e-03" in last, last

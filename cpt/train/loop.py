@@ -287,9 +287,8 @@ def _log_step(run: Run, at: Progress, stage: StagePlan, sampler: MixtureSampler,
             tqdm.write(f"cpt: warning: source {name} has been read {epochs[name]:.1f} times over "
                        f"(data.warn_epochs = {recipe.data.warn_epochs:g}); repeated data trains less and can "
                        f"hurt: add data or lower its share")
-    bar.update(1)
-    bar.set_postfix(stage=stage.name, loss=f"{stats.loss:.3f}", lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['train/tokens_per_s']:.0f}", refresh=False)
+    show_step(bar, stage=stage.name, loss=f"{stats.loss:.3f}", lr=f"{record['lr']:.2e}",
+              tok_s=f"{record['train/tokens_per_s']:.0f}")
 
 
 def _save(run: Run, at: Progress, stage: StagePlan, sampler: MixtureSampler, probe_state: dict[str, Any] | None,
@@ -370,6 +369,13 @@ def _diverged(run: Run, at: Progress, stage: StagePlan, stats: StepStats) -> Div
         f"nothing was saved after it. Last good checkpoint: {ckpt_lib.latest_checkpoint(run.run_dir) or 'none'} "
         f"(continue with --resume, e.g. with a lower schedule.max_lr and --allow-change schedule.max_lr; "
         f"train.on_nonfinite: skip drops such steps)")
+
+
+def show_step(bar, **postfix: str) -> None:
+    """The progress bar after a step: its numbers first, then the count, whose refresh draws them (the other
+    way round, the bar showed the step before's loss and LR)."""
+    bar.set_postfix(refresh=False, **postfix)
+    bar.update(1)
 
 
 def _peer_lost(run: Run, at: Progress, what: str, e: BaseException) -> PeerError:
