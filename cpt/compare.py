@@ -2,9 +2,14 @@
 
 One PNG per panel (LR, train loss, each probe domain's loss; all against tokens, runs overlaid, stage
 boundaries as vertical lines) and one self-contained ``index.html`` (images inlined as data URIs, no
-external assets: it can be mailed or attached as a CI artifact) with a row per run: final train loss,
-final and worst forgetting per old domain, final adaptation per new domain, tokens, wall time and the
-schedule kind.
+external assets: it can be mailed or attached as a CI artifact) with a row per run: the final train loss
+smoothed (the EMA the train-loss panel draws, at the last step), per probe set its final loss and bits per
+byte (where logged), final and worst forgetting per old domain, final adaptation per new domain, tokens,
+wall time and the schedule kind.
+
+The LR panel draws each step's LR at the step's *first* token, where the schedule that gave it is
+evaluated and where `cpt schedule` draws it (:meth:`Run.lr_curve`, :func:`schedule_curve`); the other
+panels draw a step's record at the tokens after the step, as logged.
 
 Forgetting and adaptation come from the ``probe/<d>/forgetting``, ``max_forgetting`` and
 ``adaptation`` keys the trainer writes when it tracks them; for runs without them they are computed
@@ -49,6 +54,44 @@ class Run:
                 xs.append(r["tokens"] + self.offset)
                 ys.append(v)
         return xs, ys
+
+    def lr_curve(self) -> tuple[list[float], list[float]]:
+        """(tokens, lr) of every step that logged its LR, each at the token the step *starts* at, shifted by
+        :attr:`offset`: where `cpt schedule` draws the same LR (:func:`schedule_curve`).
+
+        The trainer sets a step's LR from the schedule at the tokens *before* the step and logs it on the
+        step's record, stamped with the tokens *after* it; the schedule is a function of the former, so
+        drawing each step's LR there puts the logged points on the schedule's own curve, puts a stage's first
+        step (a re-warm from 0) on the stage's boundary line, and shows a warmup from 0 as starting at 0 (the
+        first step's LR). The step's start is its record's tokens less the tokens of one step: the difference
+        to the previous step's record (over the steps between them); for the first record the recipe's
+        ``train.global_batch_tokens``, else the first such difference, else its tokens over its steps."""
+        logged = [r for r in self.records if _num(r.get("lr")) is not None and isinstance(r.get("step"), int)]
+        per: list[float | None] = [None] * len(logged)
+        for i in range(1, len(logged)):
+            a, b = logged[i - 1], logged[i]
+            if b["step"] > a["step"]:
+                per[i] = (b["tokens"] - a["tokens"]) / (b["step"] - a["step"])
+        fallback = self._tokens_per_step()
+        if fallback is None:  # no recipe: the nearest step measured, else the counter from 0
+            fallback = next((p for p in per if p is not None), None)
+        xs, ys = [], []
+        for r, p in zip(logged, per, strict=True):
+            p = p if p is not None else fallback if fallback is not None else r["tokens"] / max(r["step"], 1)
+            start = r["tokens"] - p
+            xs.append((int(start) if float(start).is_integer() else start) + self.offset)
+            ys.append(_num(r["lr"]))
+        return xs, ys
+
+    def _tokens_per_step(self) -> int | None:
+        """``train.global_batch_tokens`` of the run's recipe.yaml, None where it has none."""
+        from cpt.units import parse_count
+
+        value = (self.recipe.get("train") or {}).get("global_batch_tokens")
+        try:
+            return parse_count(value) if value is not None else None
+        except ValueError:
+            return None
 
     def init_path(self) -> Path | None:
         """The checkpoint or model dir this run started from (its ``init`` record), or None."""
@@ -162,15 +205,21 @@ def load_run(run_dir: str | Path) -> Run:
 # --------------------------------------------------------------------------------------- the summary
 
 
-def summarize(run: Run, metric: str = "loss") -> dict[str, Any]:
+def summarize(run: Run, metric: str = "loss", smoothing: float = 0.9) -> dict[str, Any]:
     """The numbers of a run's table row, forgetting and adaptation in ``metric`` (loss, nats per token,
     or bpb, bits per byte: comparable across tokenizers).
 
     ``forgetting``: {old domain: {"final", "worst", "worst_tokens"}}; ``adaptation``: {new domain:
-    final}; ``final_train_loss``, ``tokens``, ``wall_s``, ``finished`` and ``schedule`` (None where unknown).
+    final}; ``probes``: {probe set: {"loss": its last probe's, "bpb": likewise where logged}};
+    ``final_train_loss``: the train loss smoothed as the train-loss panel draws it (:func:`ema` with
+    ``smoothing``, restarted at stage starts) at the last step, not one step's noisy loss (the raw loss
+    where the last one is not finite: a diverged run shows it); ``tokens``, ``wall_s``, ``finished`` and
+    ``schedule`` (None where unknown).
     """
     sfx = "" if metric == "loss" else f"_{metric}"
     _, train = run.series("train/loss")
+    if train and math.isfinite(train[-1]):
+        train = ema(train, smoothing, run.stage_starts("train/loss"))
     _, wall = run.series("time/elapsed_s")
     stages = run.recipe.get("stages") or []
     new_in_recipe = set((stages[-1] if stages else {}).get("new_domains")
@@ -219,6 +268,9 @@ def summarize(run: Run, metric: str = "loss") -> dict[str, Any]:
         "after": (run.parent, run.offset) if run.parent else None,
         "wall_s": wall[-1] if wall else None,
         "final_train_loss": train[-1] if train else None,
+        "smoothing": smoothing,
+        "probes": {d: {m: ys[-1] for m in UNITS if (ys := run.series(f"probe/{d}/{m}")[1])}
+                   for d in run.probe_domains()},
         "forgetting": forgetting,
         "adaptation": adaptation,
     }
@@ -277,7 +329,7 @@ def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9, metric: 
     for run in runs:  # the sets some run logged the metric for (a set without byte counts has no bpb)
         domains.update(dict.fromkeys(d for d in run.probe_domains() if run.series(f"probe/{d}/{metric}")[0]))
     what = {"loss": "held-out loss", "bpb": "held-out bits per byte"}[metric]
-    panels = [("lr", "learning rate", "lr", "learning rate"),
+    panels = [("lr", "learning rate (each step's at its first token)", "lr", "learning rate"),
               ("train_loss", "train loss", "train/loss", f"loss ({UNITS['loss']})")]
     panels += [(f"probe_{_slug(d)}" + ("" if metric == "loss" else f"_{metric}"), f"{what}: {d}",
                 f"probe/{d}/{metric}", f"{metric} ({UNITS[metric]})") for d in domains]
@@ -296,7 +348,7 @@ def plot_panels(runs: list[Run], out_dir: Path, smoothing: float = 0.9, metric: 
         ax = fig.add_subplot()
         for i, run in enumerate(runs):
             color = f"C{i % 10}"
-            xs, ys = run.series(key)
+            xs, ys = run.lr_curve() if key == "lr" else run.series(key)
             if not xs:
                 continue
             if key == "train/loss":
@@ -341,19 +393,28 @@ def render_html(summaries: list[dict[str, Any]], pngs: dict[str, Path]) -> str:
     old = list(dict.fromkeys(d for s in summaries for d in s["forgetting"]))
     new = list(dict.fromkeys(d for s in summaries for d in s["adaptation"]))
     metric = summaries[0]["metric"] if summaries else "loss"
-    head = ["run", "schedule", "tokens", "wall time", "final train loss"]
-    head += [h for d in old for h in (f"forgetting {d}: final", f"forgetting {d}: worst (at tokens)")]
-    head += [f"adaptation {d}: final" for d in new]
+    smoothing = summaries[0].get("smoothing", 0.9) if summaries else 0.9
+    # per probe set: its final values (loss, bpb where some run logged it), then its deltas
+    domains = list(dict.fromkeys([*old, *new, *(d for s in summaries for d in s.get("probes", {}))]))
+    shown = {d: [m for m in UNITS if any(m in s.get("probes", {}).get(d, {}) for s in summaries)] for d in domains}
+    head = ["run", "schedule", "tokens", "wall time", f"final train loss (EMA {smoothing:g})"]
+    for d in domains:
+        head += [f"{d} {m}: final" for m in shown[d]]
+        head += [f"forgetting {d}: final", f"forgetting {d}: worst (at tokens)"] if d in old else []
+        head += [f"adaptation {d}: final"] if d in new else []
     rows = []
     for s in summaries:
         tokens = _fmt_tokens(s["tokens"]) + ("" if s["finished"] else " (stopped: no final/)")
         if s.get("after"):
             tokens += f" (after {s['after'][0]} at {_fmt_tokens(s['after'][1])})"
         cells = [s["name"], s["schedule"] or "?", tokens, _fmt_seconds(s["wall_s"]), _fmt(s["final_train_loss"])]
-        for d in old:
-            f = s["forgetting"].get(d)
-            cells += [_fmt(f["final"]), f"{_fmt(f['worst'])} ({_fmt_tokens(f['worst_tokens'])})"] if f else ["", ""]
-        cells += [_fmt(s["adaptation"][d]) if d in s["adaptation"] else "" for d in new]
+        for d in domains:
+            cells += [_fmt(s.get("probes", {}).get(d, {}).get(m)) for m in shown[d]]
+            if d in old:
+                f = s["forgetting"].get(d)
+                cells += [_fmt(f["final"]), f"{_fmt(f['worst'])} ({_fmt_tokens(f['worst_tokens'])})"] if f else ["", ""]
+            if d in new:
+                cells += [_fmt(s["adaptation"][d]) if d in s["adaptation"] else ""]
         rows.append("<tr>" + "".join(f"<td title=\"{html.escape(s['path'])}\">{html.escape(c)}</td>"
                                      if j == 0 else f"<td>{html.escape(c)}</td>" for j, c in enumerate(cells))
                     + "</tr>")
@@ -375,9 +436,13 @@ img {{ max-width: 100%; }}
 </style></head>
 <body>
 <h1>cpt compare</h1>
-<p>Forgetting = held-out {"loss (nats per token)" if metric == "loss" else "bits per byte"} minus its
+<p>Final train loss = the smoothed train-loss line at the last step (bias-corrected EMA, factor
+{smoothing:g}, restarted at each stage start: the end of the solid line of the train-loss panel), not
+one step's loss. Per probe set: its held-out loss (nats per token) and bits per byte at the last probe;
+forgetting = held-out {"loss (nats per token)" if metric == "loss" else "bits per byte"} minus its
 stage-start value on an old domain (worst = highest point of the curve); adaptation = the drop on a new
-domain. Dashed vertical lines mark stage boundaries, labelled with the stage that begins there. A run
+domain. Each step's learning rate is drawn at the step's first token, as <code>cpt schedule</code> draws
+it. Dashed vertical lines mark stage boundaries, labelled with the stage that begins there. A run
 without final/ stopped before its end.</p>
 <table>
 <tr>{"".join(f"<th>{html.escape(h)}</th>" for h in head)}</tr>
@@ -426,7 +491,7 @@ def compare(run_dirs: list[str | Path], out_dir: str | Path, smoothing: float = 
     link_lineage(runs)
     pngs = plot_panels(runs, out, smoothing, metric)
     page = out / "index.html"
-    page.write_text(render_html([summarize(r, metric) for r in runs], pngs), encoding="utf-8")
+    page.write_text(render_html([summarize(r, metric, smoothing) for r in runs], pngs), encoding="utf-8")
     return page
 
 
@@ -441,14 +506,34 @@ def _num(v: Any) -> float | None:
     return None
 
 
+def schedule_curve(sched: Schedule, steps: tuple[int, int] | None = None,
+                   most: int = 100_000) -> tuple[list[float], list[float]]:
+    """(tokens, lr) that `cpt schedule` draws for ``sched``: the schedule is the LR of the step that starts
+    at a token, so each step's LR is drawn at its first token, as `cpt compare` draws a run's logged LR
+    (:meth:`Run.lr_curve`) and the two coincide point for point. Sampled at 1001 points, at the phase edges
+    (sharp corners) and, with ``steps`` = (the first step's first token, tokens per step), at the first
+    token of every step (of every k-th where there are more than ``most``)."""
+    import numpy as np
+
+    edges = sorted({p.start for p in sched.phases} | {p.end for p in sched.phases})
+    xs = np.union1d(np.linspace(0, sched.total_tokens, 1001), edges)
+    if steps is not None and steps[1] > 0:
+        first, per = steps
+        stride = max(1, -(-(sched.total_tokens - first) // per // most))
+        xs = np.union1d(xs, np.arange(first, sched.total_tokens, per * stride))
+    return xs.tolist(), [sched(x) for x in xs.tolist()]
+
+
 def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str | None = None,
                    stages: dict[str, list[tuple[int, str]]] | None = None,
-                   mixtures: dict[str, list[tuple[int, int, Any]]] | None = None) -> Path:
+                   mixtures: dict[str, list[tuple[int, int, Any]]] | None = None,
+                   steps: dict[str, tuple[int, int]] | None = None) -> Path:
     """Plot LR against tokens for several schedules on one axis and save a PNG: phase boundaries (end of
     warmup, start of a decay) faint dotted lines, stage starts (``stages``: {label: [(tokens, name)]})
-    dashed lines labelled with the stage's name. ``mixtures`` ({label: [(stage start, stage end,
-    MixtureSchedule)]}) adds a panel below with each source's share of the data against tokens, where
-    some recipe mixes more than one source."""
+    dashed lines labelled with the stage's name. Each step's LR is at the step's first token
+    (:func:`schedule_curve`; ``steps``: {label: (first step's first token, tokens per step)} samples every
+    step's). ``mixtures`` ({label: [(stage start, stage end, MixtureSchedule)]}) adds a panel below with
+    each source's share of the data against tokens, where some recipe mixes more than one source."""
     # Imported here so that training never pays for matplotlib; a Figure on an Agg canvas (no
     # pyplot) renders headless and leaves the process-wide backend alone.
     import numpy as np
@@ -467,10 +552,9 @@ def plot_schedules(schedules: dict[str, Schedule], path: str | Path, title: str 
     for i, (label, sched) in enumerate(schedules.items()):
         color = f"C{i % 10}"
         edges = sorted({p.start for p in sched.phases} | {p.end for p in sched.phases})
-        # The edges are sampled exactly so corners (end of warmup, start of decay) stay sharp.
-        xs = np.union1d(np.linspace(0, sched.total_tokens, 1001), edges)
+        xs, ys = schedule_curve(sched, (steps or {}).get(label))
         # identical curves would hide each other: each later one thinner, in another dash pattern
-        ax.plot(xs, [sched(x) for x in xs], color=color, label=label, **_overlay_style(i, len(schedules)))
+        ax.plot(xs, ys, color=color, label=label, **_overlay_style(i, len(schedules)))
         starts = dict((stages or {}).get(label, []))
         for e in edges:
             if 0 < e < sched.total_tokens and e not in starts:

@@ -220,7 +220,12 @@ class _ScheduleBase(StrictModel):
     warmup_from: WarmupFrom = Field(
         default=0.0,
         description="LR the warmup starts at: 0, a value, or 'checkpoint' = the LR the continued checkpoint "
-        "ended at (re-warming from where it left off; needs init_from).",
+        "ended at (re-warming from where it left off; needs init_from). A step's LR is the schedule at the "
+        "step's first token, so the first step runs at this LR: at 0 (the default, as transformers' linear "
+        "and cosine warmups) AdamW leaves the weights as they are (weight decay too: it is scaled by the LR) "
+        "but takes the step's gradient into its moments and counts the step. What that costs is one step's "
+        "update (1 of a 32-step run's 32); 0 stays the default so that no recipe's LR changes. A value such "
+        "as max_lr / (warmup steps) makes the first step learn.",
     )
 
     branch: ClassVar[Branching | None] = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 import subprocess
 import sys
@@ -59,14 +60,27 @@ def runs(tmp_path):
             write_run(tmp_path / "b", "run-b", "wsd", RUN_B))
 
 
+# The final train loss is the train-loss panel's EMA (0.9, bias-corrected, restarted at stage starts) at
+# the last step. Run A, losses 7, 6, 5.5: averages 0.7, 0.63 + 0.6 = 1.23, 1.107 + 0.55 = 1.657 over
+# 1 - 0.9^n = 0.1, 0.19, 0.271. Run B restarts at stage b: 4 (0.4 / 0.1), then (0.36 + 0.35) / 0.19.
+EMA_A = [7.0, 1.23 / 0.19, 1.657 / 0.271]
+EMA_B_LAST = 0.71 / 0.19
+
+
 def test_summaries_by_hand(runs):
     a, b = (summarize(load_run(r)) for r in runs)
     assert a["forgetting"] == {"en": pytest.approx({"final": 0.25, "worst": 0.5, "worst_tokens": 2048})}
     assert a["adaptation"] == {"de": pytest.approx(6.0 - 4.9)}
-    assert (a["final_train_loss"], a["tokens"], a["wall_s"], a["schedule"]) == (5.5, 3072, 4.5, "cosine")
+    assert a["probes"] == {"en": {"loss": 5.25}, "de": {"loss": 4.9}}  # the last probe's values
+    assert (a["final_train_loss"], a["tokens"], a["wall_s"], a["schedule"]) == (
+        pytest.approx(EMA_A[-1]), 3072, 4.5, "cosine")
+    assert ema([7.0, 6.0, 5.5], 0.9) == pytest.approx(EMA_A)
     assert b["forgetting"] == {"en": pytest.approx({"final": 0.1, "worst": 0.3, "worst_tokens": 2000})}
     assert b["adaptation"] == {"code": 1.5}
-    assert (b["final_train_loss"], b["tokens"], b["wall_s"], b["schedule"]) == (3.5, 3000, 3725.0, "wsd")
+    assert b["probes"] == {"en": {"loss": 4.1}, "code": {"loss": 5.5}}
+    assert (b["final_train_loss"], b["tokens"], b["wall_s"], b["schedule"]) == (
+        pytest.approx(EMA_B_LAST), 3000, 3725.0, "wsd")
+    assert summarize(load_run(runs[0]), smoothing=0.0)["final_train_loss"] == 5.5  # no smoothing: the last step
     assert load_run(runs[1]).stage_boundaries() == [1000]
     staged = {"schedule": {"kind": "wsd"}, "stages": [{"name": "a"}, {"name": "b", "schedule": {"kind": "cosine"}}]}
     assert summarize(Run(runs[1], "x", [], staged))["schedule"] == "wsd; b: cosine"
@@ -96,11 +110,14 @@ def test_cli_compare_writes_pngs_and_a_self_contained_page(runs, tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', page)  # no external assets
     rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td[^>]*>([^<]+)</td>.*?</tr>", page)}
     cells = {name: re.findall(r"<td[^>]*>([^<]*)</td>", row) for name, row in rows.items()}
-    # columns: run, schedule, tokens, wall, train loss, en final, en worst (at), de adaptation, code adaptation
-    assert cells["run-a"] == ["run-a", "cosine", "3,072", "4.5 s", "5.5000", "0.2500", "0.5000 (2,048)",
-                              "1.1000", ""]
-    assert cells["run-b"] == ["run-b", "wsd", "3,000 (stopped: no final/)", "1:02:05", "3.5000", "0.1000",
-                              "0.3000 (2,000)", "", "1.5000"]
+    head = re.findall(r"<th>([^<]*)</th>", page)
+    assert head == ["run", "schedule", "tokens", "wall time", "final train loss (EMA 0.9)",
+                    "en loss: final", "forgetting en: final", "forgetting en: worst (at tokens)",
+                    "de loss: final", "adaptation de: final", "code loss: final", "adaptation code: final"]
+    assert cells["run-a"] == ["run-a", "cosine", "3,072", "4.5 s", "6.1144", "5.2500", "0.2500", "0.5000 (2,048)",
+                              "4.9000", "1.1000", "", ""]
+    assert cells["run-b"] == ["run-b", "wsd", "3,000 (stopped: no final/)", "1:02:05", "3.7368", "4.1000", "0.1000",
+                              "0.3000 (2,000)", "", "", "5.5000", "1.5000"]
     assert load_run(runs[1]).stage_names() == ["b"]
 
 
@@ -117,9 +134,75 @@ def test_compare_in_bits_per_byte(runs, tmp_path):
     s = summarize(load_run(a), "bpb")
     assert s["forgetting"] == {"en": pytest.approx({"final": 0.0625, "worst": 0.125, "worst_tokens": 2048})}
     assert s["adaptation"] == {}  # de has no bpb
+    assert s["probes"] == {"en": {"loss": 5.25, "bpb": 5.25 / 4}, "de": {"loss": 4.9}}
     page = compare([a], tmp_path / "cmp", metric="bpb")
     assert sorted(p.name for p in page.parent.glob("probe_*.png")) == ["probe_en_bpb.png"]
-    assert "bits per byte" in page.read_text()
+    text = page.read_text()
+    assert "bits per byte" in text
+    # final values of both units where logged (de has no bpb column), deltas in the metric asked for
+    assert re.findall(r"<th>([^<]*)</th>", text)[5:] == [
+        "en loss: final", "en bpb: final", "forgetting en: final", "forgetting en: worst (at tokens)", "de loss: final"]
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", text)[5:] == ["5.2500", "1.3125", "0.0625", "0.1250 (2,048)", "4.9000"]
+
+
+def test_final_train_loss_is_smoothed_and_a_non_finite_end_shows(tmp_path):
+    """One noisy last step moves the table's train loss by a tenth of its jump (EMA 0.9), not all of it;
+    a run whose last loss is NaN shows nan rather than a smoothed number that hides it."""
+    flat = [{"step": k, "tokens": 100 * k, "train/loss": 2.0, "lr": 1e-3} for k in range(1, 41)]
+    noisy = write_run(tmp_path / "n", "noisy", "constant", [*flat, {"step": 41, "tokens": 4100, "train/loss": 3.0}])
+    # 40 steps at 2 then one at 3: (2 (1 - 0.9^41) + 0.1) / (1 - 0.9^41)
+    assert summarize(load_run(noisy))["final_train_loss"] == pytest.approx(2.0 + 0.1 / (1 - 0.9**41))
+    nan = write_run(tmp_path / "x", "nan", "constant", [*flat, {"step": 41, "tokens": 4100, "train/loss": "nan"}])
+    assert math.isnan(summarize(load_run(nan))["final_train_loss"])
+
+
+def test_lr_is_drawn_at_each_steps_first_token(runs, tmp_path):
+    """A step's LR is logged on its record (tokens after the step) but drawn where the schedule that gave
+    it is evaluated: the step's first token, the record's tokens less one step (the difference to the
+    previous step's record; for the first, the recipe's train.global_batch_tokens, else that difference)."""
+    assert load_run(runs[0]).lr_curve() == ([0, 1024, 2048], [1e-3, 5e-4, 1e-4])
+    assert load_run(runs[1]).lr_curve() == ([0, 1000, 2000], [1e-3, 1e-3, 5e-4])
+    one = [{"step": 5, "tokens": 5 * 512, "train/loss": 1.0, "lr": 2e-4}]  # a counter continued from step 4
+    lone = write_run(tmp_path / "lone", "lone", "constant", one)
+    assert load_run(lone).lr_curve() == ([2048], [2e-4])  # no recipe train: the counter from 0, 512 a step
+    recipe = yaml.safe_load((lone / "recipe.yaml").read_text())
+    (lone / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "train": {"global_batch_tokens": "1K"}}))
+    assert load_run(lone).lr_curve() == ([5 * 512 - 1024], [2e-4])  # the recipe's tokens per step
+
+
+def test_cpt_schedule_and_cpt_compare_draw_a_runs_lr_at_the_same_points(make_recipe, tmp_path, monkeypatch):
+    """Issue 20 (b): a real two-stage run (the second stage re-warming from 0) and `cpt schedule` of its
+    recipe: every point of compare's lr.png line lies on the schedule plot's line, at the same x, with the
+    same LR; the first point of each stage at the stage's first token (0, then the boundary)."""
+    from matplotlib.figure import Figure
+
+    from cpt.cli import main
+    from cpt.train.loop import train
+
+    drawn: dict[str, Figure] = {}
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: (drawn.__setitem__(Path(path).name, fig),
+                                                                    savefig(fig, path, **kw))[1])
+    stages = [{"name": "en", "tokens": 3 * 1024, "mixture": {"en": 1.0}},
+              {"name": "de", "tokens": 4 * 1024, "mixture": {"de": 1.0},
+               "schedule": {"kind": "wsd", "max_lr": 2e-3, "min_lr": 2e-4, "warmup": 2048, "decay": {"length": 1024}}}]
+    recipe = make_recipe("lr-points", train__tokens=None, data__mixture=None, stages=stages, probes__sets={})
+    train(recipe)
+    path = tmp_path / "lr-points.yaml"
+    path.write_text(recipe.to_yaml())
+    assert main(["schedule", str(path), "--out", str(tmp_path / "schedule.png")]) == 0
+    assert main(["compare", recipe.run.output_dir, "--out", str(tmp_path / "cmp")]) == 0
+
+    def line(fig):
+        (found,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "lr-points"]
+        return dict(zip(found.get_xdata().tolist(), found.get_ydata().tolist(), strict=True))
+
+    planned, logged = line(drawn["schedule.png"]), line(drawn["lr.png"])
+    assert sorted(logged) == [k * 1024 for k in range(7)]  # each step at its first token: 0 .. 6K
+    for x, lr in logged.items():
+        assert planned[x] == pytest.approx(lr, rel=1e-12, abs=1e-15), x
+    assert logged[0] == 0.0 and logged[3 * 1024] == 0.0  # each stage's first step: its warmup from 0
+    assert logged[5 * 1024] == pytest.approx(2e-3)  # the re-warmed stage reaches max_lr after its 2 warmup steps
 
 
 def test_compare_errors_name_the_problem(tmp_path):

@@ -174,6 +174,52 @@ def english(corpora) -> list[str]:
     return [json.loads(line)["text"] for line in lines]
 
 
+def test_prepare_labels_its_bars_and_names_the_separator(english, tokenizer_dir, tmp_path, capsys):
+    """Issue 20 (a): each tokenizing bar says what it tokenizes (the split's side, the input), and one line
+    names the document separator and why: the tokenizer's eos, which for an instruct tokenizer (SmolLM2-
+    Instruct) is the chat-turn end <|im_end|>, or --eos-token, which overrides it. Manifests are unchanged."""
+    from transformers import AutoTokenizer
+
+    instruct = tmp_path / "instruct-tok"  # as SmolLM2-Instruct's: <|endoftext|> is there, but eos is <|im_end|>
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.save_pretrained(instruct)
+    text = write_jsonl(tmp_path / "en.jsonl", english[:60])
+    base = ["prepare", str(text), "--tokenizer", str(instruct), "--seq-len", str(SEQ)]
+    assert main([*base, "--out", str(tmp_path / "split"), "--validation-fraction", "0.2"]) == 0
+    out, err = capsys.readouterr()
+    im_end, endoftext = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    line = (f"cpt prepare: document separator: '<|im_end|>' (id {im_end}), the tokenizer's eos token; --eos-token "
+            f"names another (its other special tokens: <|endoftext|>, <|im_start|>)")
+    assert out.splitlines()[0] == line and out.count("document separator") == 1  # once for both sides
+    assert err.index("tokenizing validation (en.jsonl):") < err.index("tokenizing train (en.jsonl):")
+    m = json.loads((tmp_path / "split" / "train" / "manifest.json").read_text())
+    assert m["eos_token_id"] == im_end
+    assert main([*base, "--out", str(tmp_path / "plain"), "--eos-token", "<|endoftext|>"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == (f"cpt prepare: document separator: '<|endoftext|>' (id {endoftext}), from "
+                                   f"--eos-token (the tokenizer's eos token is '<|im_end|>')")
+    assert "tokenizing en.jsonl:" in err
+    m = json.loads((tmp_path / "plain" / "manifest.json").read_text())
+    assert m["eos_token_id"] == endoftext and set(m) == set(MANIFEST_KEYS)  # nothing added to the manifest
+    ids, _ = stream(tmp_path / "plain")
+    assert im_end not in ids and endoftext in ids
+    # the part of a split: its side and its part
+    prepare_split([text, text], instruct, tmp_path / "part", SEQ, 0.2, part=(1, 2), progress=True)
+    err = capsys.readouterr().err
+    assert "tokenizing validation, part 2/2 (en.jsonl, +1 more):" in err and "tokenizing train, part 2/2" in err
+    help_text = subprocess.run([sys.executable, "-m", "cpt.cli", "prepare", "--help"], capture_output=True, text=True,
+                               cwd=ROOT, check=True).stdout
+    assert "in place of the tokenizer's eos token; required where the tokenizer has none" in " ".join(help_text.split())
+
+
+MANIFEST_KEYS = ("format", "format_version", "seq_len", "dtype", "vocab_size", "max_token_id", "eos_token_id",
+                 "document_prefix", "tokenizer", "tokenizer_hash", "tokenizer_fingerprint", "text_field",
+                 "chunk_chars", "inputs", "unsupported_files", "max_documents", "documents", "skipped", "tokens",
+                 "tokens_dropped_tail", "sequences", "shard_sequences", "shards", "token_bytes", "created",
+                 "cpt_version")
+
+
 def test_hf_dataset_streamed_or_not_is_the_jsonl(english, tokenizer_dir, tmp_path, hf_cache):
     """load_dataset on a local folder of data files (as a hub set arrives), with and without --streaming:
     token for token and byte for byte the shards of the same .jsonl prepared directly."""

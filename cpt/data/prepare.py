@@ -312,10 +312,31 @@ class _Tokenizing:
     chunk_chars: int | None  # documents longer than this are tokenized in pieces; None: whole
     table: np.ndarray | None  # byte_table: the bytes of each id; None: counted from offsets
     frame: tuple[tuple[int, ...], int]  # document_frame
+    eos_given: bool = False  # the separator was named with eos_token (--eos-token), not the tokenizer's eos
 
     @property
     def backend(self):
         return self.tok.backend_tokenizer
+
+    def separator(self) -> str:
+        """One line naming the token that ends each document and why it is that one; the tokenizer's
+        other special tokens are the choices --eos-token has (an instruct tokenizer's eos, e.g.
+        ``<|im_end|>``, may not be the end of a document the base model was pre-trained with)."""
+        tok, eos = self.tok, self.tok.convert_ids_to_tokens(self.eos_id)
+        others = [t for t in tok.all_special_tokens if t != eos]
+        if self.eos_given:
+            own = tok.eos_token
+            why = "from --eos-token" + ("" if own == eos else
+                                        f" (the tokenizer's eos token is {own!r})" if own is not None
+                                        else " (the tokenizer has no eos token)")
+        else:
+            why = "the tokenizer's eos token" + (
+                f"; --eos-token names another (its other special tokens: {_listed(others)})" if others else "")
+        return f"document separator: {eos!r} (id {self.eos_id}), {why}"
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def _tokenizing(tokenizer: str | Path, eos_token: str | None) -> _Tokenizing:
@@ -330,7 +351,7 @@ def _tokenizing(tokenizer: str | Path, eos_token: str | None) -> _Tokenizing:
     backend = tok.backend_tokenizer
     chunk_chars = _CHUNK_CHARS if _cuts_keep_tokens(backend) else None
     return _Tokenizing(tokenizer, tok, tok_hash, eos_id, token_dtype(len(tok)), chunk_chars, byte_table(backend),
-                       document_frame(backend, eos_id))
+                       document_frame(backend, eos_id), eos_token is not None)
 
 
 @dataclass
@@ -358,6 +379,7 @@ def prepare(
     eos_token: str | None = None,
     part: tuple[int, int] | None = None,
     select: tuple[str, float, int] | None = None,
+    _announce: bool = True,  # prepare_split: the separator line for its first side only
 ) -> dict:
     """Tokenize ``inputs`` with ``tokenizer``, pack into ``seq_len`` sequences, write to ``out_dir``.
 
@@ -369,7 +391,9 @@ def prepare(
     is a one-line CptError; on any failure or Ctrl-C nothing of this run is left behind.
 
     Each document is framed as the tokenizer frames a text (:func:`document_frame`: a BOS where it adds
-    one) and ends with EOS; ``eos_token`` names the separator for a tokenizer that has no eos token.
+    one) and ends with a separator: the tokenizer's eos token, or ``eos_token`` (another of its tokens, in
+    place of its eos; required where it has none). With ``progress`` a line on stdout names the separator
+    and why it is that one, and the bar names what it tokenizes (the side of a split, the part, the inputs).
 
     ``part=(i, n)`` prepares only part ``i`` of ``n`` of the inputs' records (:func:`split_records`),
     for n machines or processes, and keeps its tail; :func:`merge_parts` joins the n parts into the
@@ -387,6 +411,8 @@ def prepare(
     reading = _Reading(Counter())
     resolved = resolve_inputs(inputs, other=reading.unsupported)
     tk = _tokenizing(tokenizer, eos_token)
+    if opts.progress and _announce:
+        print(f"cpt prepare: {tk.separator()}", flush=True)  # stdout: stderr is the bar's and an error's
     tmp = temporary(out_dir, "tmp")
     try:
         remove_stale(out_dir)
@@ -413,7 +439,7 @@ def _write(tmp: Path, resolved: list[tuple[Path, str]], tk: _Tokenizing, opts: _
             reading.split = split_records(resolved, opts.text_field, cache, *opts.part)
         pieces = _chosen_pieces(resolved, cache, tk.chunk_chars, opts, reading)
     writer = _ShardWriter(tmp, opts.seq_len, opts.shard_sequences, tk.dtype)
-    documents = _pack(pieces, writer, tk, opts)
+    documents = _pack(pieces, writer, tk, opts, _label(resolved, opts))
     kept = writer.keep_tail() if opts.part is not None else None
     tail = writer.close()
     shutil.rmtree(cache, ignore_errors=True)
@@ -428,9 +454,18 @@ def _write(tmp: Path, resolved: list[tuple[Path, str]], tk: _Tokenizing, opts: _
     return _manifest(tk, opts, reading, writer, documents, tail, kept)
 
 
-def _pack(pieces, writer: _ShardWriter, tk: _Tokenizing, opts: _Options) -> int:
+def _label(resolved: list[tuple[Path, str]], opts: _Options) -> str:
+    """What the progress bar says it tokenizes: ``tokenizing validation, part 2/4 (en.jsonl, +2 more)``."""
+    names = [p.name if isinstance(p, Path) else str(p) for p, _ in resolved]
+    which = [*([opts.select[0]] if opts.select else []),
+             *([f"part {opts.part[0] + 1}/{opts.part[1]}"] if opts.part else [])]
+    inputs = names[0] + (f", +{len(names) - 1} more" if len(names) > 1 else "")
+    return f"tokenizing {', '.join(which)} ({inputs})" if which else f"tokenizing {inputs}"
+
+
+def _pack(pieces, writer: _ShardWriter, tk: _Tokenizing, opts: _Options, label: str = "tokenizing") -> int:
     """Tokenize the pieces, in this process or in ``num_proc`` workers, into ``writer``; return the
-    number of documents ended."""
+    number of documents ended. ``label``: the progress bar's (:func:`_label`)."""
     from tqdm import tqdm
 
     documents = 0
@@ -439,7 +474,7 @@ def _pack(pieces, writer: _ShardWriter, tk: _Tokenizing, opts: _Options) -> int:
         # the first batch before the bar: an input that cannot be read at all (a hub set not cached, a
         # missing column) is then the only line on stderr
         first = list(itertools.islice(encoded, 1))
-        with tqdm(desc="tokenizing", unit=" tokens", unit_scale=True, disable=not opts.progress) as bar:
+        with tqdm(desc=label, unit=" tokens", unit_scale=True, disable=not opts.progress) as bar:
             for tokens, ended in itertools.chain(first, encoded):
                 writer.add(tokens)
                 documents += ended
@@ -563,7 +598,8 @@ def prepare_split(inputs, tokenizer, out_dir: str | Path, seq_len: int, validati
     if out_dir.exists() and not overwrite:
         raise CptError(f"output {out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     return {side: prepare(inputs, tokenizer, out_dir / side, seq_len, overwrite=overwrite,
-                          select=(side, float(validation_fraction), split_seed), **kwargs)
+                          select=(side, float(validation_fraction), split_seed), **kwargs,
+                          _announce=side == SIDES[0])  # the separator line once, before the first side's bar
             for side in SIDES}
 
 
