@@ -6,7 +6,8 @@ Layout of a run directory::
     metrics.jsonl                one record per step / probe
     checkpoints/step-00000120/   accelerate state (model.safetensors, optimizer, RNG of every rank),
                                  trainer_state.json (counters, sampler state, last LR, tags), recipe.yaml,
-                                 config.json + tokenizer: the dir is also a Hugging Face model dir
+                                 config.json, generation_config.json + tokenizer: the dir is also a
+                                 Hugging Face model dir, with the same generation defaults as final/
     final/                       the exported Hugging Face model dir (safetensors) + tokenizer
 
 With LoRA (recipe ``peft:``) a checkpoint's weights carry peft's names and its ``adapter/`` holds the
@@ -19,12 +20,22 @@ rename is the commit, so a kill during a save leaves the previous checkpoints in
 checkpoint is simply the highest complete ``step-*`` directory (no pointer file to get out of sync).
 Checkpoints with tags (``stage_end:<name>``, ``pre_anneal``) are kept whatever ``keep_last`` says:
 the next stage or a decay branch starts from them.
+
+A model whose config ties its head to its word embeddings (``tie_word_embeddings``: SmolLM2, Gemma,
+Qwen 2 small) holds one tensor under two names; accelerate writes it once and logs "Removed shared
+tensor {'lm_head.weight'} while saving. This should be OK, but check..." at every save. The tie is the
+model's own and from_pretrained restores it, so that line is dropped for exactly those names
+(:func:`quiet_tied_save`); any other shared tensor is still reported.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import logging
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from cpt.errors import CptError
@@ -77,7 +88,8 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
             shutil.rmtree(stale, ignore_errors=True)  # left by a run killed mid-save
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with quiet_tied_save(accelerator.unwrap_model(model) if model is not None else None):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     peft = model is not None and is_peft(accelerator.unwrap_model(model))
     sharded = model is not None and weights_sharded(accelerator)
     # every rank takes part: gathers ZeRO-3 / FSDP shards (cheap references otherwise)
@@ -86,11 +98,15 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
     if accelerator.is_main_process:
         if model is not None:  # accelerate writes HF parameter names: with the config, from_pretrained loads it
             unwrapped = accelerator.unwrap_model(model)
-            (unwrapped.get_base_model() if peft else unwrapped).config.save_pretrained(tmp)
+            base = unwrapped.get_base_model() if peft else unwrapped
+            base.config.save_pretrained(tmp)
+            if base.can_generate() and base.generation_config is not None:  # as save_pretrained writes final/'s
+                base.generation_config.save_pretrained(tmp)
             if sharded:
                 from accelerate.utils import save
 
-                save(state_dict, tmp / "model.safetensors", safe_serialization=True)
+                with quiet_tied_save(unwrapped):
+                    save(state_dict, tmp / "model.safetensors", safe_serialization=True)
             if peft:
                 unwrapped.save_pretrained(tmp / ADAPTER_DIR, state_dict=state_dict)
         if tokenizer is not None:
@@ -111,6 +127,64 @@ def _save_checkpoint(accelerator, run_dir, root: Path, final: Path, tmp: Path, s
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+SHARED_TENSOR_LOGGER = "accelerate.utils.other"  # accelerate.utils.other.clean_state_dict_for_safetensors
+_SHARED_TENSOR = re.compile(r"Removed shared tensor (\{.*?\}) while saving")
+
+
+def tied_names(model) -> set[str]:
+    """The state-dict names of ``model`` (unwrapped from DDP / DeepSpeed; a peft model as it is) under which
+    its word embeddings are stored when its config ties the head to them (``tie_word_embeddings``) and
+    the head's weight is that very tensor; empty otherwise."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    if not getattr(config, "tie_word_embeddings", False):
+        return set()
+    inputs, head = hf.get_input_embeddings(), hf.get_output_embeddings()
+    weight = getattr(inputs, "weight", None)
+    if weight is None or getattr(head, "weight", None) is not weight:
+        return set()
+    return {name for name, t in model.state_dict(keep_vars=True).items() if t is weight}
+
+
+class _TiedSaveFilter(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" when every name it removed is one of
+    ``names`` (or that name under a wrapper's prefix, ``module.lm_head.weight``); passes all else."""
+
+    def __init__(self, names: set[str]):
+        super().__init__()
+        self.names = names
+
+    def _known(self, removed: str) -> bool:
+        return any(removed == n or removed.endswith("." + n) for n in self.names)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        m = _SHARED_TENSOR.search(record.getMessage())
+        if m is None:
+            return True
+        try:
+            removed = ast.literal_eval(m.group(1))
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(removed, set) and removed and all(isinstance(r, str) and self._known(r)
+                                                                for r in removed))
+
+
+@contextmanager
+def quiet_tied_save(model):
+    """Inside: accelerate's shared-tensor line is silent for the tie ``model``'s config declares
+    (:func:`tied_names`), and only for it. ``model``: unwrapped, or None (nothing silenced)."""
+    names = tied_names(model) if model is not None else set()
+    if not names:
+        yield
+        return
+    logger, quiet = logging.getLogger(SHARED_TENSOR_LOGGER), _TiedSaveFilter(names)
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 _RNG_KEYS = ("random_state", "numpy_random_seed", "torch_manual_seed")

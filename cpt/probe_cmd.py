@@ -3,12 +3,15 @@ prepared set, downstream scores and lm-evaluation-harness tasks for one model, o
 
 MODEL is a Hugging Face model dir (e.g. a run's ``final/``) or a cpt checkpoint dir
 (``RUN/checkpoints/step-N``; see :func:`load_model`). The held-out loss is the trainer's own
-:class:`~cpt.probes.HeldOutLoss` on the same first N sequences, so a number from `cpt probe` and a
-probe record of the run agree.
+:class:`~cpt.probes.HeldOutLoss` on the same sample of N sequences spread over each set
+(:func:`cpt.probes.probe_indices`), so a number from `cpt probe` and a probe record of the run agree.
+``--precision`` runs every forward as ``train.precision`` runs training: ``bf16`` under bf16 autocast
+(fp32 weights), ``auto`` bf16 on a GPU that supports it and fp32 elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -47,9 +50,32 @@ def load_model(path: str | Path):
     return model.eval(), load_tokenizer(tok_dir)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def compute_dtype(precision: str, device):
+    """The autocast dtype of ``--precision`` on ``device`` (None: fp32, no autocast); ``auto`` as
+    ``train.precision: auto``: bf16 on a GPU that supports it, fp32 otherwise (a CPU included)."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise CptError(f"cpt probe: --precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(dtype, device):
+    """``torch.autocast`` in ``dtype`` on ``device`` (the model's weights stay fp32), or nothing for None."""
+    import torch
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str, str], *,
               max_sequences: int = 64, micro_batch_size: int = 16, lm_eval_tasks: list[str] | None = None,
-              lm_eval_limit: int | None = None, lm_eval_include: str | Path | None = None) -> dict[str, Any]:
+              lm_eval_limit: int | None = None, lm_eval_include: str | Path | None = None,
+              precision: str = "auto") -> dict[str, Any]:
     """Held-out loss, ppl and bpb per prepared set (``bpb`` None for a set prepared before byte counts),
     downstream metrics per jsonl set and lm-evaluation-harness metrics (``lm_eval/<task>/<metric>``, see
     cpt/lm_eval.py), as a JSON-able dict.
@@ -57,6 +83,8 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     Runs on every process of an ``accelerate launch`` (probe sequences and downstream batches are
     sharded, results reduced); lm-eval tasks run on the main process alone, the others wait (its
     ``lm_eval`` is empty elsewhere). The caller writes and prints on the main process only.
+    ``precision`` (auto | fp32 | bf16, :func:`compute_dtype`): every forward under that autocast, the
+    chunked loss's head in the same dtype (as training runs it); the result records it as ``precision``.
     """
     from cpt import downstream as ds
     from cpt.data.source import validate_source
@@ -81,35 +109,41 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
         check_tasks(lm_eval_tasks, task_manager(lm_eval_include))
     t0 = time.perf_counter()
     accelerator = eval_accelerator()
+    dtype = compute_dtype(precision, accelerator.device)
     model, tokenizer = load_model(model_path)
     model.to(accelerator.device)
     try:  # the fingerprint prepared data carries; a tokenizer without tokenizer.json cannot be checked
         tok_id = tokenizer_identity(tokenizer.name_or_path, tokenizer)
     except CptError:
         tok_id = None
-    result: dict[str, Any] = {"model": str(model_path), "sets": {}, "downstream": {}, "lm_eval": {}}
-    loss, _ = choose_loss("auto", model, False, model.get_input_embeddings().num_embeddings)
-    for name, path in sets.items():
-        src = validate_source(f"--sets {name}", path, None, tok_id)
-        probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
-                            accelerator.num_processes, loss=loss)
-        out = probe(model, accelerator)
-        # bpb None: prepared before byte counts
-        result["sets"][name] = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
-                                "bpb": out.get(f"probe/{name}/bpb"), "sequences": probe.counts[name]}
-    for name, path in downstream.items():
-        result["downstream"][name] = ds.score(
-            model, tokenizer, ds.load_items(path), batch_size=micro_batch_size, device=accelerator.device,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
-            reduce=lambda t: accelerator.reduce(t, reduction="sum"),
-        )
-    if lm_eval_tasks:
-        if accelerator.is_main_process:
-            from cpt.lm_eval import lm_eval_probe
+    result: dict[str, Any] = {"model": str(model_path), "precision": "fp32" if dtype is None else "bf16",
+                              "sets": {}, "downstream": {}, "lm_eval": {}}
+    with autocast(dtype, accelerator.device):
+        # the chunked head in autocast's dtype, as training runs it (cpt.train.setup._loss); checked against
+        # the model's own logits under the same autocast
+        loss, _ = choose_loss("auto", model, False, model.get_input_embeddings().num_embeddings,
+                              compute_dtype=dtype)
+        for name, path in sets.items():
+            src = validate_source(f"--sets {name}", path, None, tok_id)
+            probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
+                                accelerator.num_processes, loss=loss)
+            out = probe(model, accelerator)
+            # bpb None: prepared before byte counts
+            result["sets"][name] = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
+                                    "bpb": out.get(f"probe/{name}/bpb"), "sequences": probe.counts[name]}
+        for name, path in downstream.items():
+            result["downstream"][name] = ds.score(
+                model, tokenizer, ds.load_items(path), batch_size=micro_batch_size, device=accelerator.device,
+                rank=accelerator.process_index, world_size=accelerator.num_processes,
+                reduce=lambda t: accelerator.reduce(t, reduction="sum"),
+            )
+        if lm_eval_tasks:
+            if accelerator.is_main_process:
+                from cpt.lm_eval import lm_eval_probe
 
-            result["lm_eval"] = lm_eval_probe(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit,
-                                              include_path=lm_eval_include, batch_size=micro_batch_size)
-        accelerator.wait_for_everyone()
+                result["lm_eval"] = lm_eval_probe(model, tokenizer, lm_eval_tasks, limit=lm_eval_limit,
+                                                  include_path=lm_eval_include, batch_size=micro_batch_size)
+            accelerator.wait_for_everyone()
     result["seconds"] = time.perf_counter() - t0
     return result
 
@@ -136,7 +170,7 @@ def format_table(result: dict[str, Any]) -> str:
         from cpt.lm_eval import format_metrics
 
         lines.append(format_metrics(result["lm_eval"]))
-    lines.append(f"({result['seconds']:.1f} s)")
+    lines.append(f"({result['seconds']:.1f} s, {result.get('precision', 'fp32')})")
     return "\n".join(lines)
 
 

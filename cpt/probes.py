@@ -1,6 +1,6 @@
-"""Probes: held-out loss per domain on a fixed set of sequences, sharded across processes; when to
-probe (:func:`probe_due`); and the forgetting / adaptation bookkeeping on top of the losses
-(:class:`ForgettingTracker`).
+"""Probes: held-out loss per domain on a fixed sample of sequences spread over each set
+(:func:`probe_indices`), sharded across processes; when to probe (:func:`probe_due`); and the
+forgetting / adaptation bookkeeping on top of the losses (:class:`ForgettingTracker`).
 
 Forgetting of an old domain d at token t is ``loss_d(t) - loss_d(stage start)``; adaptation of a new
 domain is the drop ``loss_d(stage start) - loss_d(t)``. End-of-stage numbers hide the stability gap
@@ -19,8 +19,27 @@ import torch
 from cpt.data.source import TokenSource, read_batch
 
 
+def probe_indices(num_sequences: int, max_sequences: int) -> list[int]:
+    """The sequences a probe measures out of a set of ``num_sequences``: all of them when
+    ``max_sequences`` covers the set, else ``max_sequences`` indices evenly strided over the whole set,
+    ``k * num_sequences // max_sequences`` for k = 0 .. max_sequences - 1 (sorted, distinct, the first
+    sequence always in).
+
+    A prepared set is its documents packed back to back in file order, so the first N sequences are the
+    first few documents (8 sequences of 2048 tokens can be one long article); a stride spreads the sample
+    over all of them. The sample is a pure function of the set's size and ``max_sequences``: no seed, no
+    state, the same in every process, in a resumed run (which refuses a changed ``probes.max_sequences``)
+    and in `cpt probe`, so their numbers agree."""
+    if num_sequences < 0 or max_sequences < 1:
+        raise ValueError(f"probe_indices({num_sequences}, {max_sequences}): need a set size >= 0 and max_sequences >= 1")
+    if max_sequences >= num_sequences:
+        return list(range(num_sequences))
+    return [k * num_sequences // max_sequences for k in range(max_sequences)]
+
+
 class HeldOutLoss:
-    """Mean next-token loss on the first ``max_sequences`` sequences of each probe set, and bits per byte.
+    """Mean next-token loss on ``max_sequences`` sequences of each probe set spread evenly over the whole
+    set (:func:`probe_indices`; all of it when it is smaller), and bits per byte.
 
     ``loss`` is the mean over sequences of each sequence's mean loss over its counted targets (nats per
     token). ``bpb`` (bits per byte), for sets prepared with byte counts, compares across tokenizers:
@@ -50,14 +69,17 @@ class HeldOutLoss:
         self.loss = loss if loss is not None else PlainLoss()
         self.sources: dict[str, TokenSource] = {}
         self.counts: dict[str, int] = {}  # sequences measured per set, all processes together
+        self.indices: dict[str, list[int]] = {}  # the measured sequences of each set (probe_indices)
         self.shards: dict[str, tuple[list[int], list[float]]] = {}
         for name, src in sources.items():
-            n = min(max_sequences, src.num_sequences)
+            sample = probe_indices(src.num_sequences, max_sequences)
+            n = len(sample)
             self.counts[name] = n
-            per_rank = math.ceil(n / world_size)
-            mine = list(range(rank * per_rank, min(n, (rank + 1) * per_rank)))
+            self.indices[name] = sample
+            per_rank = math.ceil(n / world_size)  # each rank a slice of the sample, the last padded
+            mine = sample[rank * per_rank:(rank + 1) * per_rank]
             weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
-            mine += [0] * (per_rank - len(mine))
+            mine += [sample[0] if sample else 0] * (per_rank - len(mine))
             self.sources[name] = src
             self.shards[name] = (mine, weights)
         self.micro_batch_size = micro_batch_size

@@ -25,7 +25,7 @@ import cpt.data.prepare as prep
 from cpt.data.prepare import prepare
 from cpt.data.source import TokenSource
 from cpt.data.tokenizer import load_tokenizer
-from cpt.probes import HeldOutLoss
+from cpt.probes import HeldOutLoss, probe_indices
 from cpt.train.loss import PlainLoss
 from cpt.train.step import model_inputs
 
@@ -208,7 +208,7 @@ def test_bpb_of_a_real_model_by_hand(en_sets, corpora, tokenizer_dir):
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=256), dtype=torch.float32).eval()
     n = 12
-    rows = src.batch(range(n))
+    rows = src.batch(probe_indices(len(src), n))  # the probe's sample: n sequences strided over the set
     nll = bytes_ = 0.0
     with torch.no_grad():
         logp = model(input_ids=torch.from_numpy(rows)).logits.double().log_softmax(-1)

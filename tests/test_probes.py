@@ -14,7 +14,7 @@ import torch
 from conftest import on_two_simulated_ranks  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from cpt import downstream as ds
-from cpt.probes import ForgettingTracker, probe_due, probe_losses
+from cpt.probes import ForgettingTracker, HeldOutLoss, probe_due, probe_indices, probe_losses
 
 # ------------------------------------------------------------------------------------------ cadence
 
@@ -225,6 +225,59 @@ def test_shipped_downstream_sets_are_valid():
         assert len(items) == 50 and all(len(it["choices"]) == 4 for it in items)
 
 
+# ------------------------------------------------------------------------------------ probe sample
+
+
+def test_probe_indices_spread_evenly_over_the_set():
+    """N of a larger set: every (size / N)-th sequence, from the first; the whole set when it is small."""
+    assert probe_indices(100, 8) == [0, 12, 25, 37, 50, 62, 75, 87]
+    assert probe_indices(5, 8) == probe_indices(5, 5) == [0, 1, 2, 3, 4]
+    assert probe_indices(0, 8) == []
+    for size in range(1, 300, 7):
+        for n in (1, 2, 3, 8, 64):
+            sample = probe_indices(size, n)
+            assert len(sample) == min(size, n) and sample == sorted(set(sample)) and sample[0] == 0
+            assert sample[-1] >= size - math.ceil(size / len(sample))  # reaches the set's last stride
+    with pytest.raises(ValueError):
+        probe_indices(10, 0)
+
+
+def test_held_out_loss_measures_the_strided_sample_on_one_or_two_ranks(tiny_lm, prepared):
+    """The probe's loss is the mean per-sequence loss over probe_indices' rows (by hand from the logits),
+    not over the first N; 2 ranks (a weight-0 padding row on rank 1) give the 1-rank numbers."""
+    from cpt.data.source import TokenSource
+
+    src = TokenSource(prepared["en"]["validation"])
+    n = 5
+    assert len(src) > 3 * n  # a set the sample has to spread over
+    sample = probe_indices(len(src), n)
+    one_rank = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: t)
+    out = HeldOutLoss({"en": src}, n, 2)(tiny_lm, one_rank)
+
+    def by_hand(rows):
+        ids = torch.from_numpy(src.batch(rows)).long()
+        with torch.no_grad():
+            logp = tiny_lm(input_ids=ids).logits.double().log_softmax(-1)
+        nll = -logp[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+        return nll.mean(dim=1).mean().item()
+
+    assert out["probe/en/loss"] == pytest.approx(by_hand(sample), rel=1e-5)
+    assert sample == [0, 27, 54, 81, 108]  # of 135 sequences of 128 tokens
+    assert out["probe/en/loss"] != pytest.approx(by_hand(list(range(n))), rel=1e-5)  # not the first n
+
+    def work(rank, reduce):
+        acc = SimpleNamespace(device=torch.device("cpu"), reduce=lambda t, reduction: reduce(t))
+        probe = HeldOutLoss({"en": src}, n, 2, rank=rank, world_size=2)
+        return probe.shards["en"], probe(tiny_lm, acc)
+
+    results = on_two_simulated_ranks(work)
+    assert results[0][0] == (sample[:3], [1.0] * 3) and results[1][0][0][:2] == sample[3:]
+    assert results[1][0][1] == [1.0, 1.0, 0.0]
+    for r in (0, 1):
+        assert results[r][1]["probe/en/loss"] == pytest.approx(out["probe/en/loss"], rel=1e-6)
+        assert results[r][1]["probe/en/bpb"] == pytest.approx(out["probe/en/bpb"], rel=1e-6)
+
+
 # -------------------------------------------------------------------------------------- cpt probe
 
 
@@ -250,6 +303,9 @@ def test_cpt_probe_matches_the_runs_last_probe(tmp_path, tokenizer_dir, prepared
     train(recipe)
     last = [r for r in read_metrics(run / "metrics.jsonl") if "probe/en/loss" in r][-1]
     assert last["step"] == 3
+    # a checkpoint carries final/'s generation defaults (transformers' save_pretrained writes them there)
+    gen = ckpt_lib.latest_checkpoint(run) / "generation_config.json"
+    assert json.loads(gen.read_text()) == json.loads((run / "final" / "generation_config.json").read_text())
     items = tmp_path / "mc.jsonl"
     items.write_text(json.dumps({"context": "The driver", "choices": [" loads", " Datei"], "answer": 0}) + "\n")
 
@@ -305,3 +361,38 @@ def test_forgetting_in_bits_per_byte_beside_the_loss_and_old_states_load():
     h.load_state_dict(old.state_dict())
     assert h.stage_start == 0 and list(h.trackers) == ["loss"]
     assert h.update(20, {"probe/en/loss": 3.2, "probe/en/bpb": 1.0})["probe/en/max_forgetting"] == pytest.approx(0.4)
+
+
+def test_cpt_probe_precision_bf16_runs_under_autocast_near_fp32(tiny_lm, tok, prepared, tmp_path):
+    """--precision bf16: the forwards under bf16 autocast (another number than fp32, within 1e-2 of it on a
+    tiny model); auto is fp32 on a CPU; the CLI passes the option; an unknown precision is refused."""
+    from cpt.cli import main
+    from cpt.errors import CptError
+    from cpt.probe_cmd import run_probe
+
+    model_dir = tmp_path / "tiny"
+    tiny_lm.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    sets = {"en": str(prepared["en"]["validation"])}
+    items = tmp_path / "mc.jsonl"
+    items.write_text(json.dumps({"context": "The driver", "choices": [" loads", " Datei"], "answer": 0}) + "\n")
+    runs = {p: run_probe(model_dir, sets, {"mc": str(items)}, max_sequences=8, micro_batch_size=4, precision=p)
+            for p in ("fp32", "bf16", "auto")}
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert [r["precision"] for r in runs.values()] == ["fp32", "bf16", "bf16" if gpu_bf16 else "fp32"]
+    fp32, bf16 = runs["fp32"]["sets"]["en"], runs["bf16"]["sets"]["en"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], abs=1e-2) and bf16["loss"] != fp32["loss"]
+    assert bf16["bpb"] == pytest.approx(fp32["bpb"], rel=1e-2)
+    assert runs["bf16"]["downstream"]["mc"]["correct_logprob_per_token"] == pytest.approx(
+        runs["fp32"]["downstream"]["mc"]["correct_logprob_per_token"], abs=5e-2)
+    assert runs["auto"]["sets"]["en"] == (bf16 if gpu_bf16 else fp32)
+    with pytest.raises(CptError, match="--precision 'fp16'"):
+        run_probe(model_dir, sets, {}, precision="fp16")
+
+    out = tmp_path / "bf16.json"
+    assert main(["probe", str(model_dir), "--sets", f"en={sets['en']}", "--max-sequences", "8",
+                 "--micro-batch-size", "4", "--precision", "bf16", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["precision"] == "bf16" and result["sets"]["en"]["loss"] == pytest.approx(bf16["loss"], abs=1e-6)
+    with pytest.raises(SystemExit):  # argparse: not a choice
+        main(["probe", str(model_dir), "--sets", f"en={sets['en']}", "--precision", "fp16"])

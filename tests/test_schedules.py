@@ -5,8 +5,8 @@ import math
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from cpt.compare import plot_schedules
 from cpt.errors import CptError
+from cpt.schedule_plot import plot_schedules
 from cpt.schedules import (
     Phase,
     Schedule,

@@ -66,7 +66,14 @@ from cpt.data.parts import (  # noqa: F401  (is_split_part, merge_parts, merge_s
 from cpt.data.reader import InputStats, check_input, iter_pieces, resolve_inputs, split_text
 from cpt.data.source import BYTES_DTYPE, BYTES_OVERFLOW, MANIFEST, MANIFEST_FORMAT, MANIFEST_VERSION
 from cpt.data.split import SIDES, SPLIT_RULE, check_fraction, in_validation, side_of  # noqa: F401  (in_validation: API)
-from cpt.data.tokenizer import load_tokenizer, tokenizer_fingerprint, tokenizer_hash
+from cpt.data.tokenizer import (
+    cuts_keep_tokens,
+    document_frame,
+    load_tokenizer,
+    token_dtype,
+    tokenizer_fingerprint,
+    tokenizer_hash,
+)
 from cpt.data.writer import ShardWriter as _ShardWriter  # tests patch _ShardWriter._write here
 from cpt.data.writer import commit, remove_stale, temporary, token_records, write_json
 from cpt.errors import CptError
@@ -82,10 +89,6 @@ _CHUNK_CHARS = 1 << 18
 # Measured on a 30 MiB .txt, 2 cores: peak RSS 425 MB (250 MB of it imports), 6.7 s; with 4M, 498 MB.
 _BATCH_CHARS = 1 << 21
 
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab <= 65535), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
 def _batches(pieces):
@@ -103,15 +106,6 @@ def _batches(pieces):
     if texts:
         yield texts, firsts, lasts
 
-
-def document_frame(backend, eos_id: int) -> tuple[tuple[int, ...], int]:
-    """How a document is framed in the shards: ``(prefix, eos)``, where ``prefix`` is what the tokenizer
-    itself puts before a text (Llama, Mistral and Gemma tokenizers a BOS; byte-level BPEs like GPT-2's,
-    Qwen's or cpt's nothing), so the model sees documents as in its pre-training; EOS ends each."""
-    plain = backend.encode("frame", add_special_tokens=False).ids
-    full = backend.encode("frame", add_special_tokens=True).ids
-    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
-    return tuple(full[:at]), eos_id
 
 
 def offset_bytes(text: str, offsets) -> np.ndarray:
@@ -250,19 +244,6 @@ def _encoded(batches, backend, frame: tuple, dtype: str, table: np.ndarray | Non
             yield pending.popleft().get()
 
 
-def _cuts_keep_tokens(backend) -> bool:
-    """Whether cutting a text as reader.split_text does leaves its tokens as they were: true of
-    byte-level BPE; false where every text gets a prefix space (SentencePiece-style Metaspace), which
-    would add a space at each cut, so such tokenizers get whole documents."""
-
-    def ids(text: str) -> list[int]:
-        return backend.encode(text, add_special_tokens=False).ids
-
-    cuts = [("The first line", "\n    indented(x) = 1\n"), ("ends with a dot.\n", "Next line"),
-            ("Between", " words")]
-    return all(ids(a + b) == ids(a) + ids(b) for a, b in cuts)
-
-
 
 @dataclass(frozen=True)
 class _Options:
@@ -349,7 +330,7 @@ def _tokenizing(tokenizer: str | Path, eos_token: str | None) -> _Tokenizing:
                        f"tokens with --eos-token (e.g. one of {', '.join(tok.all_special_tokens[:5]) or 'none'})")
     tok_hash = tokenizer_hash(tokenizer)
     backend = tok.backend_tokenizer
-    chunk_chars = _CHUNK_CHARS if _cuts_keep_tokens(backend) else None
+    chunk_chars = _CHUNK_CHARS if cuts_keep_tokens(backend) else None
     return _Tokenizing(tokenizer, tok, tok_hash, eos_id, token_dtype(len(tok)), chunk_chars, byte_table(backend),
                        document_frame(backend, eos_id), eos_token is not None)
 

@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from cpt.data.reader import InputStats, iter_documents, resolve_inputs
 from cpt.errors import CptError
 
@@ -213,3 +215,34 @@ def tokenizer_hash(tokenizer: str | Path) -> str:
     hash survives a load/save cycle; where transformers rewrites the file, the fingerprint still matches.
     """
     return hashlib.sha256(tokenizer_json(tokenizer).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------- how cpt prepare uses a tokenizer
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab <= 65535), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+def document_frame(backend, eos_id: int) -> tuple[tuple[int, ...], int]:
+    """How a document is framed in the shards: ``(prefix, eos)``, where ``prefix`` is what the tokenizer
+    itself puts before a text (Llama, Mistral and Gemma tokenizers a BOS; byte-level BPEs like GPT-2's,
+    Qwen's or cpt's nothing), so the model sees documents as in its pre-training; EOS ends each."""
+    plain = backend.encode("frame", add_special_tokens=False).ids
+    full = backend.encode("frame", add_special_tokens=True).ids
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+    return tuple(full[:at]), eos_id
+
+
+def cuts_keep_tokens(backend) -> bool:
+    """Whether cutting a text as reader.split_text does leaves its tokens as they were: true of
+    byte-level BPE; false where every text gets a prefix space (SentencePiece-style Metaspace), which
+    would add a space at each cut, so such tokenizers get whole documents."""
+
+    def ids(text: str) -> list[int]:
+        return backend.encode(text, add_special_tokens=False).ids
+
+    cuts = [("The first line", "\n    indented(x) = 1\n"), ("ends with a dot.\n", "Next line"),
+            ("Between", " words")]
+    return all(ids(a + b) == ids(a) + ids(b) for a, b in cuts)

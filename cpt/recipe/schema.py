@@ -340,7 +340,11 @@ class ProbesConfig(StrictModel):
         "(forgetting is reported). Default: per stage, the sources that gained weight over the previous "
         "stage, or the heaviest source of the first stage."
     )
-    max_sequences: int = Field(64, gt=0, description="Held-out sequences per domain (the first N, fixed).")
+    max_sequences: int = Field(
+        64, gt=0, description="Held-out sequences per domain: a fixed sample spread evenly over the whole set "
+        "(every (set size / N)-th sequence, cpt.probes.probe_indices; the whole set when it has N or fewer), the "
+        "same at every probe, on resume and in `cpt probe --max-sequences N`."
+    )
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward pass while probing.")
     lm_eval: LmEvalProbesConfig | None = Field(
         None, description="lm-evaluation-harness tasks on the model in memory at each stage's start and end "
