@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from cpt.errors import CptError
+from cpt.gguf import DTYPES as GGUF_DTYPES
 from cpt.merge import DTYPES
 from cpt.predict.laws import LAWS
 from cpt.predict.search import FAMILIES
@@ -52,14 +53,14 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_schedule(ns: argparse.Namespace) -> int:
-    from cpt.compare import plot_schedules
     from cpt.plan import plan_run
     from cpt.recipe import load_recipe
+    from cpt.schedule_plot import plot_schedules
     from cpt.schedules import describe
     from cpt.stages import staged_schedule
 
     groups = _schedule_groups(ns.args)
-    schedules, stages, mixtures = {}, {}, {}
+    schedules, stages, mixtures, steps = {}, {}, {}, {}
     for path, overrides, own in groups:
         r = load_recipe(path, overrides)
         plan = plan_run(r, allow_missing_init=True)  # a re-warm from the checkpoint's last LR where it exists
@@ -72,13 +73,16 @@ def cmd_schedule(ns: argparse.Namespace) -> int:
         schedules[label] = s
         stages[label] = [(st.start, st.name) for st in plan.stages[1:]]
         mixtures[label] = [(st.start, st.end, st.mixture) for st in plan.stages]
+        steps[label] = (plan.origin.tokens, step_tokens)  # each step's LR: the schedule at its first token
+        first, last = s(plan.origin.tokens), s(s.total_tokens - step_tokens)
         print(f"{label}: {len(plan.stages)} stage(s), tokens {plan.origin.tokens} -> {s.total_tokens}, "
-              f"{(s.total_tokens - plan.origin.tokens) // step_tokens} steps")
+              f"{(s.total_tokens - plan.origin.tokens) // step_tokens} steps; a step's LR is the schedule at "
+              f"its first token: first step {first:.4g}, last step {last:.4g}")
         print(describe(s))
         for st in plan.stages:
             print(f"mixture of {st.name}: {st.mixture.describe()}")
-    plot_schedules(schedules, ns.out, title=ns.title or "learning rate against tokens", stages=stages,
-                   mixtures=mixtures)
+    plot_schedules(schedules, ns.out, title=ns.title or "learning rate against tokens (each step's at its first "
+                   "token)", stages=stages, mixtures=mixtures, steps=steps)
     print(f"plot: {ns.out}")
     return 0
 
@@ -217,7 +221,7 @@ def cmd_probe(ns: argparse.Namespace) -> int:
     downstream = parse_named(ns.downstream, "--downstream")
     result = run_probe(ns.model, sets, downstream, max_sequences=ns.max_sequences,
                        micro_batch_size=ns.micro_batch_size, lm_eval_tasks=ns.lm_eval,
-                       lm_eval_limit=ns.limit, lm_eval_include=ns.lm_eval_include)
+                       lm_eval_limit=ns.limit, lm_eval_include=ns.lm_eval_include, precision=ns.precision)
     if PartialState().is_main_process:
         print(format_table(result))
         if ns.out is not None:
@@ -237,10 +241,12 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     from cpt.predict import run_predict
 
     recipes, overrides = _split(ns.recipe)
-    if not recipes and not ns.search:
-        raise CptError("cpt predict: give --recipe R.yaml ... to predict, or --search FAMILY ... to search")
+    if not recipes and not ns.search and not ns.held_out:
+        raise CptError("cpt predict: give --recipe R.yaml ... or --held-out NAME=FILE ... to predict, or --search "
+                       "FAMILY ... to search")
     run_predict(ns.fit, recipes, overrides, compare_runs=ns.runs, laws=ns.law, families=ns.search, out=ns.out,
-                lam=ns.lam, bootstrap=ns.bootstrap, window=ns.smooth, final_window=ns.final_window, metric=ns.metric)
+                lam=ns.lam, bootstrap=ns.bootstrap, window=ns.smooth, final_window=ns.final_window, metric=ns.metric,
+                curves=ns.curve, held_out=ns.held_out, fit_points=ns.fit_points, lam_half_life=ns.lam_half_life)
     return 0
 
 
@@ -256,11 +262,18 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(ns: argparse.Namespace) -> int:
+    from cpt.gguf import format_report, import_gguf
+
+    print(format_report(import_gguf(ns.file, ns.out, dtype=ns.dtype, overwrite=ns.overwrite)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of causal LMs.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
     for add_verb in (_add_train, _add_schedule, _add_prepare, _add_probe, _add_compare, _add_predict, _add_merge,
-                     _add_tokenizer):  # the order `cpt --help` lists them in
+                     _add_tokenizer, _add_import):  # the order `cpt --help` lists them in
         add_verb(sub)
     return p
 
@@ -325,7 +338,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--max-documents", type=int, default=None, help="only the first N documents")
     d.add_argument("--overwrite", action="store_true")
     d.add_argument("--eos-token", default=None,
-                   help="the token that ends each document, for a tokenizer without an eos token")
+                   help="the token that ends each document (the separator), in place of the tokenizer's eos "
+                        "token; required where the tokenizer has none. Default: its eos token (an instruct "
+                        "tokenizer's may be a chat-turn end such as <|im_end|>). The one chosen is printed")
     d.add_argument("--num-shards", type=int, default=None, metavar="N",
                    help="prepare only part --shard-index of N contiguous parts of the inputs' records, "
                         "balanced by size (join them with cpt prepare merge)")
@@ -351,8 +366,13 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--limit", type=int, default=None, metavar="N", help="the first N documents of each lm-eval task")
     pr.add_argument("--lm-eval-include", default=None, metavar="DIR",
                     help="a folder of local lm-eval task YAMLs (beside lm-eval's own tasks)")
-    pr.add_argument("--max-sequences", type=int, default=64, help="held-out sequences per set (the first N)")
+    pr.add_argument("--max-sequences", type=int, default=64,
+                    help="held-out sequences per set: N spread evenly over the set, as the run's probes.max_sequences "
+                         "samples them (the whole set when it has N or fewer)")
     pr.add_argument("--micro-batch-size", type=int, default=16, help="sequences per forward pass")
+    pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="bf16: every forward under bf16 autocast (fp32 weights), as train.precision: bf16 trains; "
+                         "auto (default, as train.precision): bf16 on a GPU that supports it, fp32 elsewhere")
     pr.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     pr.set_defaults(func=cmd_probe)
 
@@ -365,32 +385,54 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--metric", choices=["loss", "bpb"], default="loss",
                    help="probe panels and forgetting columns in nats per token (loss) or bits per byte (bpb: "
                         "comparable across tokenizers, e.g. an extended vocabulary)")
-    c.add_argument("--smoothing", type=float, default=0.9, help="EMA factor of the train-loss line")
+    c.add_argument("--smoothing", type=float, default=0.9,
+                   help="EMA factor of the train-loss line and of the table's final train loss (its last point)")
     c.set_defaults(func=cmd_compare)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
+    from cpt.predict.fit import BOOTSTRAP, MAX_POINTS
+
     pd = sub.add_parser("predict", help="fit loss-curve laws on runs; predict other schedules; search for one",
-                        description="cpt predict --fit RUN_DIR[@STAGE] ... --recipe R.yaml[@STAGE] ... "
-                                    "[key.path=value ...] [--runs RUN_DIR ...] [--search FAMILY ...]")
-    pd.add_argument("--fit", nargs="+", required=True, metavar="RUN_DIR[@STAGE]",
-                    help="runs whose logged LR and loss the laws are fitted on (one stage of a staged run)")
+                        description="cpt predict --fit RUN_DIR[@STAGE] ... [--curve NAME=FILE ...] --recipe "
+                                    "R.yaml[@STAGE] ... [key.path=value ...] [--runs RUN_DIR ...] [--held-out "
+                                    "NAME=FILE|RUN_DIR ...] [--search FAMILY ...]")
+    pd.add_argument("--fit", nargs="+", default=[], metavar="RUN_DIR[@STAGE]",
+                    help="cpt runs whose logged LR and loss the laws are fitted on (one stage of a staged run); "
+                         "any number, with --curve too")
+    pd.add_argument("--curve", nargs="+", default=[], metavar="NAME=FILE[,key=value]",
+                    help="curves trained elsewhere to fit on: a .csv/.tsv/.jsonl/.json of records with a step (or "
+                         "tokens), an LR and a loss column (Megatron, OLMo-core, HF Trainer, a W&B history export); "
+                         "keys step=, tokens=, lr=, loss=, loss_at=before|after, lr_fill=linear|hold, "
+                         "tokens_per_step= (docs/prediction.md)")
     pd.add_argument("--recipe", nargs="+", default=[], metavar="R.yaml[@STAGE]|key=value",
                     help="recipes whose schedules to predict; key=value overrides apply to all of them")
     pd.add_argument("--runs", nargs="+", default=[], metavar="RUN_DIR",
                     help="finished runs not used in the fit, to overlay where their recipe.yaml matches")
+    pd.add_argument("--held-out", nargs="+", default=[], metavar="NAME=FILE[,key=value]|RUN_DIR[@STAGE]",
+                    help="runs or curve files not used in the fit: each predicted from its own logged LR (any "
+                         "schedule) and scored against its own loss")
     pd.add_argument("--search", nargs="+", default=[], choices=FAMILIES,
                     metavar="FAMILY", help="minimise the predicted final loss over these schedule families "
                     f"({', '.join(FAMILIES)}) at the first recipe's budget")
     pd.add_argument("--law", nargs="+", default=list(LAWS), choices=LAWS,
                     help="laws to fit (default both)")
     pd.add_argument("--out", type=Path, default=Path("predict"), help="folder for report.md/.json, curves.png")
-    pd.add_argument("--lam", type=float, default=0.999, help="anneal law: decay factor of the annealing momentum")
-    pd.add_argument("--bootstrap", type=int, default=100, help="bootstrap replicates for the intervals")
+    pd.add_argument("--lam", type=float, default=0.999,
+                    help="anneal law: decay factor of the annealing momentum, per optimizer step (not per log record)")
+    pd.add_argument("--lam-half-life", default=None, metavar="LENGTH",
+                    help="anneal law: lambda given as the momentum's half-life, in steps (693 steps) or tokens (2.8M, "
+                         "converted with the fitted runs' tokens per step); replaces --lam")
+    pd.add_argument("--bootstrap", type=int, default=BOOTSTRAP,
+                    help=f"bootstrap replicates for the intervals (default {BOOTSTRAP}; the time is printed)")
+    pd.add_argument("--fit-points", type=int, default=MAX_POINTS,
+                    help=f"fit each run on at most this many points, block means of its measured losses past "
+                         f"that (default {MAX_POINTS}; 0: every measured point)")
     pd.add_argument("--smooth", type=int, default=9, help="centred moving-average window (steps) for the errors")
     pd.add_argument("--final-window", type=int, default=10, help="final loss = mean of the last N measured points")
     pd.add_argument("--metric", default="train/loss",
-                    help="what to fit and compare: train/loss, or a probe the runs log (probe/DOMAIN/loss)")
+                    help="what to fit and compare: train/loss, or a probe the runs log (probe/DOMAIN/loss); for a "
+                         "curve file, its column of that name if it has one")
     pd.set_defaults(func=cmd_predict)
 
 
@@ -438,6 +480,22 @@ def _add_tokenizer(sub: argparse._SubParsersAction) -> None:
     ke.add_argument("--text-field", default="text")
     ke.add_argument("--max-documents", type=int, default=20000, help="documents read from --train (and --old)")
     ke.set_defaults(func=cmd_tokenizer_extend)
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    i = sub.add_parser("import", help="make another format's model into an HF model dir (GGUF)")
+    isub = i.add_subparsers(dest="iverb", required=True, metavar="FORMAT")
+    g = isub.add_parser("gguf", help="a GGUF file (llama.cpp) -> an HF model dir: dequantised safetensors, "
+                                     "config, HF tokenizer; then init_from.path: DIR",
+                        description="cpt import gguf FILE --out DIR: transformers' GGUF loader reads it (the "
+                                    "architectures it supports; needs pip install -e '.[gguf]'), the saved dir is "
+                                    "loaded back and checked against it (logits, tied head, tokenizer)")
+    g.add_argument("file", type=Path, metavar="FILE", help="the .gguf file")
+    g.add_argument("--out", required=True, type=Path, metavar="DIR", help="the HF model dir to write")
+    g.add_argument("--dtype", default="float32", choices=GGUF_DTYPES,
+                   help="dtype of the saved weights (default float32: the dequantised values exactly)")
+    g.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    g.set_defaults(func=cmd_import)
 
 
 def main(argv: list[str] | None = None) -> int:

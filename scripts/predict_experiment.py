@@ -11,6 +11,7 @@
 
     python scripts/predict_experiment.py            # all three, from the repository root (~40 min on 2 busy cores)
     python scripts/predict_experiment.py report     # only refit and rewrite the doc
+    python scripts/predict_experiment.py scale --before c95c5b7   # the full-resolution section (synthetic curves)
 """
 
 from __future__ import annotations
@@ -151,12 +152,17 @@ PRE_RECIPES = PRETRAIN_HELD_OUT + PRETRAIN_FIT
 CPT_RECIPES = CPT_HELD_OUT + CPT_FIT
 
 
+AS_MEASURED = ["--fit-points", "0", "--bootstrap", "100"]
+
+
 def predict_cmd(setup: Setup, out: str, fit: list[str], recipes: list[str], *extra: str) -> list[str]:
-    """The `cpt predict` arguments of one analysis (held-out runs overlaid where their recipe matches)."""
+    """The `cpt predict` arguments of one analysis (held-out runs overlaid where their recipe matches). Every
+    measured point and 100 bootstrap replicates, as the page's numbers were measured (the defaults then)."""
     held = [r for r in recipes if r not in fit]
     return ["predict", "--fit", *[str(setup.run(f)) for f in fit],
             "--recipe", *[setup.recipe(r) for r in recipes],
-            *(["--runs", *[str(setup.run(r)) for r in held]] if held else []), "--out", str(setup.out(out)), *extra]
+            *(["--runs", *[str(setup.run(r)) for r in held]] if held else []), "--out", str(setup.out(out)),
+            *AS_MEASURED, *extra]
 
 
 def run_analysis(args: list[str]) -> dict:
@@ -200,6 +206,12 @@ def held_out(report: dict) -> list[dict]:
     return [p for p in report["predictions"] if p["real_run"] and not p["in_fit"]]
 
 
+def naive(p: dict) -> dict | None:
+    """A prediction row's naive baseline, None where there is none (the row then says why)."""
+    b = p.get("baseline")
+    return b if b and b.get("run") else None
+
+
 def target_met(e: dict, b: dict | None) -> bool:
     """The target: a final-loss error within 1% and smaller than the naive baseline's (``b``)."""
     return abs(e["final_err"]) <= 0.01 and b is not None and abs(e["final_err"]) < abs(b["final_err"])
@@ -209,13 +221,13 @@ def law_score(report: dict, law: str) -> dict:
     """A law's errors on the held-out runs and the naive baseline's, and how many runs are within 1%,
     better than the baseline, and both (the target)."""
     rows = held_out(report)
-    based = [p for p in rows if "baseline" in p]
+    based = [p for p in rows if naive(p)]
     errs = [abs(p["laws"][law]["final_err"]) for p in rows]
     return {"n": len(rows), "errs": errs, "mares": [p["laws"][law]["mare"] for p in rows],
             "base": [abs(p["baseline"]["final_err"]) for p in based], "base_mare": [p["baseline"]["mare"] for p in based],
             "within": sum(e <= 0.01 for e in errs),
             "better": sum(abs(p["laws"][law]["final_err"]) < abs(p["baseline"]["final_err"]) for p in based),
-            "met": sum(target_met(p["laws"][law], p.get("baseline")) for p in rows)}
+            "met": sum(target_met(p["laws"][law], naive(p)) for p in rows)}
 
 
 def score(report: dict, law: str) -> tuple[int, int, float, float]:
@@ -229,12 +241,12 @@ def prediction_table(report: dict) -> list[str]:
             "| naive: closest fitted run | naive error | naive MARE | target met |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for p in held_out(report):
-        b = p.get("baseline")
-        naive = f"{b['run']} | {pct(b['final_err'])} | {100 * b['mare']:.2f}%" if b else "- | - | -"
+        b = naive(p)
+        base = f"{b['run']} | {pct(b['final_err'])} | {100 * b['mare']:.2f}%" if b else "- | - | -"
         for law, e in p["laws"].items():
             rows.append(f"| {p['name']} | {law} | {e['final']:.4f} ({e['final_low']:.4f}-{e['final_high']:.4f}) "
                         f"| {e['final_real']:.4f} | {pct(e['final_err'])} | {100 * e['mare']:.2f}% "
-                        f"| {naive} | {'yes' if target_met(e, b) else 'no'} |")
+                        f"| {base} | {'yes' if target_met(e, b) else 'no'} |")
     return rows
 
 
@@ -642,20 +654,21 @@ def seed_section(setup: Setup, cmds: dict[str, list[str]], rep: dict[str, dict],
 
 
 def page_intro() -> list[str]:
-    """The page's opening: what `cpt predict` fits, exactly as implemented, and the two setups."""
+    """The page's opening: what `cpt predict` fits, exactly as implemented, how to give it curves, what it
+    warns about, and the two setups."""
     L: list[str] = []
     add = L.append
     add("# Predicting loss curves across LR schedules: `cpt predict`")
     add("")
     add("*Written by `scripts/predict_experiment.py` from the runs it trained; every number below is measured.*")
     add("")
-    add("`cpt predict` fits a loss-curve law on one or two runs' logged curves (the loss at each step together "
-        "with the LR the trainer actually applied) and predicts the curve of any other schedule, step by step. "
-        "Two laws are implemented in `cpt/predict.py`:")
+    add("`cpt predict` fits a loss-curve law on any number of runs' logged curves (the loss at each step together "
+        "with the LR the trainer actually applied: cpt run dirs, or curves logged by other trainers) and predicts "
+        "the curve of any other schedule, step by step. Two laws are implemented in `cpt/predict/laws.py`:")
     add("")
     add("- **anneal**, the scaling law with LR annealing (Tissue et al. 2024): "
         "`L(n) = L0 + A*S1(n)^-alpha - C*S2(n)`, `S1` the summed LR, `S2` the annealing area "
-        "`sum m_i`, `m_i = lam*m_(i-1) + (eta_(i-1) - eta_i)`, lam = 0.999 by default;")
+        "`sum m_i`, `m_i = lam*m_(i-1) + (eta_(i-1) - eta_i)`, lam = 0.999 per optimizer step by default;")
     add("- **multipower**, the multi-power law (Luo et al. 2025): `L(n) = L0 + A*S1(n)^-alpha - LD(n)`, "
         "`LD(n) = B*sum_k (eta_(k-1) - eta_k)*G(eta_k^-gamma*S_k(n))`, `G(x) = 1 - (C*x + 1)^-beta`, "
         "`S_k(n) = sum_(tau=k..n) eta_tau` (the form of the authors' README).")
@@ -667,9 +680,56 @@ def page_intro() -> list[str]:
         "constant-LR run look like one whose LR keeps rising); both laws are fitted and evaluated after the "
         "warmup. LRs are divided by the fitted runs' peak LR. Fit: scipy least squares with a Huber loss on "
         "log-loss (scale 1.345 x the robust step-to-step noise), from the 3 best points of a grid over the "
-        "nonlinear parameters with the linear ones solved exactly; intervals: 100 moving-block bootstrap "
-        "replicates over each run's steps (blocks of ~sqrt(n)), 2.5-97.5 percentiles. They carry the noise of "
-        "the fitted runs, not the law's own misfit. A fit refuses data that cannot identify the law.")
+        "nonlinear parameters with the linear ones solved exactly (grid and starts on up to 64 points of each "
+        "run, the best start then refined on all the fit points); intervals: moving-block bootstrap replicates "
+        "over each run's fit points (blocks of ~sqrt(n)), 2.5-97.5 percentiles, each replicate refitted from the "
+        "best fit in at most 30 evaluations. They carry the noise of the fitted runs, not the law's own misfit. "
+        "A fit refuses data that cannot identify the law.")
+    add("")
+    add("**Fit points.** A run is fitted on at most 256 points (`--fit-points`; 0: every measured point): past "
+        "that, means of log-loss over blocks of consecutive measured points, each at its block's mean step, "
+        "weighted by the block's size. Blocks are narrower where the curve bends: at most 5% of their first "
+        "step wide (early on) and at most 2% of the peak LR of LR change within one (a decay). The laws are "
+        "still evaluated exactly at those steps from every step's LR; only the noise is averaged. The "
+        "default bootstrap is 20 replicates (`--bootstrap`); the fit's and the bootstrap's seconds are printed "
+        "and in the report. The two setups below were measured with every point and 100 replicates (the "
+        "defaults then; the script passes `--fit-points 0 --bootstrap 100`).")
+    add("")
+    add("**Cost.** `S1` and `S2` are cumulative sums and a recurrence, O(steps). The multi-power sum has no "
+        "recurrence: it is evaluated only at the steps where a loss is needed (the fit points, a prediction's "
+        "points), over the LR changes before each, in blocks of at most 131,072 (point, change) pairs, so memory "
+        "stays at a few MB however long the run. A predicted multi-power curve is exact at every step when that "
+        "costs at most 2e8 pairs, else at an even grid within that budget plus the final-loss steps, linear in "
+        "between (the anneal law is exact everywhere). Measured below (*Curves at full resolution*).")
+    add("")
+    add("**Units.** Every constant counts optimizer steps of the fitted runs: lambda is per optimizer step, "
+        "printed with its half-life in steps and (the batch known) tokens, never per log record; "
+        "`--lam-half-life 693steps` or `--lam-half-life 2.8M` (tokens, converted with the fitted runs' tokens "
+        "per step) give it as a length. A curve logged every k steps is read with its step numbers and its LR "
+        "for every step reconstructed, so the same curve at 1 and 16 steps per record predicts the same "
+        "(tests/test_predict_scale.py). The laws do not carry across batch sizes: runs of another tokens per "
+        "step are refused.")
+    add("")
+    add("**Curves from other trainers.** `--curve NAME=FILE[,key=value...]` (fitted) and `--held-out "
+        "NAME=FILE|RUN_DIR` (predicted from its own logged LR, any schedule, and scored against its own loss) "
+        "read .csv, .tsv, .jsonl or .json (a list of records, or an HF `trainer_state.json`) with a step (or "
+        "tokens) column, an LR column and a loss column, found by name (`step`, `global_step`, "
+        "`trainer/global_step`, `iteration`, W&B's `_step` last; `lr`, `learning_rate`, `optim/LR (group 0)`; "
+        "`train/loss`, `loss`, `lm loss`, `train/CE loss`, else `eval/loss`, `val/loss`) or named with "
+        "`step=`, `tokens=`, `lr=`, `loss=`. W&B exports' `RUN - METRIC` columns are read as `METRIC` "
+        "(`__MIN`/`__MAX` ignored) and a step's records spread over rows are merged. A validation loss "
+        "(a name with val, eval, valid, probe or test) is taken after its step's update, a train loss before "
+        "(`loss_at=` overrides). Between two records the LR is interpolated linearly (from 0 at step 0 to the "
+        "first record), or held (`lr_fill=hold`: each record's LR until the next). Tokens only: "
+        "`tokens_per_step=N`. Each file's reading is printed: steps, records, columns, cadence.")
+    add("")
+    add("**Warnings.** The report and the command line say, with what to do (fit on more schedule shapes, e.g. "
+        "three runs as in the papers' protocol, or the other law): a parameter on (or within 0.5% of the range "
+        "of) its bound, or a bootstrap interval that reaches a bound; an interval over more than 2 orders of "
+        "magnitude; and an in-sample error (the law on its own fitted runs, scored like a held-out run) far "
+        "below the held-out one (3x, and 0.5 points at least). The naive baseline (the fitted run with the "
+        "closest LR schedule, its loss taken at the same tokens) is given for every run with a real curve, or "
+        "why not (no fitted run reaches its end).")
     add("")
     add("The measurement is made twice, on the same model, data and token budget (1M tokens of English, then "
         "512K of German): **setup A** with 4K-token batches (256 steps), where LR decay turned out not to pay, "
@@ -745,8 +805,178 @@ def page_closing(refuse: list[str], refusal: tuple[int, str]) -> list[str]:
     add("- The warmup and the re-warm transient are outside both laws (fitted and scored after the LR peak).")
     add("- Bootstrap intervals carry the noise of the fitted runs, not the laws' misfit: the in-sample errors "
         "above show how large that is.")
+    add("- Published curves (the papers' 25M-400M models) are not reachable from here: the full-resolution "
+        "measurements use curves drawn from the multi-power law with known parameters (*Curves at full "
+        "resolution*); tests/test_predict_scale.py recovers such a law's parameters and predictions.")
     add("")
     return L
+
+
+# --- scale: curves at full resolution (synthetic, from the multi-power law) ------------------------------
+
+SCALE = RUNS / "scale"
+SCALE_SIZES = (24_000, 100_000)  # steps, one record per step
+BEFORE_SIZES = (1_000, 2_000, 4_000)  # the matrix code: time and memory grow as steps x changes
+SCALE_TOP = 3e-4
+SCALE_THETA = [3.0, 23.0, 0.45, 0.15, 0.05, 0.55, 0.55]  # multipower, LRs / 3e-4 (the paper's B = 500 x 3e-4)
+SCALE_BEGIN, SCALE_END = "<!-- scale:begin -->", "<!-- scale:end -->"
+_API_BENCH = r"""
+import json, os, resource, sys, time
+import numpy as np
+import cpt.predict.laws
+from cpt.predict import Curve, fit
+
+assert cpt.predict.laws.__file__.startswith(os.getcwd()), cpt.predict.laws.__file__  # the code under test
+
+def read(path):
+    a = np.loadtxt(path, delimiter=",", skiprows=1, usecols=(0, 2, 3))
+    losses = np.full(len(a) + 1, np.nan)
+    losses[:-1] = a[:, 2]
+    return Curve(path, a[:, 1], 4096, losses)
+
+curves = [read(p) for p in sys.argv[1:]]
+t = time.perf_counter()
+for law in ("anneal", "multipower"):
+    f = fit(curves[:-1], law, bootstrap=0)
+    f.predict(curves[-1])
+print(json.dumps({"seconds": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+_CLI_BENCH = r"""
+import json, resource, sys, time
+from cpt.cli import main
+t = time.perf_counter()
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "seconds": time.perf_counter() - t,
+                  "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def scale_lrs(kind: str, T: int) -> list[float]:
+    """LR of each of T steps: 1% linear warmup, then constant / cosine to 0.1x / WSD (1-sqrt decay over the last
+    20% to 0.01x) / two steps (0.3x at 50%, 0.1x at 75%)."""
+    import numpy as np
+
+    W, s = T // 100, np.arange(T)
+    w = np.minimum((s + 1) / W, 1.0)
+    p = np.clip((s - W) / (T - W), 0, 1)
+    lr = {"constant": w, "cosine": np.where(s < W, w, 0.1 + 0.45 * (1 + np.cos(np.pi * p))),
+          "wsd": np.where(s < 0.8 * T, w, 1 - 0.99 * np.sqrt(np.clip((s - 0.8 * T) / (0.2 * T), 0, 1))),
+          "steps": np.where(s < W, w, np.where(s < 0.5 * T, 1.0, np.where(s < 0.75 * T, 0.3, 0.1)))}[kind]
+    return (lr * SCALE_TOP).tolist()
+
+
+def scale_curve(kind: str, T: int, seed: int) -> Path:
+    """A train-loss curve drawn from the multi-power law (1% noise per step; the warmup a straight line from
+    10), one CSV record per step (step, tokens at 4096 a step, LR, loss); written once."""
+    import numpy as np
+
+    from cpt.predict.laws import _features, law_curve
+
+    path = SCALE / f"{kind}-{T // 1000}k.csv"
+    if path.is_file():
+        return path
+    lrs = np.array(scale_lrs(kind, T))
+    y = law_curve("multipower", SCALE_THETA, _features(lrs, SCALE_TOP, 0.999))
+    W = int(np.argmax(lrs)) + 1
+    y[:W] = np.linspace(10.0, y[W], W)
+    y *= np.exp(np.random.default_rng(seed).normal(0.0, 0.01, T + 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = ["step,tokens,lr,train/loss"] + [f"{i},{4096 * i},{lrs[i - 1]:.9g},{y[i - 1]:.6f}" for i in range(1, T + 1)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def bench(code: str, args: list[str], pythonpath: Path) -> dict:
+    """Run ``code`` with ``args`` in a fresh interpreter (one thread) on the cpt under ``pythonpath`` (its working
+    directory, first on sys.path): its JSON."""
+    env = {**os.environ, **ONE_THREAD, "PYTHONPATH": str(pythonpath)}
+    r = subprocess.run([sys.executable, "-c", code, *args], cwd=pythonpath, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"benchmark failed: {r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def scale_cli(T: int) -> tuple[list[str], dict, dict]:
+    """`cpt predict` on three per-step curves of T steps (constant, cosine, WSD: the papers' protocol), a
+    two-step decay held out (and, at 24K, a 72K-step cosine): (the command, time and peak RSS, report)."""
+    fit_k = {k: scale_curve(k, T, i) for i, k in enumerate(["constant", "cosine", "wsd"])}
+    held = [f"steps={scale_curve('steps', T, 3)}"] + ([f"cosine72k={scale_curve('cosine', 72_000, 4)}"]
+                                                       if T == 24_000 else [])
+    out = SCALE / f"report-{T // 1000}k"
+    args = ["predict", "--curve", *(f"{k}={v}" for k, v in fit_k.items()), "--held-out", *held, "--out", str(out)]
+    print(f"$ cpt {' '.join(args)}", flush=True)
+    m = bench(_CLI_BENCH, args, ROOT)
+    return args, m, json.loads((out / "report.json").read_text())
+
+
+def scale_before(rev: str) -> list[tuple[int, dict, dict]]:
+    """Fit both laws (no bootstrap) and predict one curve at BEFORE_SIZES, with the code of ``rev`` (the
+    matrix) and this checkout's: [(steps, before, after)]."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(f"git archive {rev} cpt | tar -x -C {tmp}", shell=True, cwd=ROOT, check=True)
+        for T in BEFORE_SIZES:
+            files = [str(ROOT / scale_curve(k, T, i)) for i, k in enumerate(["constant", "cosine", "wsd"])]
+            print(f"benchmark at {T} steps: {rev} and this checkout", flush=True)
+            rows.append((T, bench(_API_BENCH, files, Path(tmp)), bench(_API_BENCH, files, ROOT)))
+    return rows
+
+
+def scale_section(cli: list[tuple[int, list[str], dict, dict]], before: list[tuple[int, dict, dict]], rev: str | None,
+                  seconds: float) -> list[str]:
+    """The page's section on full-resolution curves, from the measurements."""
+    L = [SCALE_BEGIN, "## Curves at full resolution: memory and time", "",
+         f"Synthetic curves drawn from the multi-power law (L0, A, alpha, B, C, beta, gamma = "
+         f"{', '.join(f'{v:g}' for v in SCALE_THETA)}, LRs / {SCALE_TOP:g}; 1% noise per step), one record per "
+         "optimizer step, fitted as they come (`--curve`), on one thread of a 2-core machine shared with other "
+         "jobs (times are upper bounds). Published curves are not reachable offline; the protocol is theirs: "
+         "fit constant, cosine and WSD, predict what was held out.", "",
+         "| steps per run | command | wall s | peak RSS | fit s (anneal / multipower) | bootstrap s (20 replicates) "
+         "| fit points per law | held out: final-loss error (anneal / multipower) | warnings |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for T, args, m, rep in cli:
+        fa, fm = rep["fit"]["anneal"], rep["fit"]["multipower"]
+        errs = "; ".join(f"{p['name']} {pct(p['laws']['anneal']['final_err'])} / {pct(p['laws']['multipower']['final_err'])}"
+                         for p in rep["predictions"])
+        L.append(f"| {T:,} | `cpt {' '.join(args)}` | {m['seconds']:.0f} | {m['rss'] / 2**20:.0f} MiB "
+                 f"| {fa['seconds']:.1f} / {fm['seconds']:.1f} | {fa['bootstrap_seconds']:.1f} / "
+                 f"{fm['bootstrap_seconds']:.1f} | {fm['fit_points']} of {fm['measured_points']} | {errs} "
+                 f"| {len(fa['warnings']) + len(fm['warnings'])} |")
+    if before:
+        L += ["", f"Before (commit {rev}: a steps x changes matrix per run) and now, both laws fitted without a "
+                  "bootstrap and one curve predicted, the same curves:", "",
+              "| steps per run | before: s | before: peak RSS | now: s | now: peak RSS |", "|---|---|---|---|---|"]
+        L += [f"| {T:,} | {b['seconds']:.1f} | {b['rss'] / 2**20:.0f} MiB | {a['seconds']:.1f} | {a['rss'] / 2**20:.0f} MiB |"
+              for T, b, a in before]
+        L += ["", "The matrix grows as steps x LR changes (8 bytes each, several copies at once): at 24,001 steps "
+                  "one copy is 3.9 GiB, at 100K steps 75 GiB; the table stops at 4K, where one fit already takes minutes."]
+    return L + ["", f"*(scale measurements: {seconds:.0f} s; `python scripts/predict_experiment.py scale"
+                    f"{' --before ' + rev if rev else ''}`)*", SCALE_END]
+
+
+def stage_scale(rev: str | None) -> None:
+    """Measure `cpt predict` on full-resolution curves and write that section of the page (in place)."""
+    t0 = time.time()
+    cli = [(T, *scale_cli(T)) for T in SCALE_SIZES]
+    before = scale_before(rev) if rev else []
+    section = "\n".join(scale_section(cli, before, rev, time.time() - t0))
+    text = (ROOT / DOC).read_text()
+    if SCALE_BEGIN in text:
+        text = text[:text.index(SCALE_BEGIN)] + section + text[text.index(SCALE_END) + len(SCALE_END):]
+    else:
+        text = text.replace("\n## Summary\n", "\n" + section + "\n\n## Summary\n", 1)
+    (ROOT / DOC).write_text(text)
+    print(f"wrote the scale section of {DOC}")
+
+
+def kept_scale_section() -> list[str]:
+    """The scale section as the page has it now (the report stage rewrites the rest of the page)."""
+    text = (ROOT / DOC).read_text() if (ROOT / DOC).is_file() else ""
+    if SCALE_BEGIN not in text:
+        return []
+    return text[text.index(SCALE_BEGIN):text.index(SCALE_END) + len(SCALE_END)].splitlines() + [""]
 
 
 def stage_report() -> None:
@@ -757,7 +987,7 @@ def stage_report() -> None:
     done = {st.key: analyses(st) for st in SETUPS}
     refuse, refusal = refused()
     sections = [setup_report(st, *done[st.key]) for st in SETUPS]
-    L = page_intro() + ["## Summary", "",
+    L = page_intro() + kept_scale_section() + ["## Summary", "",
                         "Target: final-loss error <= 1% and smaller than the naive baseline's (the fitted run with "
                         "the closest schedule), on runs not used in the fit.", ""]
     for _, lines in sections:
@@ -772,9 +1002,14 @@ def stage_report() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stages", nargs="*", default=["data", "runs", "report"], choices=["data", "runs", "report"])
+    p.add_argument("stages", nargs="*", default=["data", "runs", "report"],
+                   choices=["data", "runs", "report", "scale"])
     p.add_argument("--shared", default=None, help="the shared corpora dir (default: ../shared/data)")
+    p.add_argument("--before", default=None, metavar="REV",
+                   help="scale: also time the code of this git revision (the steps x changes matrix) at 2K-8K steps")
     ns = p.parse_args()
+    if "scale" in ns.stages:
+        stage_scale(ns.before)
     if "data" in ns.stages:
         stage_data(shared_data(ns.shared))
     if "runs" in ns.stages:

@@ -21,7 +21,7 @@ class Curve:
 
     name: str
     lrs: np.ndarray
-    tokens_per_step: int
+    tokens_per_step: int | None  # None: not known (a curve file with steps only)
     losses: np.ndarray | None = None
 
     @property

@@ -75,8 +75,9 @@ def search(law: Fit, candidates: dict[str, dict[str, Any]], total_tokens: int, t
         except (CptError, ValueError):
             continue
         curve = Curve(label, np.array([sched(s * tokens_per_step) for s in range(steps)]), tokens_per_step)
-        lo, hi = law.band(curve)
-        results.append(SearchResult(label, cfg, float(law.predict(curve)[-1]), float(lo[-1]), float(hi[-1])))
+        end = [steps]  # only n = T is needed: the multi-power sum is evaluated there alone
+        lo, hi = law.band(curve, at=end)
+        results.append(SearchResult(label, cfg, float(law.predict(curve, at=end)[0]), float(lo[0]), float(hi[0])))
     if not results:
         raise CptError("--search: no candidate schedule fits the budget")
     results.sort(key=lambda r: r.final)
