@@ -834,10 +834,11 @@ def read(path):
     losses[:-1] = a[:, 2]
     return Curve(path, a[:, 1], 4096, losses)
 
-curves = [read(p) for p in sys.argv[1:]]
+every = sys.argv[1] == "every"  # every measured point (--fit-points 0), else the defaults of the code under test
+curves = [read(p) for p in sys.argv[2:]]
 t = time.perf_counter()
 for law in ("anneal", "multipower"):
-    f = fit(curves[:-1], law, bootstrap=0)
+    f = fit(curves[:-1], law, bootstrap=0, **({"max_points": 0} if every else {}))
     f.predict(curves[-1])
 print(json.dumps({"seconds": time.perf_counter() - t, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
@@ -909,9 +910,10 @@ def scale_cli(T: int) -> tuple[list[str], dict, dict]:
     return args, m, json.loads((out / "report.json").read_text())
 
 
-def scale_before(rev: str) -> list[tuple[int, dict, dict]]:
+def scale_before(rev: str) -> list[tuple[int, dict, dict, dict]]:
     """Fit both laws (no bootstrap) and predict one curve at BEFORE_SIZES, with the code of ``rev`` (the
-    matrix) and this checkout's: [(steps, before, after)]."""
+    matrix, every point) and this checkout's (every point, and its default fit points):
+    [(steps, before, now on every point, now)]."""
     import tempfile
 
     rows = []
@@ -920,11 +922,12 @@ def scale_before(rev: str) -> list[tuple[int, dict, dict]]:
         for T in BEFORE_SIZES:
             files = [str(ROOT / scale_curve(k, T, i)) for i, k in enumerate(["constant", "cosine", "wsd"])]
             print(f"benchmark at {T} steps: {rev} and this checkout", flush=True)
-            rows.append((T, bench(_API_BENCH, files, Path(tmp)), bench(_API_BENCH, files, ROOT)))
+            rows.append((T, bench(_API_BENCH, ["default", *files], Path(tmp)),
+                         bench(_API_BENCH, ["every", *files], ROOT), bench(_API_BENCH, ["default", *files], ROOT)))
     return rows
 
 
-def scale_section(cli: list[tuple[int, list[str], dict, dict]], before: list[tuple[int, dict, dict]], rev: str | None,
+def scale_section(cli: list[tuple[int, list[str], dict, dict]], before: list[tuple[int, dict, dict, dict]], rev: str | None,
                   seconds: float) -> list[str]:
     """The page's section on full-resolution curves, from the measurements."""
     L = [SCALE_BEGIN, "## Curves at full resolution: memory and time", "",
@@ -945,11 +948,13 @@ def scale_section(cli: list[tuple[int, list[str], dict, dict]], before: list[tup
                  f"{fm['bootstrap_seconds']:.1f} | {fm['fit_points']} of {fm['measured_points']} | {errs} "
                  f"| {len(fa['warnings']) + len(fm['warnings'])} |")
     if before:
-        L += ["", f"Before (commit {rev}: a steps x changes matrix per run) and now, both laws fitted without a "
-                  "bootstrap and one curve predicted, the same curves:", "",
-              "| steps per run | before: s | before: peak RSS | now: s | now: peak RSS |", "|---|---|---|---|---|"]
-        L += [f"| {T:,} | {b['seconds']:.1f} | {b['rss'] / 2**20:.0f} MiB | {a['seconds']:.1f} | {a['rss'] / 2**20:.0f} MiB |"
-              for T, b, a in before]
+        L += ["", f"Before (commit {rev}: a steps x changes matrix per run, every measured point) and now (on every "
+                  "point, `--fit-points 0`, and with the default 256 fit points a run), both laws fitted without a "
+                  "bootstrap on the constant and cosine runs and the WSD run predicted at every step, the same curves:",
+              "", "| steps per run | before: s | before: peak RSS | now, every point: s | peak RSS | now: s | peak RSS |",
+              "|---|---|---|---|---|---|---|"]
+        L += [f"| {T:,} | " + " | ".join(f"{m['seconds']:.1f} | {m['rss'] / 2**20:.0f} MiB" for m in ms) + " |"
+              for T, *ms in before]
         L += ["", "The matrix grows as steps x LR changes (8 bytes each, several copies at once): at 24,001 steps "
                   "one copy is 3.9 GiB, at 100K steps 75 GiB; the table stops at 4K, where one fit already takes minutes."]
     return L + ["", f"*(scale measurements: {seconds:.0f} s; `python scripts/predict_experiment.py scale"
