@@ -76,9 +76,12 @@ def die_with_parent() -> None:
     import ctypes
 
     PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the launcher is already gone: the kernel will not send it any more
+    # The launcher died between the two calls: the kernel will not send it any more. (Not "the parent is
+    # pid 1": in a container the launcher itself is pid 1.)
+    if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
