@@ -1,8 +1,9 @@
 """Recipes: one typed schema (pydantic v2) loaded from YAML.
 
-- :mod:`cpt.recipe.schema`: every section of a recipe (run, model, data, train, schedule, stages, probes,
-  checkpoint, tracking, mitigate, merge, ...) with its defaults, field descriptions and validators, and
-  :class:`Recipe`, the whole file. Every default lives there, so the schema documents the recipes.
+- :mod:`cpt.recipe.schema`: every section of a recipe (run, model, train, schedule, stages, checkpoint,
+  tracking, ...) with its defaults, field descriptions and validators, and :class:`Recipe`, the whole
+  file; the bigger sections have their own modules (:mod:`cpt.recipe.data`, :mod:`cpt.recipe.probes`,
+  :mod:`cpt.recipe.mitigate`). Every default lives there, so the schema documents the recipes.
 - :mod:`cpt.recipe.load`: :func:`load_recipe` (YAML, ``extends:``, dotted overrides, ``${a.b}``
   references, validation), :func:`validate_recipe` (a dict), the one-line error messages, and
   :func:`recipe_diff`.
@@ -12,26 +13,18 @@ This package is a low layer: it imports only :mod:`cpt.errors`, :mod:`cpt.units`
 write ``from cpt.recipe import Recipe, load_recipe``.
 """
 
+from cpt.recipe.data import MIXTURE_DOC, DataConfig, Mixture, MixtureAt, MixturePoint, check_mixture
 from cpt.recipe.load import load_recipe, recipe_diff, validate_recipe
+from cpt.recipe.mitigate import EmaConfig, MergeConfig, MitigateConfig
+from cpt.recipe.probes import DenseProbesConfig, LmEvalProbesConfig, ProbesConfig
 from cpt.recipe.schema import (
-    MIXTURE_DOC,
     CheckpointConfig,
-    DataConfig,
-    DenseProbesConfig,
-    EmaConfig,
     ExtendVocabConfig,
     InitFromConfig,
     InitLoadConfig,
-    LmEvalProbesConfig,
-    MergeConfig,
-    MitigateConfig,
-    Mixture,
-    MixtureAt,
-    MixturePoint,
     ModelConfig,
     OptimizerConfig,
     PeftConfig,
-    ProbesConfig,
     Recipe,
     RunConfig,
     ScheduleConfig,
@@ -39,7 +32,6 @@ from cpt.recipe.schema import (
     StrictModel,
     TrackingConfig,
     TrainConfig,
-    check_mixture,
 )
 
 __all__ = [

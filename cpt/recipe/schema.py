@@ -7,25 +7,23 @@ Loading a recipe file (``extends:``, overrides, ``${...}``, error messages) is :
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
     Field,
-    PlainSerializer,
-    Tag,
     field_validator,
     model_validator,
 )
 
 from cpt.errors import CptError
 from cpt.merge_weights import merge_coefficients
+from cpt.recipe.data import MIXTURE_DOC, DataConfig, Mixture, check_mixture
+from cpt.recipe.mitigate import MergeConfig, MitigateConfig
+from cpt.recipe.probes import ProbesConfig
 from cpt.schedules import ScheduleConfig
 from cpt.tracking import WandbConfig
-from cpt.units import Length, StrictModel, TokenCount, parse_length
+from cpt.units import StrictModel, TokenCount
 
 
 class RunConfig(StrictModel):
@@ -111,102 +109,6 @@ class InitFromConfig(StrictModel):
         if self.load.optimizer and not self.load.weights:
             raise ValueError("init_from.load.optimizer needs init_from.load.weights: moments belong to weights")
         return self
-
-
-def _parse_at(value: object) -> Length | str:
-    if value == "decay":
-        return "decay"
-    try:
-        return parse_length(value)
-    except ValueError:
-        raise ValueError(f"expected tokens (800K), steps (200 steps), a fraction of the stage (80%) or decay, "
-                         f"got {value!r}") from None
-
-
-MixtureAt = Annotated[
-    Length | str, BeforeValidator(_parse_at), PlainSerializer(str, return_type=str),
-]
-
-
-class MixturePoint(StrictModel):
-    at: MixtureAt = Field(
-        description="Where along the stage: tokens (800K), steps (200 steps), a fraction of the stage's budget "
-        "(80%, 0.8), or decay (the start of the stage's final LR decay: wsd/power decay, infinite anneal). "
-        "The first point is at 0."
-    )
-    weights: dict[str, float] = Field(description="Name -> share of the sequences from here; sums to 1.")
-    ramp: Literal["step", "linear"] = Field(
-        "step", description="How the mixture gets here from the previous point: step = jumps at `at`; "
-        "linear = interpolated between the two points."
-    )
-
-
-Mixture = Annotated[
-    # tags in brackets: error locations drop them (load._locate), they are not keys the user wrote
-    Annotated[dict[str, float], Tag("mixture[dict]")] | Annotated[list[MixturePoint], Tag("mixture[list]")],
-    Discriminator(lambda v: "mixture[list]" if isinstance(v, list) else "mixture[dict]"),
-]
-MIXTURE_DOC = ("Name -> share of the sequences (sums to 1; replay = the old data's share), or a schedule "
-               "over the stage: a list of {at, weights, ramp} points, e.g. [{at: 0, weights: {de: 0.75, en: "
-               "0.25}}, {at: 100%, weights: {de: 0.95, en: 0.05}, ramp: linear}] (replay 25% -> 5%), or a "
-               "switch at: decay to a high-quality source. Logged per step as data/<name>/share.")
-
-
-class DataConfig(StrictModel):
-    seq_len: int = Field(gt=0, description="Tokens per sequence; must match the prepared sources.")
-    sources: dict[str, str] = Field(
-        min_length=1, description="Name -> prepared token dir (written by `cpt prepare`)."
-    )
-    mixture: Mixture | None = Field(
-        None, description=MIXTURE_DOC + " With stages, each stage sets its own instead."
-    )
-    replay_buffer: dict[str, TokenCount] = Field(
-        default_factory=dict, description="Name -> size of a fixed buffer (a seeded subset of the source, "
-        "chosen once) to draw that source from, instead of the whole corpus, e.g. {english: 2M}."
-    )
-    document_masking: bool = Field(
-        False, description="Keep attention inside each document of a packed sequence: position_ids restart "
-        "after every EOS and transformers masks across documents (flash-attention varlen on GPU, a block "
-        "causal mask with sdpa/eager). Off: documents see the ones before them in the row, as plain packing."
-    )
-    document_start_loss: bool = Field(
-        True, description="Train on predicting a document's first token from the previous document's EOS. "
-        "false = those targets are ignored (what transformers' DataCollatorWithFlattening does); mostly "
-        "meant with document_masking, where that prediction has no context."
-    )
-    warn_epochs: float = Field(
-        4.0, gt=0, description="Warn when a source has been read this many times over (repeated data "
-        "hurts beyond a few epochs; tiny replay buffers repeated 100x degrade a model)."
-    )
-
-    @model_validator(mode="after")
-    def _mixture_matches_sources(self) -> DataConfig:
-        if self.mixture is not None:
-            check_mixture(self.mixture, self.sources, "data.mixture")
-        for name in self.replay_buffer:
-            if name not in self.sources:
-                raise ValueError(f"data.replay_buffer.{name}: not one of data.sources ({', '.join(self.sources)})")
-        return self
-
-
-def check_mixture(mixture: dict[str, float] | list[MixturePoint], sources: dict[str, str], key: str) -> None:
-    if isinstance(mixture, list):
-        if not mixture:
-            raise ValueError(f"{key}: an empty schedule; give at least the point at: 0")
-        first = mixture[0].at
-        if not isinstance(first, Length) or first.value != 0:
-            raise ValueError(f"{key}.0.at = {first}: a mixture schedule starts at 0")
-        for i, point in enumerate(mixture):
-            check_mixture(point.weights, sources, f"{key}.{i}.weights")
-        return
-    for name, w in mixture.items():
-        if name not in sources:
-            raise ValueError(f"{key}.{name}: not one of data.sources ({', '.join(sources)})")
-        if w < 0:
-            raise ValueError(f"{key}.{name} = {w}: weights must be >= 0")
-    total = sum(mixture.values())
-    if abs(total - 1.0) > 1e-6:
-        raise ValueError(f"{key}: weights sum to {total:g}, expected 1")
 
 
 class OptimizerConfig(StrictModel):
@@ -308,51 +210,6 @@ class PeftConfig(StrictModel):
     )
 
 
-class DenseProbesConfig(StrictModel):
-    every: TokenCount = Field(description="Probe cadence right after each stage start.")
-    for_: TokenCount = Field(alias="for", description="Length of the dense window after each stage start.")
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
-
-
-class LmEvalProbesConfig(StrictModel):
-    tasks: list[str] = Field(min_length=1, description="lm-evaluation-harness task names (or task YAML paths).")
-    every: TokenCount | None = Field(
-        None, description="Cadence in tokens; null = at each stage's start (the baseline) and end only."
-    )
-    limit: int | None = Field(None, gt=0, description="The first N documents of each task; null = all.")
-    include: str | None = Field(None, description="A folder of local task YAMLs (lm-eval's include_path).")
-    batch_size: int = Field(16, gt=0, description="Sequences per lm-eval forward.")
-
-
-class ProbesConfig(StrictModel):
-    sets: dict[str, str] = Field(
-        default_factory=dict, description="Domain name -> prepared held-out token dir to measure loss on."
-    )
-    every: TokenCount | None = Field(
-        None, description="Probe cadence in tokens; null = only at each stage's start and end."
-    )
-    dense: DenseProbesConfig | None = Field(
-        None, description="A denser cadence right after each stage start, where the stability gap hides."
-    )
-    new_domains: list[str] | None = Field(
-        None, description="Probe sets that are new data (adaptation is reported); the others are old "
-        "(forgetting is reported). Default: per stage, the sources that gained weight over the previous "
-        "stage, or the heaviest source of the first stage."
-    )
-    max_sequences: int = Field(
-        64, gt=0, description="Held-out sequences per domain: a fixed sample spread evenly over the whole set "
-        "(every (set size / N)-th sequence, cpt.probes.probe_indices; the whole set when it has N or fewer), the "
-        "same at every probe, on resume and in `cpt probe --max-sequences N`."
-    )
-    micro_batch_size: int = Field(16, gt=0, description="Sequences per forward pass while probing.")
-    lm_eval: LmEvalProbesConfig | None = Field(
-        None, description="lm-evaluation-harness tasks on the model in memory at each stage's start and end "
-        "and every N tokens, on the main process (the others wait), logged as lm_eval/<task>/<metric> "
-        "(needs pip install -e '.[eval]'; not with ZeRO-3 / FSDP shards). The raw weights, not EMA/merged."
-    )
-
-
 class CheckpointConfig(StrictModel):
     every: TokenCount | None = Field(None, description="Save every N tokens; null = only at the end.")
     keep_last: int = Field(3, ge=1, description="How many periodic checkpoints to keep.")
@@ -376,51 +233,6 @@ class TrackingConfig(StrictModel):
     wandb: WandbConfig | None = Field(
         None, description="Mirror metrics to Weights & Biases (offline by default); null = JSONL only."
     )
-
-
-class EmaConfig(StrictModel):
-    decay: float = Field(gt=0, lt=1, description="ema <- decay * ema + (1 - decay) * weights at each update; "
-                         "starts from the run's start weights (their share after n updates is decay^n).")
-    every: int = Field(1, ge=1, description="Update every this many optimizer steps.")
-
-
-class MitigateConfig(StrictModel):
-    """Forgetting mitigations beyond replay (cpt/mitigate/, one module each). Patterns are regular
-    expressions searched (re.search) in the names of the trainable parameters, e.g. 'embed_tokens|lm_head',
-    'layers\\.[0-7]\\.' (write the trailing dot: 'layers\\.1' also matches layers.10); a pattern matching
-    nothing is an error."""
-
-    freeze: list[str] = Field(default_factory=list, description="Parameters not trained (e.g. the bottom "
-                              "layers); counts per pattern are printed at start.")
-    lr_multipliers: dict[str, float] = Field(
-        default_factory=dict, description="Pattern -> factor > 0 on the schedule's LR (layer-wise LR, e.g. "
-        "embeddings 0.1, lower layers 0.5); the first matching pattern wins; counts printed at start."
-    )
-    l2_init: float = Field(
-        0.0, ge=0, description="Decoupled L2 toward the weights the stage started from: after each update "
-        "w <- w - lr * l2_init * (w - w_stage_start), like AdamW's decoupled weight decay (lr * l2_init must "
-        "stay <= 1). The reference weights are in every checkpoint. With DeepSpeed ZeRO-1/2/3 it moves DeepSpeed's "
-        "fp32 master copies too; under FSDP2 it acts on the shards; not with FSDP1."
-    )
-    ema: EmaConfig | None = Field(
-        None, description="An exponential moving average of the weights: probed beside the raw weights "
-        "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. With DeepSpeed ZeRO-1/2 "
-        "(whole weights on every rank), ZeRO-3 and FSDP2 (an average per slice / shard); not with FSDP1."
-    )
-
-
-class MergeConfig(StrictModel):
-    """Checkpoint merging in the run (cpt/merge.py): at the end of every stage, the stage's last ``last``
-    checkpoints are averaged into runs/<name>/merged/<stage>/ (an HF model dir) and probed as their own
-    series (probe_merge/<set>/loss). "Constant LR + merge" instead of a decay is then a recipe."""
-
-    last: int = Field(ge=2, description="How many of the stage's most recent checkpoints to merge (needs "
-                      "checkpoint.every to save that many in the stage, and checkpoint.keep_last >= it).")
-    weights: str = Field("wsm:1-sqrt", description="uniform | w1,w2,... | ema:<decay> | wsm:<shape> "
-                         "(WSM: the coefficients that emulate that decay over the checkpoints; see cpt merge).")
-    at_probes: bool = Field(False, description="Also at every probe: merge the stage's last checkpoints so far "
-                            "(once it has 2) into merged/<stage>-latest/ and probe them (probe_merge/<set>/loss), "
-                            "so the merged curve is seen during the stage, not only at its end.")
 
 
 class Recipe(StrictModel):
