@@ -39,11 +39,9 @@ merge_split_parts, is_split_part, split_records and in_validation are imported f
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import datetime as _dt
 import itertools
-import multiprocessing
 import os
 import shutil
 import signal
@@ -74,6 +72,7 @@ from cpt.data.tokenizer import (
     tokenizer_fingerprint,
     tokenizer_hash,
 )
+from cpt.data.workers import map_ordered
 from cpt.data.writer import ShardWriter as _ShardWriter  # tests patch _ShardWriter._write here
 from cpt.data.writer import commit, remove_stale, temporary, token_records, write_json
 from cpt.errors import CptError
@@ -232,17 +231,7 @@ def _encoded(batches, backend, frame: tuple, dtype: str, table: np.ndarray | Non
         for batch in batches:
             yield _encode(backend, frame, dtype, table, batch)
         return
-    # spawn, not fork: the parent may hold threads (the tokenizer's, torch's) that fork would break
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(num_proc, _init_worker, (backend.to_str(), frame, dtype, table)) as pool:  # exit: terminate
-        pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) > 2 * num_proc:  # reading runs ahead of the workers by a few batches only
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
+    yield from map_ordered(_encode_in_worker, batches, num_proc, _init_worker, (backend.to_str(), frame, dtype, table))
 
 
 @dataclass(frozen=True)
