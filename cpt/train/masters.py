@@ -89,10 +89,9 @@ class ZeroMasters:
     DeepSpeed's own partitioning). In fp32 the two stay equal; in bf16 the module's weights are the
     rounding of the master, as DeepSpeed keeps them."""
 
-    params: dict = {}  # the state is per flat group, whole on every rank: nothing to gather
-
     def __init__(self, zero_optimizer):
         self.zo = zero_optimizer
+        self.params: dict = {}  # the state is per flat group, whole on every rank: nothing to gather
         self.snapshot()
 
     def _rank(self, i: int) -> int:
