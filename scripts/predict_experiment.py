@@ -12,6 +12,7 @@
     python scripts/predict_experiment.py            # all three, from the repository root (~40 min on 2 busy cores)
     python scripts/predict_experiment.py report     # only refit and rewrite the doc
     python scripts/predict_experiment.py scale --before c95c5b7   # the full-resolution section (synthetic curves)
+    python scripts/predict_experiment.py published --repo PATH     # the published curves' section (Luo et al. 2025)
 """
 
 from __future__ import annotations
@@ -721,7 +722,9 @@ def page_intro() -> list[str]:
         "(a name with val, eval, valid, probe or test) is taken after its step's update, a train loss before "
         "(`loss_at=` overrides). Between two records the LR is interpolated linearly (from 0 at step 0 to the "
         "first record), or held (`lr_fill=hold`: each record's LR until the next). Tokens only: "
-        "`tokens_per_step=N`. Each file's reading is printed: steps, records, columns, cadence.")
+        "`tokens_per_step=N`. Each file's reading is printed: steps, records, columns, cadence, and a note where "
+        "the LR changes by 10% of its peak or more between two records (a step decay logged every 128 steps, "
+        "rebuilt as a ramp that starts early; give the LR of every step where the schedule is known).")
     add("")
     add("**Warnings.** The report and the command line say, with what to do (fit on more schedule shapes, e.g. "
         "three runs as in the papers' protocol, or the other law): a parameter on (or within 0.5% of the range "
@@ -934,8 +937,8 @@ def scale_section(cli: list[tuple[int, list[str], dict, dict]], before: list[tup
          f"Synthetic curves drawn from the multi-power law (L0, A, alpha, B, C, beta, gamma = "
          f"{', '.join(f'{v:g}' for v in SCALE_THETA)}, LRs / {SCALE_TOP:g}; 1% noise per step), one record per "
          "optimizer step, fitted as they come (`--curve`), on one thread of a 2-core machine shared with other "
-         "jobs (times are upper bounds). Published curves are not reachable offline; the protocol is theirs: "
-         "fit constant, cosine and WSD, predict what was held out.", "",
+         "jobs (times are upper bounds). The protocol is the papers': fit constant, cosine and WSD, predict what "
+         "was held out (on the multi-power law paper's own curves: *On published curves*).", "",
          "| steps per run | command | wall s | peak RSS | fit s (anneal / multipower) | bootstrap s (20 replicates) "
          "| fit points per law | held out: final-loss error (anneal / multipower) | warnings |",
          "|---|---|---|---|---|---|---|---|---|"]
@@ -966,22 +969,22 @@ def stage_scale(rev: str | None) -> None:
     t0 = time.time()
     cli = [(T, *scale_cli(T)) for T in SCALE_SIZES]
     before = scale_before(rev) if rev else []
-    section = "\n".join(scale_section(cli, before, rev, time.time() - t0))
-    text = (ROOT / DOC).read_text()
-    if SCALE_BEGIN in text:
-        text = text[:text.index(SCALE_BEGIN)] + section + text[text.index(SCALE_END) + len(SCALE_END):]
-    else:
-        text = text.replace("\n## Summary\n", "\n" + section + "\n\n## Summary\n", 1)
-    (ROOT / DOC).write_text(text)
+    from predict_published import write_block
+
+    write_block(DOC, SCALE_BEGIN, SCALE_END, scale_section(cli, before, rev, time.time() - t0))
     print(f"wrote the scale section of {DOC}")
 
 
 def kept_scale_section() -> list[str]:
-    """The scale section as the page has it now (the report stage rewrites the rest of the page)."""
+    """The scale and published-curves sections as the page has them now (the report stage rewrites the rest)."""
+    from predict_published import BEGIN, END_MARK
+
     text = (ROOT / DOC).read_text() if (ROOT / DOC).is_file() else ""
-    if SCALE_BEGIN not in text:
-        return []
-    return text[text.index(SCALE_BEGIN):text.index(SCALE_END) + len(SCALE_END)].splitlines() + [""]
+    kept = []
+    for begin, end in ((SCALE_BEGIN, SCALE_END), (BEGIN, END_MARK)):
+        if begin in text:
+            kept += text[text.index(begin):text.index(end) + len(end)].splitlines() + [""]
+    return kept
 
 
 def stage_report() -> None:
@@ -1008,11 +1011,21 @@ def stage_report() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("stages", nargs="*", default=["data", "runs", "report"],
-                   choices=["data", "runs", "report", "scale"])
+                   choices=["data", "runs", "report", "scale", "published"])
     p.add_argument("--shared", default=None, help="the shared corpora dir (default: ../shared/data)")
     p.add_argument("--before", default=None, metavar="REV",
                    help="scale: also time the code of this git revision (the steps x changes matrix) at 2K-8K steps")
+    p.add_argument("--repo", type=Path, default=None,
+                   help="published: the Multi-Power Law repository (github.com/thu-yao-01-luo/MultiPowerLaw), a git "
+                        "dir (bare or not) or a checkout")
+    p.add_argument("--rev", default="HEAD", help="published: the commit of --repo to read (default HEAD)")
     ns = p.parse_args()
+    if "published" in ns.stages:
+        if ns.repo is None:
+            p.error("published needs --repo PATH (the source's git dir or checkout)")
+        from predict_published import stage_published
+
+        stage_published(ns.repo, ns.rev, DOC)
     if "scale" in ns.stages:
         stage_scale(ns.before)
     if "data" in ns.stages:

@@ -177,7 +177,7 @@ def test_lambda_is_per_optimizer_step_and_a_half_life_converts():
 
 
 def test_recovers_a_known_law_from_long_full_resolution_curves():
-    """Published curves are not available offline; this is the same protocol on curves drawn from the law:
+    """The published curves' protocol (tests/test_predict_published.py) on curves drawn from the law itself:
     24K steps, one record per step, 0.5% noise; fit on three runs, predict a 72K-step cosine and a
     two-step decay."""
     T = 24_000

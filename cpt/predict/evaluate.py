@@ -45,16 +45,18 @@ def compare(pred: np.ndarray, real: np.ndarray, start: int, window: int = 9, fin
 
     ``mare``: mean |pred - real| / real over the measured n >= ``start``, both curves smoothed by the
     same centred ``window``-point mean (after dropping n < start, so no window reaches into the
-    warmup); ``final_*``: the mean of the last ``final`` measured points, raw, on both sides, and the
+    warmup); ``worst``: the largest of those relative errors; ``final_*``: the mean of the last ``final`` measured points, raw, on both sides, and the
     signed relative error of the prediction. NaN (no warning) where the two share no point.
     """
     n = np.arange(min(len(pred), len(real)))
     ok = (n >= start) & np.isfinite(real[: len(n)])
     ps, rs = (smooth(np.where(ok, c[: len(n)], np.nan), window) for c in (pred, real))
-    mare = _mean(np.abs(ps[ok] - rs[ok]) / rs[ok])
+    rel = np.abs(ps[ok] - rs[ok]) / rs[ok]
+    mare = _mean(rel)
+    worst = float(np.nanmax(rel)) if np.isfinite(rel).any() else float("nan")
     k = final_points(len(n) - 1, n[ok], final)
     fp, fr = _mean(pred[k]), _mean(real[k])
-    return {"mare": mare, "final_pred": fp, "final_real": fr, "final_err": (fp - fr) / fr}
+    return {"mare": mare, "worst": worst, "final_pred": fp, "final_real": fr, "final_err": (fp - fr) / fr}
 
 
 def _per_step(c: Curve, other: Curve) -> int:

@@ -12,7 +12,11 @@ Megatron, OLMo-core or the HF Trainer log them once turned into a table, or a W&
   update of its step (n = step - 1), a validation loss after it (n = step); guessed from the name;
 * ``lr_fill=linear|hold``: the LR of the steps between two records, which the laws need (they count
   every update): linear interpolation (the default; from LR 0 at step 0 to the first record), or each
-  record's LR held until the next (before the first record, the first record's LR);
+  record's LR held until the next (before the first record, the first record's LR). Where the LR changes
+  by 10% of its peak or more between two records, the line that says how the file was read notes it: a
+  step decay logged every 128 steps is rebuilt as a ramp that starts up to 127 steps early, which the
+  laws then predict (on the multi-power law paper's two-stage runs, the largest error of a run; see
+  docs/prediction.md); a per-step LR column avoids it;
 * ``tokens_per_step=N``: the batch in tokens (else from the step and tokens columns, else unknown).
 
 W&B exports name columns ``RUN - METRIC`` (the ``RUN - `` is dropped; ``__MIN``/``__MAX`` columns ignored);
@@ -160,6 +164,25 @@ def _per_step_lr(steps: np.ndarray, lrs: np.ndarray, T: int, fill: str) -> np.nd
     return np.interp(i, steps, lrs)
 
 
+_JUMP = 0.1  # an LR change between two records this fraction of the peak or more is noted (a step, or a kink)
+
+
+def _jump_note(steps: np.ndarray, lrs: np.ndarray, fill: str) -> str:
+    """A note where the LR changes by _JUMP of its peak or more between two records more than a step apart:
+    rebuilt there (linear: a step change starts early; hold: a ramp is a step), the laws see a schedule
+    that was not run."""
+    d = np.abs(np.diff(lrs)) / max(float(lrs.max()), 1e-30)
+    gap = np.diff(steps)
+    big = np.flatnonzero((d >= _JUMP) & (gap > 1))
+    if not big.size:
+        return ""
+    i = big[np.argmax(d[big])]
+    return (f"; note: the LR changes by {100 * d[i]:.0f}% of its peak between records {gap[i]} steps apart (steps "
+            f"{steps[i]}-{steps[i + 1]}{f', and {big.size - 1} more such gaps' if big.size > 1 else ''}), "
+            f"{'interpolated linearly there, so a step change starts early' if fill == 'linear' else 'held there'}"
+            f": give the LR of every step where the schedule is known")
+
+
 def _last_by_step(pairs: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
     d = dict(sorted(pairs))  # a step logged twice: its last record
     return np.array(list(d), dtype=np.int64), np.array(list(d.values()), dtype=float)
@@ -191,5 +214,6 @@ def file_curve(spec: str, metric: str = "train/loss") -> tuple[Curve, str]:
     cadence = int(np.median(np.diff(lr_at[0])))
     how = (f"{name}: {path}: {T} steps, LR ({c['lr']}) logged {len(lr_at[0])} times (every ~{cadence} steps"
            f"{f', {fill} between records' if cadence > 1 else ''}), loss ({c['loss']}) {int(ok.sum())} times, "
-           f"{'after' if c['after'] else 'before'} the update of its step; tokens per step {tps or 'unknown'}")
+           f"{'after' if c['after'] else 'before'} the update of its step; tokens per step {tps or 'unknown'}"
+           + _jump_note(*lr_at, fill))
     return Curve(name, lrs, tps, losses), how
