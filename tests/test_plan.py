@@ -159,7 +159,7 @@ def test_cli_plan_dry_run_then_plan_on_pilots_from_a_known_law(tmp_path, capsys)
     base.write_text(yaml.safe_dump(BASE))
     out = tmp_path / "plan"
     args = ["plan", str(base), "--old", "en", "--new", "de", "--max-forgetting", "0.2", "--max-rise", "0.4",
-            "--replay", ",".join(map(str, REPLAYS)), "--bootstrap", "20", "--out", str(out)]
+            "--replay", ",".join(map(str, REPLAYS)), "--bootstrap", "5", "--out", str(out)]
     assert main([*args, "--dry-run"]) == 0
     cmds = [line for line in capsys.readouterr().out.splitlines() if line.startswith("cpt train")]
     assert len(cmds) == 4 and all("train.tokens=2560" in c and "probes.every=256" in c for c in cmds)

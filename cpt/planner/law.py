@@ -140,7 +140,20 @@ def _solve(d: _Data, L0: float, anneal: str, max_nfev: int | None = None, start:
         start = best
     lo, hi = LOWER[:k], UPPER[:k]
     x0 = np.clip(start, np.add(lo, 1e-9), np.subtract(hi, 1e-9))
-    return least_squares(lambda th: d.values(th, L0) - d.y, x0, bounds=(lo, hi), max_nfev=max_nfev, x_scale="jac").x
+    jac = (lambda th: _jacobian(d, th)) if k == 5 else "2-point"
+    return least_squares(lambda th: d.values(th, L0) - d.y, x0, jac=jac, bounds=(lo, hi), max_nfev=max_nfev,
+                         x_scale="jac").x
+
+
+def _jacobian(d: _Data, theta: Sequence[float]) -> np.ndarray:
+    """d values / d theta of the ``area`` law (a, b, log10 s, beta, c)."""
+    a, b, log10_s, beta, c = theta
+    x = d.s1 / 10.0 ** log10_s
+    u = 1.0 + x
+    p = u ** -beta
+    amp = a + b * d.r
+    return np.stack([1.0 - p, d.r * (1.0 - p), -amp * beta * p / u * x * np.log(10.0), amp * p * np.log(u),
+                     -d.anneal(theta)], axis=1)
 
 
 def names(anneal: str) -> tuple[str, ...]:
