@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +18,10 @@ from cpt.planner.law import Schedule
 from cpt.predict.curves import recipe_lrs
 from cpt.recipe import load_recipe
 
-TRUE = {"old": (0.9, -1.2, 0.6, 0.8, 0.004), "new": (-1.6, 1.4, 1.1, 0.5, 0.003)}  # a, b, log10 s, beta, c
+# a, b, log10 s, beta, c (, log10 C): the true laws with the anneal law's S2 term and with the bounded drop term
+LAWS = {"area": {"old": (0.9, -1.2, 0.6, 0.8, 0.004), "new": (-1.6, 1.4, 1.1, 0.5, 0.003)},
+        "drop": {"old": (0.9, -1.2, 0.6, 0.8, 0.3, 0.0), "new": (-1.6, 1.4, 1.1, 0.5, 0.2, 0.3)}}
+TRUE = dict(LAWS["drop"])  # the default of `cpt plan`
 L0 = {"old": 5.8, "new": 7.8}
 REPLAYS, SCALES = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.125, 0.25, 0.5, 1.0]
 REF = 2e-3
@@ -91,10 +95,12 @@ def test_fit_refuses_pilots_of_one_replay_share():
         fit_domain("old", same, bootstrap=0)
 
 
-def test_noise_free_pilots_recover_the_law_over_the_full_budget():
+@pytest.mark.parametrize("anneal", ["drop", "area"])
+def test_noise_free_pilots_recover_the_law_over_the_full_budget(anneal, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "TRUE", LAWS[anneal])
     _, pilots = synthetic_pilots(0.0)
     for dom in ("old", "new"):
-        f = fit_domain(dom, pilots[dom], bootstrap=0)
+        f = fit_domain(dom, pilots[dom], bootstrap=0, anneal=anneal)
         assert f.L0 == pytest.approx(L0[dom]) and f.rmse < 1e-6
         for r, scale in ((0.3, 0.5), (0.0, 1.0)):  # a candidate no pilot ran, 16x a pilot's length
             lrs = cosine(160, scale * REF)
@@ -102,25 +108,27 @@ def test_noise_free_pilots_recover_the_law_over_the_full_budget():
             assert mid[-1] == pytest.approx(true_curve(dom, lrs, r)[-1], abs=2e-3)
 
 
+@pytest.mark.parametrize("anneal", ["drop", "area"])
 @pytest.mark.parametrize("budget, worst", [(0.1, 0.2), (0.2, 0.4), (0.05, 0.1)])
-def test_noisy_pilots_give_the_true_laws_pick(budget, worst):
+def test_noisy_pilots_give_the_true_laws_pick(budget, worst, anneal, monkeypatch):
     """Pilots 25% of the full run, probe noise 0.005: the planner picks what the true law picks (and says
-    the budget cannot be met where the true law says so)."""
+    the budget cannot be met where the true law says so), for either annealing term."""
+    monkeypatch.setattr(sys.modules[__name__], "TRUE", LAWS[anneal])
     _, pilots = synthetic_pilots(0.005)
-    fo = fit_domain("old", pilots["old"], bootstrap=20)
-    fn = fit_domain("new", pilots["new"], bootstrap=20, ref_lr=fo.ref_lr)
+    fo = fit_domain("old", pilots["old"], bootstrap=20, anneal=anneal)
+    fn = fit_domain("new", pilots["new"], bootstrap=20, ref_lr=fo.ref_lr, anneal=anneal)
     lrs_of = lambda r, lr: cosine(160, lr)  # noqa: E731
     preds = predict_all(fo, fn, REPLAYS, [s * REF for s in SCALES], lrs_of)
     chosen, truth = pick(preds, budget, worst), true_pick(lrs_of, budget, worst)
     assert (None if chosen is None else (chosen.replay, chosen.max_lr)) == truth
     if chosen is not None:
         # the full run is 16x a pilot's length: pilot noise of 0.005 leaves its end known to ~0.1-0.15 (on 5 noise
-        # seeds x 4 budgets the pick was right 18 of 20 times; the 95% intervals, which hold pilot noise only,
-        # missed the truth by up to 0.03 in 3 of those)
+        # seeds x 4 budgets the pick was right 18 of 20 times with the area term, 17 with the drop term; the 95%
+        # intervals, which hold pilot noise only, missed the truth by up to 0.05 in some of those)
         lrs = lrs_of(*truth)
         new_true, rise_true = true_curve("new", lrs, truth[0])[-1], true_curve("old", lrs, truth[0])[-1] - L0["old"]
         assert abs(chosen.new_final[0] - new_true) < 0.15 and abs(chosen.old_rise[0] - rise_true) < 0.1
-        assert chosen.new_final[1] - 0.03 <= new_true <= chosen.new_final[2] + 0.03
+        assert chosen.new_final[1] - 0.05 <= new_true <= chosen.new_final[2] + 0.05
 
 
 # --- the verb on pilot runs written by hand ---------------------------------------------------------------

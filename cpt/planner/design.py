@@ -97,7 +97,7 @@ def pick(preds: Sequence[Prediction], max_rise: float, max_worst: float | None =
 
 
 def held_out(old_pilots: Sequence[Pilot], new_pilots: Sequence[Pilot], L0: tuple[float, float],
-             ref_lr: float) -> dict[str, dict[str, float]]:
+             ref_lr: float, anneal: str = "drop") -> dict[str, dict[str, float]]:
     """Leave one pilot out: fit both laws on the others, predict the left-out pilot's last probe of each
     domain; {pilot: {"old": error, "new": error}} (predicted - measured), skipping a pilot whose removal
     leaves a single replay share."""
@@ -110,7 +110,7 @@ def held_out(old_pilots: Sequence[Pilot], new_pilots: Sequence[Pilot], L0: tuple
         errs = {}
         for key, rest, me, l0 in (("old", rest_o, p, L0[0]), ("new", rest_n, new_pilots[i], L0[1])):
             try:
-                f = fit_domain(key, rest, L0=l0, bootstrap=0, ref_lr=ref_lr)
+                f = fit_domain(key, rest, L0=l0, bootstrap=0, ref_lr=ref_lr, anneal=anneal)
             except CptError:
                 break
             mid, _ = f.curves(me.lrs, me.replay)

@@ -58,9 +58,11 @@ def render_plan(rep: dict[str, Any], brief: bool = False) -> str:
     for p in rep["pilots"]:
         parts.append(f"| {p['name']} | {p['replay']:g} | {p['max_lr']:.3g} | {p['tokens']} | {L0o:.3f} -> "
                      f"{p['old_final']:.3f} ({p['old_worst']:.3f}) | {p['new_final']:.3f} (from {L0n:.3f}) |")
+    term = ("c sum_k (eta_(k-1) - eta_k) (1 - 1/(1 + C S_k(n))), the multi-power law's loss drop (bounded by the "
+            "LR's fall)" if rep["anneal"] == "drop" else "c S2(n), the annealing area of `cpt predict`'s anneal law")
     parts += ["", "## The law", "", "Per domain, after n updates of a stage replaying a share r: "
-              "L(n) = L0 + (a + b r) (1 - (1 + S1(n)/s)^-beta) - c S2(n); S1 the stage's LR area (Wang et al. 2025's "
-              "distribution-shift term), S2 the annealing area of `cpt predict`'s anneal law, LRs divided by "
+              "L(n) = L0 + (a + b r) (1 - (1 + S1(n)/s)^-beta) - annealing; S1 the stage's LR area (Wang et al. "
+              f"2025's distribution-shift term), annealing = {term}; LRs divided by "
               f"{rep['fits']['old']['ref_lr']:g}.", ""]
     for key in ("old", "new"):
         f = rep["fits"][key]

@@ -17,7 +17,7 @@ import numpy as np
 
 from cpt.errors import CptError
 from cpt.planner import design
-from cpt.planner.law import Pilot, fit_domain
+from cpt.planner.law import ANNEALS, Pilot, fit_domain
 
 REPLAYS = "0,0.05,0.1,0.2,0.3,0.4,0.5"
 LR_SCALES = "0.125,0.25,0.5,1"
@@ -189,17 +189,17 @@ def run_plan(ns: argparse.Namespace) -> int:
     run_pilots(s, pilots, out)
     pairs = [read_pilot(s, p, out, ns.unit) for p in pilots]
     olds, news = [a for a, _ in pairs], [b for _, b in pairs]
-    fo = fit_domain(s.old_probe, olds, bootstrap=ns.bootstrap)
-    fn = fit_domain(s.new_probe, news, bootstrap=ns.bootstrap, ref_lr=fo.ref_lr)
+    fo = fit_domain(s.old_probe, olds, bootstrap=ns.bootstrap, anneal=ns.anneal)
+    fn = fit_domain(s.new_probe, news, bootstrap=ns.bootstrap, ref_lr=fo.ref_lr, anneal=ns.anneal)
     cache = {(r, lr): s.lrs(r, lr) for r in s.replays for lr in s.max_lrs}
     preds = design.predict_all(fo, fn, s.replays, s.max_lrs, lambda r, lr: cache[(r, lr)])
     chosen = design.pick(preds, ns.max_forgetting, ns.max_rise)
-    loo = design.held_out(olds, news, (fo.L0, fn.L0), fo.ref_lr)
+    loo = design.held_out(olds, news, (fo.L0, fn.L0), fo.ref_lr, ns.anneal)
     pilot_s1 = max(float(np.sum(p.lrs)) for p in olds) / fo.ref_lr
     notes = design.trust([fo, fn], loo, chosen, ns.max_forgetting, ns.max_rise, pilot_s1)
     path = picked_yaml(s, chosen.replay, chosen.max_lr, out) if chosen else None
     report = {"recipe": str(s.recipe), "overrides": s.overrides, "old": s.old, "new": s.new,
-              "old_probe": s.old_probe, "new_probe": s.new_probe, "unit": ns.unit,
+              "old_probe": s.old_probe, "new_probe": s.new_probe, "unit": ns.unit, "anneal": ns.anneal,
               "max_forgetting": ns.max_forgetting, "max_rise": ns.max_rise, "full_tokens": s.full_tokens,
               "tokens_per_step": s.tokens_per_step, "pilot_budget": ns.pilot_budget,
               "pilots": [{**asdict(p), "old_final": float(o.losses[-1]), "new_final": float(n.losses[-1]),
@@ -247,6 +247,9 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     pl.add_argument("--pilots", type=int, default=4, help="pilot runs (2-5; default 4: the corners)")
     pl.add_argument("--pilot-budget", type=float, default=0.25,
                     help="the pilots' tokens together, as a fraction of the full run's (default 0.25)")
+    pl.add_argument("--anneal", choices=ANNEALS, default="drop",
+                    help="the law's annealing term: drop (the multi-power law's loss drop, bounded by the LR's fall; "
+                         "default) or area (the anneal law's C*S2, growing with a decay's length)")
     pl.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates for the intervals")
     pl.add_argument("--out", type=Path, default=Path("plan"), help="folder for the pilots, plan.md/.json, "
                     "frontier.png and the picked recipe.yaml")
