@@ -15,6 +15,7 @@ from cpt.cli import main
 from cpt.errors import CptError
 from cpt.planner import Pilot, design_pilots, fit_domain, law, pick, predict_all
 from cpt.planner.law import Schedule
+from cpt.planner.report import render_plan
 from cpt.predict.curves import recipe_lrs
 from cpt.recipe import load_recipe
 
@@ -109,19 +110,21 @@ def test_noise_free_pilots_recover_the_law_over_the_full_budget(anneal, monkeypa
 
 
 @pytest.mark.parametrize("anneal", ["drop", "area"])
-@pytest.mark.parametrize("budget, worst", [(0.1, 0.2), (0.2, 0.4), (0.05, 0.1)])
-def test_noisy_pilots_give_the_true_laws_pick(budget, worst, anneal, monkeypatch):
-    """Pilots 25% of the full run, probe noise 0.005: the planner picks what the true law picks (and says
-    the budget cannot be met where the true law says so), for either annealing term."""
+def test_noisy_pilots_give_the_true_laws_pick(anneal, monkeypatch):
+    """Pilots 25% of the full run, probe noise 0.005: the planner picks what the true law picks, for budgets that
+    bind at different places, and says the budget cannot be met where the true law says so; either annealing
+    term."""
     monkeypatch.setattr(sys.modules[__name__], "TRUE", LAWS[anneal])
     _, pilots = synthetic_pilots(0.005)
     fo = fit_domain("old", pilots["old"], bootstrap=20, anneal=anneal)
     fn = fit_domain("new", pilots["new"], bootstrap=20, ref_lr=fo.ref_lr, anneal=anneal)
     lrs_of = lambda r, lr: cosine(160, lr)  # noqa: E731
     preds = predict_all(fo, fn, REPLAYS, [s * REF for s in SCALES], lrs_of)
-    chosen, truth = pick(preds, budget, worst), true_pick(lrs_of, budget, worst)
-    assert (None if chosen is None else (chosen.replay, chosen.max_lr)) == truth
-    if chosen is not None:
+    for budget, worst in ((0.1, 0.2), (0.2, 0.4), (0.05, 0.1)):
+        chosen, truth = pick(preds, budget, worst), true_pick(lrs_of, budget, worst)
+        assert (None if chosen is None else (chosen.replay, chosen.max_lr)) == truth
+        if chosen is None:
+            continue
         # the full run is 16x a pilot's length: pilot noise of 0.005 leaves its end known to ~0.1-0.15 (on 5 noise
         # seeds x 4 budgets the pick was right 18 of 20 times with the area term, 17 with the drop term; the 95%
         # intervals, which hold pilot noise only, missed the truth by up to 0.05 in some of those)
@@ -129,6 +132,7 @@ def test_noisy_pilots_give_the_true_laws_pick(budget, worst, anneal, monkeypatch
         new_true, rise_true = true_curve("new", lrs, truth[0])[-1], true_curve("old", lrs, truth[0])[-1] - L0["old"]
         assert abs(chosen.new_final[0] - new_true) < 0.15 and abs(chosen.old_rise[0] - rise_true) < 0.1
         assert chosen.new_final[1] - 0.05 <= new_true <= chosen.new_final[2] + 0.05
+    assert true_pick(lrs_of, 0.05, 0.1) is None  # the case that cannot be met is in the loop
 
 
 # --- the verb on pilot runs written by hand ---------------------------------------------------------------
@@ -187,11 +191,6 @@ def test_cli_plan_dry_run_then_plan_on_pilots_from_a_known_law(tmp_path, capsys)
     assert picked.schedule.max_lr == pytest.approx(truth[1]) and picked.train.tokens == BASE["train"]["tokens"]
     text = (out / "plan.md").read_text()
     assert "**Pick**" in text and "| pilot-r0-lr0.002 |" in text and (out / "frontier.png").stat().st_size > 10_000
-    # a budget no candidate meets is said plainly, and no recipe is written
-    out2 = tmp_path / "plan2"
-    for p in (out / "pilots").iterdir():
-        if p.is_dir():
-            (out2 / "pilots").mkdir(parents=True, exist_ok=True)
-            p.rename(out2 / "pilots" / p.name)
-    assert main([*args[:-1], str(out2), "--max-forgetting", "0.01", "--max-rise", "0.05"]) == 0
-    assert "budget cannot be met" in capsys.readouterr().out and not (out2 / "recipe.yaml").exists()
+    # a budget no candidate meets is said plainly (the same report, with no pick)
+    plain = render_plan({**rep, "pick": None, "max_forgetting": -1.0})
+    assert "**The budget cannot be met**" in plain and "least forgetting predicted" in plain
