@@ -13,8 +13,8 @@ import yaml
 
 from cpt.cli import main
 from cpt.errors import CptError
-from cpt.planner import Pilot, design_pilots, fit_domain, law, pick, predict_all
-from cpt.planner.law import Schedule
+from cpt.planner import Pilot, design_pilots, fit_domain, pick, predict_all
+from cpt.planner.law import Schedule, law
 from cpt.planner.report import render_plan
 from cpt.predict.curves import recipe_lrs
 from cpt.recipe import load_recipe

@@ -8,7 +8,7 @@ that say when not to trust it; ``report`` plan.md and frontier.png; ``verb`` is 
 """
 
 from cpt.planner.design import PilotSpec, Prediction, design_pilots, held_out, pick, predict, predict_all, trust
-from cpt.planner.law import NAMES, DomainFit, Pilot, Schedule, fit_domain, law, shift
+from cpt.planner.law import NAMES, DomainFit, Pilot, Schedule, fit_domain, shift
 
 __all__ = ["NAMES", "DomainFit", "Pilot", "PilotSpec", "Prediction", "Schedule", "design_pilots", "fit_domain",
-           "held_out", "law", "pick", "predict", "predict_all", "shift", "trust"]
+           "held_out", "pick", "predict", "predict_all", "shift", "trust"]

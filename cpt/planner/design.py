@@ -11,6 +11,8 @@ import numpy as np
 from cpt.errors import CptError
 from cpt.planner.law import DomainFit, Pilot, fit_domain
 
+PLAN_ADVICE = ("longer pilots pin it better (--pilot-budget), or more of them (--pilots 5 adds the centre of the "
+               "box); read the candidates' intervals")
 LrsOf = Callable[[float, float], np.ndarray]  # (replay share, max LR) -> the LR of every update
 
 
@@ -124,9 +126,9 @@ def trust(fits: Sequence[DomainFit], loo: dict[str, dict[str, float]], chosen: P
           max_rise: float, max_worst: float | None, pilot_s1: float) -> list[str]:
     """Plain reasons not to trust the pick: degenerate parameters, held-out pilots missed by more than the
     pick's margin to the budget, an LR area far beyond the pilots'."""
-    from cpt.predict.checks import fit_warnings
+    from cpt.predict.checks import ADVICE, fit_warnings
 
-    notes = [w for f in fits for w in fit_warnings(f)]
+    notes = [w.replace(ADVICE, PLAN_ADVICE) for f in fits for w in fit_warnings(f)]
     if not loo:
         notes.append("no pilot could be held out (too few pilots or replay shares): the law's error on a run it "
                      "did not see is unknown")

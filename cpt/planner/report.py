@@ -103,8 +103,8 @@ def plot_frontier(rep: dict[str, Any], fits: Sequence[DomainFit], olds: Sequence
         cs = sorted((c for c in rep["candidates"] if c["max_lr"] == lr), key=lambda c: c["replay"])
         x = np.array([c["old_rise"] for c in cs])
         y = np.array([c["new_final"] for c in cs])
-        ax.errorbar(x[:, 0], y[:, 0], xerr=[x[:, 0] - x[:, 1], x[:, 2] - x[:, 0]],
-                    yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], fmt="o-", color=f"C{i}", ms=4, lw=0.8,
+        span = lambda v: np.maximum([v[:, 0] - v[:, 1], v[:, 2] - v[:, 0]], 0)  # noqa: E731 (a centre outside its band)
+        ax.errorbar(x[:, 0], y[:, 0], xerr=span(x), yerr=span(y), fmt="o-", color=f"C{i}", ms=4, lw=0.8,
                     elinewidth=0.5, label=f"max LR {lr:.3g}")
         for c, xi, yi in zip(cs, x[:, 0], y[:, 0], strict=True):
             ax.annotate(f"{c['replay']:g}", (xi, yi), fontsize=6, xytext=(2, 2), textcoords="offset points")
