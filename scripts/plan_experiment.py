@@ -101,23 +101,31 @@ def measure(run_dir: Path) -> dict[str, float]:
     return {"en_start": en[0], "en_rise": en[-1] - en[0], "en_worst": max(en) - en[0], "de": recs[-1]["probe/de/loss"]}
 
 
-def predictions(base: Path, plan_dir: Path, keys) -> dict:
+VARIANTS = [("plan", "drop", "soft_l1"),  # what cpt plan fits (the first must be it)
+            ("least squares", "drop", "linear"),  # the fit cpt plan made first, before the robust loss
+            ("area term", "area", "soft_l1")]  # the anneal law's S2 instead of the bounded drop
+
+
+def predictions(base: Path, plan_dir: Path, keys, fraction: float = 0.25) -> dict:
     """The planner's fits rebuilt in-process (same pilots, same bootstrap seed: the numbers of plan.json), for
-    every trained recipe; also the ``drop`` annealing term's, for comparison."""
+    every trained recipe; and the variants' central predictions, for comparison."""
+    import cpt.planner.law as law
     from cpt.planner import design
-    from cpt.planner.law import fit_domain
     from cpt.planner.verb import load_setup, read_pilot
 
     ns = argparse.Namespace(recipe=base, overrides=[], old="en", new="de", old_probe=None, new_probe=None,
                             replay=REPLAYS, lr_scales=SCALES)
     s = load_setup(ns)
-    specs = design.design_pilots(s.replays, s.max_lrs, 4, s.full_tokens, s.tokens_per_step, 0.25)
+    specs = design.design_pilots(s.replays, s.max_lrs, 4, s.full_tokens, s.tokens_per_step, fraction)
     pairs = [read_pilot(s, p, plan_dir, "loss") for p in specs]
     out = {}
-    for anneal in ("area", "drop"):
-        fo = fit_domain("en", [a for a, _ in pairs], bootstrap=200, anneal=anneal)
-        fn = fit_domain("de", [b for _, b in pairs], bootstrap=200, ref_lr=fo.ref_lr, anneal=anneal)
-        out[anneal] = {k: design.predict(fo, fn, s.lrs(*k), *k) for k in keys}
+    for name, anneal, loss in VARIANTS:
+        law.LOSS = loss
+        fo = law.fit_domain("en", [a for a, _ in pairs], bootstrap=200 if name == "plan" else 0, anneal=anneal)
+        fn = law.fit_domain("de", [b for _, b in pairs], bootstrap=200 if name == "plan" else 0, ref_lr=fo.ref_lr,
+                            anneal=anneal)
+        out[name] = {k: design.predict(fo, fn, s.lrs(*k), *k) for k in keys}
+    law.LOSS = VARIANTS[0][2]
     return out
 
 
@@ -134,8 +142,8 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
         rise, rs = mean_sd([m["en_rise"] for m in ms])
         worst, ws = mean_sd([m["en_worst"] for m in ms])
         de, ds = mean_sd([m["de"] for m in ms])
-        p = preds["area"][k]
-        q = preds["drop"][k]
+        p = preds["plan"][k]
+        q = {name: preds[name][k] for name, _, _ in VARIANTS[1:]}
         ok = rise <= BUDGET
         stats[k] = dict(rise=rise, rs=rs, worst=worst, ws=ws, de=de, ds=ds, ok=ok, p=p, q=q)
         tag = " (pick)" if k == pick else " (rule)" if k == RULE else ""
@@ -146,8 +154,8 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
                      f"{p.new_final[0] - de:+.3f} ({abs(p.new_final[0] - de) / ds:.1f})", "yes" if ok else "no"])
     head = ["replay / max LR", "seeds", "pred. en rise [95%]", "measured en rise", "error (/sd)", "pred. worst", "measured worst",
             "pred. de [95%]", "measured de", "error (/sd)", "meets budget"]
-    alt = [[f"{k[0]:g} / {k[1]:.3g}", f"{v['q'].old_rise[0] - v['rise']:+.3f} ({abs(v['q'].old_rise[0] - v['rise']) / v['rs']:.1f})",
-            f"{v['q'].new_final[0] - v['de']:+.3f} ({abs(v['q'].new_final[0] - v['de']) / v['ds']:.1f})"]
+    alt = [[f"{k[0]:g} / {k[1]:.3g}"] + [x for name, _, _ in VARIANTS[1:] for x in (
+            f"{v['q'][name].old_rise[0] - v['rise']:+.3f}", f"{v['q'][name].new_final[0] - v['de']:+.3f}")]
            for k, v in stats.items()]
     within = sum(abs(v["p"].old_rise[0] - v["rise"]) <= 2 * v["rs"] for v in stats.values())
     within_de = sum(abs(v["p"].new_final[0] - v["de"]) <= 2 * v["ds"] for v in stats.values())
@@ -180,8 +188,9 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     if r:
         lines.append(f"- The rule (25% replay at 2e-3): rise {r['rise']:+.3f}, worst {r['worst']:+.3f}, German "
                      f"{r['de']:.3f}: {'meets' if r['ok'] else 'breaks'} the budget.")
-    lines += ["", "## The other annealing term (`drop`, bounded by the LR's fall) on the same pilots", "",
-              table(["replay / max LR", "en rise error (/sd)", "de error (/sd)"], alt), "",
+    lines += ["", "## Other fits of the same pilots (errors of the central prediction: predicted - measured mean)", "",
+              table(["replay / max LR"] + [f"{name}: {d}" for name, _, _ in VARIANTS[1:] for d in ("en rise", "de")],
+                    alt), "",
               "## Commands", "", "```", "python scripts/plan_experiment.py",
               *[p["command"] for p in rep["pilots"]], "```", ""]
     return "\n".join(lines)
