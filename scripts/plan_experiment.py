@@ -25,9 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from _runs import K, ROOT, WALL_FILE, Job, Runner, finished, probes, table, train
-
 import yaml
+from _runs import ROOT, WALL_FILE, Job, K, Runner, finished, probes, table, train
 
 OUT = ROOT / "runs" / "plan"
 DATA = ROOT / "data" / "shared" / "prepared"

@@ -161,7 +161,7 @@ def picked_yaml(s: Setup, replay: float, max_lr: float, out: Path) -> Path:
     from cpt.recipe.load import _apply_override
 
     tree: dict[str, Any] = {}
-    for item in [*s.overrides, *s.candidate(replay, max_lr), f"run.name=plan-pick",
+    for item in [*s.overrides, *s.candidate(replay, max_lr), "run.name=plan-pick",
                  f"run.output_dir={out / 'pick-run'}"]:
         _apply_override(tree, item)
     path = out / "recipe.yaml"
