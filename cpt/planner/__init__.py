@@ -7,9 +7,8 @@ bootstrap intervals; ``design`` the pilot design, the candidates' predictions, t
 that say when not to trust it; ``report`` plan.md and frontier.png; ``verb`` is `cpt plan`.
 """
 
-from cpt.planner.design import PilotSpec, Prediction, design_pilots, held_out, pick, predict, predict_all
-from cpt.planner.design import trust
+from cpt.planner.design import PilotSpec, Prediction, design_pilots, pick, predict, predict_all
 from cpt.planner.law import NAMES, DomainFit, Pilot, Schedule, fit_domain, shift
 
 __all__ = ["NAMES", "DomainFit", "Pilot", "PilotSpec", "Prediction", "Schedule", "design_pilots", "fit_domain",
-           "held_out", "pick", "predict", "predict_all", "shift", "trust"]
+           "pick", "predict", "predict_all", "shift"]
