@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
-from _runs import ROOT, WALL_FILE, Job, K, Runner, finished, probes, table, train
+from _runs import ROOT, Job, K, Runner, finished, probes, table, train
 
 OUT = ROOT / "runs" / "plan"
 DATA = ROOT / "data" / "shared" / "prepared"
@@ -92,6 +92,13 @@ def grid_jobs(base: Path, pick: tuple[float, float] | None) -> dict[tuple[float,
         jobs[(r, lr)] = [Job(str(base), (*over, f"run.seed={s}", f"run.name=r{r:g}-lr{lr:g}-s{s}",
                                          f"run.output_dir={OUT / 'grid' / f'r{r:g}-lr{lr:g}-s{s}'}")) for s in SEEDS]
     return jobs
+
+
+def elapsed(run_dir: Path) -> float:
+    """A run's training loop wall time, as it logged it (the last time/elapsed_s)."""
+    from _runs import metrics
+
+    return max(r["time/elapsed_s"] for r in metrics(run_dir) if "time/elapsed_s" in r)
 
 
 def measure(run_dir: Path) -> dict[str, float]:
@@ -161,16 +168,17 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     compliant = {k: v for k, v in stats.items() if v["ok"] and k != pick}
     best = min(compliant, key=lambda k: compliant[k]["de"]) if compliant else None
     lines = ["# cpt plan on the tiny English -> German set-up (results)", "",
-             f"Measured by `python scripts/plan_experiment.py` (2 shared cores; {sum(walls.values()) / 60:.0f} min of "
-             f"runs summed). Full budget {FULL // K}K German-stage tokens ({FULL // BATCH} steps of {BATCH}); budget: "
+             f"Measured by `python scripts/plan_experiment.py` (2 shared cores, load 20-35; {sum(walls.values()) / 60:.0f} "
+             f"min of training loops summed). Full budget {FULL // K}K German-stage tokens ({FULL // BATCH} steps of {BATCH}); budget: "
              f"English probe final rise <= {BUDGET} nats (the worst in-stage rise is predicted and measured, not "
              f"bounded); seeds {SEEDS}.", "",
              "## The plan", "",
              (f"Pick: replay {pick[0]:g}, max LR {pick[1]:.3g}." if pick else "The planner said the budget cannot be met."),
              f"Pilots: {len(rep['pilots'])} x {rep['pilots'][0]['tokens']} tokens = "
-             f"{sum(p['tokens'] for p in rep['pilots']) / FULL:.0%} of one full run's tokens; `cpt plan` took "
-             f"{pilot_wall:.0f} s (pilots, probes after every step, fit) against {statistics.mean(walls.values()):.0f} s "
-             f"for one full run on average.", "", "Trust notes of the plan:", ""]
+             f"{sum(p['tokens'] for p in rep['pilots']) / FULL:.0%} of one full run's tokens; their training loops "
+             f"(probes after every step) took {pilot_wall:.0f} s together against {statistics.mean(walls.values()):.0f} s "
+             f"for one full run's on average (time/elapsed_s; the pilots ran one at a time with 2 threads, the full runs "
+             f"3 at a time with 1 thread each).", "", "Trust notes of the plan:", ""]
     lines += [f"- {n}" for n in rep["notes"]] or ["- none"]
     lines += ["", "## Predicted vs measured (3 seeds: mean ± sd)", "", table(head, rows), "",
               f"- English rise predicted within 2 sd for {within} of {len(stats)} recipes; German loss for "
@@ -204,9 +212,8 @@ def main() -> None:
     pretrained = runner("pretrain-en", "recipes/paper/pretrain-en.yaml", ["train.tokens=1M"])
     base = base_recipe(pretrained)
     plan_dir = OUT / "plan"
-    t0 = time.time()
     rep = plan(base, plan_dir)
-    pilot_wall = time.time() - t0
+    pilot_wall = sum(elapsed(plan_dir / "pilots" / p["name"]) for p in rep["pilots"])
     pick = (rep["pick"]["replay"], rep["pick"]["max_lr"]) if rep["pick"] else None
     jobs = grid_jobs(base, pick)
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -220,8 +227,7 @@ def main() -> None:
             d, tokens, per_step = j.plan()
             if finished(d, tokens, per_step):
                 measured.setdefault(k, []).append(measure(d))
-                if (d / WALL_FILE).is_file():
-                    walls[d.name] = float((d / WALL_FILE).read_text())
+                walls[d.name] = elapsed(d)
     preds = predictions(base, plan_dir, list(jobs))
     text = report(rep, measured, preds, walls, pilot_wall)
     (ROOT / "docs" / "planning-results.md").write_text(text)
