@@ -272,8 +272,10 @@ def cmd_import(ns: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cpt", description="Continual pre-training of causal LMs.")
     sub = p.add_subparsers(dest="verb", required=True, metavar="COMMAND")
-    for add_verb in (_add_train, _add_schedule, _add_prepare, _add_probe, _add_compare, _add_predict, _add_merge,
-                     _add_tokenizer, _add_import):  # the order `cpt --help` lists them in
+    from cpt.planner.verb import add_plan
+
+    for add_verb in (_add_train, _add_schedule, _add_prepare, _add_probe, _add_compare, _add_predict, add_plan,
+                     _add_merge, _add_tokenizer, _add_import):  # the order `cpt --help` lists them in
         add_verb(sub)
     return p
 

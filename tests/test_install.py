@@ -102,7 +102,7 @@ def test_every_module_imports_and_every_verb_answers_help_without_deepspeed():
     """)
     counts = re.search(r"modules (\d+) verbs (.*)", out.stdout)
     assert int(counts.group(1)) >= 20
-    assert set(counts.group(2).split()) >= {"train", "schedule", "prepare", "probe", "compare", "predict",
+    assert set(counts.group(2).split()) >= {"train", "schedule", "prepare", "probe", "compare", "predict", "plan",
                                             "tokenizer/train", "tokenizer/extend", "merge"}
 
 

@@ -76,7 +76,7 @@ def test_train_reuses_a_finished_run_and_starts_an_unfinished_one_over(tmp_path,
     assert train(job) == (run_dir, float(f"{seconds:.1f}"), False) and len(calls) == 1
 
 
-@pytest.mark.parametrize("script", ["reproduce", "predict_experiment", "replay_gap"])
+@pytest.mark.parametrize("script", ["reproduce", "predict_experiment", "replay_gap", "plan_experiment"])
 def test_experiment_script_help(script):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
