@@ -313,3 +313,20 @@ def test_cli_task_methods_and_their_refusals(trio, tmp_path, capsys):
             ns = build_parser().parse_args(["merge", *argv])
             ns.func(ns)
     assert not Path("x").exists()
+
+
+def test_probe_takes_a_runs_or_recipes_probe_sets_and_max_sequences(make_recipe, tmp_path):
+    from cpt.merge_cmd import probe_sets
+
+    r = make_recipe("probed", probes__max_sequences=5)
+    run_dir = tmp_path / "a-run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(r.to_yaml())
+    sets, n = probe_sets([], run_dir, None)
+    assert sets == dict(r.probes.sets) and n == 5
+    assert probe_sets([], run_dir / "recipe.yaml", 7) == (dict(r.probes.sets), 7)  # the file; --max-sequences wins
+    other = str(next(iter(r.probes.sets.values())))
+    assert probe_sets([f"extra={other}"], run_dir, None)[0] == {**r.probes.sets, "extra": other}
+    assert probe_sets([f"x={other}"], None, None) == ({"x": other}, 64)
+    with pytest.raises(CptError, match="neither a run dir with a recipe.yaml nor a recipe file"):
+        probe_sets([], tmp_path, None)
