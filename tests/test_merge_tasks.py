@@ -330,3 +330,23 @@ def test_probe_takes_a_runs_or_recipes_probe_sets_and_max_sequences(make_recipe,
     assert probe_sets([f"x={other}"], None, None) == ({"x": other}, 64)
     with pytest.raises(CptError, match="neither a run dir with a recipe.yaml nor a recipe file"):
         probe_sets([], tmp_path, None)
+
+
+def test_the_merge_back_verdicts_of_reproduce_py_on_numbers_worked_by_hand():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from reproduce import back_verdict
+
+    mean = {"a = 0: start": (5.0, 7.0), "a = 0.5": (5.2, 6.0), "a = 1: final": (6.0, 5.0), "replay": (5.1, 5.9)}
+    lines = back_verdict(mean)
+    # forgetting 1.0, gain 2.0: a = 0.5 undoes 0.8 of it and keeps 1.0 of the gain
+    assert lines[0] == ("- a = 0.5: recovers 80% of the English forgetting (-0.800 vs final) and keeps 50% of the "
+                        "German gain (+1.000).")
+    assert lines[1].startswith("- German loss falls with a at every step: yes. English loss is lowest at a = 0: start")
+    assert lines[2] == "- Lowest mean of both domains on the frontier: a = 1: final, 5.500 (final 5.500, start 6.000)."
+    assert lines[3] == ("- vs replay (English 5.100, German 5.900): no weight beats it on both domains. At about its "
+                        "German loss (a = 0.5: 6.000) the merge's English loss is 5.200 (+0.100).")
+    mean["a = 0.5"] = (4.9, 5.8)
+    assert "beaten on both domains by a = 0.5." in back_verdict(mean)[3]
+    assert "below both ends" in back_verdict(mean)[1]

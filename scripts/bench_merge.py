@@ -1,0 +1,122 @@
+"""Peak memory of `cpt merge` on a real model: each method in a fresh process, its peak resident set size
+(ru_maxrss) against the model's size and its largest tensor; memory is meant to hold a few tensors, not the
+model. Writes nothing into the repository (a scratch dir, deleted at the end).
+
+    python scripts/bench_merge.py --model /path/to/hf-dir [--scratch /tmp/bench-merge]
+
+Two donors are made from the model (its tensors plus seeded noise of 1e-3 of each tensor's std, written
+one tensor at a time), so the deltas are real and dense. A baseline process imports what a merge imports
+and runs its checks (configs, tokenizers, safetensors headers) without merging: the merge's own memory is
+its peak minus that baseline. Timings on a shared machine are noisy and only printed for orientation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+METHODS = ("task_arithmetic", "ties", "dare")
+
+BASELINE = """
+from pathlib import Path
+from cpt.merge import _check_same_model, _check_same_tokenizer, _comparable_config, _open_input, _read_tensors
+paths = [Path(p) for p in {paths!r}]
+inputs = [_open_input(p) for p in paths]
+ref = _comparable_config(inputs[-1])
+for inp in inputs[:-1]:
+    _check_same_model(inp, inputs[-1], ref)
+_check_same_tokenizer(paths)
+for inp in inputs:
+    _read_tensors(inp, inp.path)
+import torch  # noqa: F401  (what the merge imports)
+"""
+
+
+def make_donor(model: Path, dest: Path, seed: int) -> None:
+    """``model`` + seeded noise (1e-3 of each floating tensor's std), written tensor by tensor."""
+    import torch
+
+    from cpt.tensorfile import TensorFile, TensorWriter
+
+    shutil.copytree(model, dest, ignore=shutil.ignore_patterns("*.safetensors"))
+    with TensorFile(model / "model.safetensors") as f:
+        specs = [(n, getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[f.dtype(n)]),
+                  f.shape(n)) for n in f.keys()]
+        with TensorWriter(dest / "model.safetensors", specs) as w:
+            for i, (name, dtype, _) in enumerate(specs):
+                t = f.read(name).float()
+                g = torch.Generator().manual_seed(seed * 100_003 + i)
+                noise = torch.randn(t.shape, generator=g) * (1e-3 * float(t.std()) if t.numel() > 1 else 1e-3)
+                w.write(name, (t + noise).to(dtype))
+
+
+def peak(code: str) -> tuple[float, float]:
+    """(peak RSS in MiB, wall seconds) of ``python -c code`` in a fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status != 0:
+        raise SystemExit(f"failed: {code}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="an HF model dir with one model.safetensors")
+    ap.add_argument("--scratch", type=Path, default=Path("/tmp/bench-merge"))
+    ap.add_argument("--only", nargs="+", default=None, choices=["average", "interpolate", *METHODS],
+                    help="measure only these (and the baseline)")
+    ap.add_argument("--keep-donors", action="store_true", help="reuse donors left in --scratch by an earlier run")
+    args = ap.parse_args()
+    from cpt.tensorfile import DTYPES, TensorFile
+
+    with TensorFile(args.model / "model.safetensors") as f:
+        sizes = {n: e[3] - e[2] for n, e in f.entries.items()}
+        largest = max(sizes, key=sizes.get)
+        code = f.dtype(largest)
+    numel = sizes[largest] // DTYPES[code][1]
+    model_mib, largest_f32_mib = sum(sizes.values()) / 2**20, numel * 4 / 2**20
+    base = args.model
+    donors = [args.scratch / "donor1", args.scratch / "donor2"]
+    if not (args.keep_donors and all((d / "model.safetensors").is_file() for d in donors)):
+        shutil.rmtree(args.scratch, ignore_errors=True)
+        args.scratch.mkdir(parents=True)
+        for i, d in enumerate(donors):
+            make_donor(base, d, seed=i + 1)
+    paths = [str(base), *map(str, donors)]
+    out = args.scratch / "out"
+    runs = {"baseline (imports + checks, no merge)": BASELINE.format(paths=paths)}
+    for method in METHODS:
+        runs[f"{method}, base + 2 donors"] = (
+            f"from cpt.merge_tasks import merge_task_vectors; merge_task_vectors({paths[0]!r}, {paths[1:]!r}, "
+            f"[1.0, 1.0], {str(out)!r}, method={method!r}, overwrite=True)")
+    runs["interpolate --toward, 1 weight"] = (f"from cpt.merge_tasks import interpolate; interpolate({paths[1]!r}, "
+                                              f"{paths[0]!r}, [0.5], {str(out)!r}, overwrite=True)")
+    runs["average of 3 (cpt merge A B C)"] = (f"from cpt.merge import merge_checkpoints; merge_checkpoints({paths!r}, "
+                                              f"[1/3] * 3, {str(out)!r}, overwrite=True)")
+    print(f"model {args.model}: {model_mib:.0f} MiB of weights ({code}), largest tensor {largest} "
+          f"{largest_f32_mib:.0f} MiB in float32; peak RSS per process (fresh process each):", flush=True)
+    print(f"{'run':<40} {'peak MiB':>9} {'- baseline':>11} {'/ model':>8} {'/ largest f32':>14} {'s':>6}", flush=True)
+    ref = None
+    for label, code_ in runs.items():
+        if args.only and label.split()[0].rstrip(",") not in (*args.only, "baseline"):
+            continue
+        mib, secs = peak(code_)
+        shutil.rmtree(out, ignore_errors=True)
+        ref = mib if ref is None else ref
+        extra = mib - ref
+        print(f"{label:<40} {mib:>9.0f} {extra:>11.0f} {extra / model_mib:>8.2f} {extra / largest_f32_mib:>14.2f} "
+              f"{secs:>6.1f}", flush=True)
+    if not args.keep_donors:
+        shutil.rmtree(args.scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
