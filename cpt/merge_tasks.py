@@ -32,7 +32,8 @@ Task vectors, with an explicit ``base`` and donors ``m_i`` with weights ``w_i`` 
     pre-training deltas, which are large: measure before trusting it on a CPT delta.
 
 Memory: task arithmetic and DARE hold 3 tensors at a time (base, sum, one donor's delta; DARE adds its
-random mask), TIES the base and every donor's trimmed delta (``N + 3``), in float32, of the largest tensor.
+random mask), TIES the base, every donor's trimmed delta and about 3 more (``N + 4``), in float32, of the
+largest tensor; measured in docs/benchmarks.md.
 Tied embeddings stay tied: the output keeps the layout and config of the input it takes its files from
 (a tied head stored once, ``tie_word_embeddings`` as it was), and all inputs must share that config.
 """
@@ -187,25 +188,31 @@ def trim(delta, density: float):
     keep = min(n, math.ceil(density * n))
     if keep >= n or n == 0:
         return delta
-    threshold = torch.kthvalue(delta.abs().reshape(-1), n - keep + 1).values
-    return delta.masked_fill_(delta.abs() < threshold, 0.0)
+    magnitude = delta.abs()
+    threshold = torch.kthvalue(magnitude.reshape(-1), n - keep + 1).values
+    return delta.masked_fill_(magnitude < threshold, 0.0)
 
 
 def _ties(weights: list[float], density: float):
-    """TIES: trim, elect the sign by the weighted sum, disjoint weighted mean of the agreeing entries."""
-    import torch
+    """TIES: trim, elect the sign by the weighted sum, disjoint weighted mean of the agreeing entries
+    (in place where it can: the base, N trimmed deltas and 3 more tensors at the most)."""
 
     def combine(name: str, read) -> Any:
         base = read(0)
         weighted = [trim(read(i + 1).sub_(base), density).mul_(w) for i, w in enumerate(weights)]
-        elected = torch.sign(sum(weighted))
-        total = torch.zeros_like(base)
-        mass = torch.zeros_like(base)
-        for d, w in zip(weighted, weights, strict=True):
-            agree = (torch.sign(d) == elected) & (d != 0)
-            total.add_(torch.where(agree, d, 0.0))
-            mass.add_(agree.to(mass.dtype), alpha=w)
-        del weighted
-        return base.add_(torch.where(mass > 0, total / mass.clamp_min(1e-30), 0.0))
+        elected = weighted[0].clone()
+        for d in weighted[1:]:
+            elected.add_(d)
+        elected.sign_()
+        total, mass = elected.new_zeros(elected.shape), elected.new_zeros(elected.shape)
+        for i, w in enumerate(weights):
+            d, weighted[i] = weighted[i], None  # each delta is dropped once counted
+            agree = (d.sign() == elected).logical_and_(d != 0)
+            total.add_(d.masked_fill_(agree.logical_not_(), 0.0))
+            mass.add_(agree.logical_not_(), alpha=w)
+            del d, agree
+        del elected
+        # where no donor agrees, total is 0 and so is the mean
+        return base.add_(total.div_(mass.clamp_min_(1e-30)))
 
     return combine

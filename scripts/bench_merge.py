@@ -1,14 +1,16 @@
-"""Peak memory of `cpt merge` on a real model: each method in a fresh process, its peak resident set size
-(ru_maxrss) against the model's size and its largest tensor; memory is meant to hold a few tensors, not the
-model. Writes nothing into the repository (a scratch dir, deleted at the end).
+"""Peak memory of `cpt merge` on a real model: each method in a fresh process, the memory the merge itself
+adds (its peak resident set size above what the process held before it) against the model's size and its
+largest tensor; memory is meant to hold a few tensors, not the model. Writes nothing into the repository
+(a scratch dir; donors kept there with --keep-donors).
 
-    python scripts/bench_merge.py --model /path/to/hf-dir [--scratch /tmp/bench-merge]
+    python scripts/bench_merge.py --model /path/to/hf-dir [--scratch /tmp/bench-merge] [--keep-donors]
 
 Two donors are made from the model (its tensors plus seeded noise of 1e-3 of each tensor's std, written
-one tensor at a time), so the deltas are real and dense. A baseline process imports what a merge imports
-and runs its checks (configs, tokenizers, safetensors headers) without merging: the merge's own memory is
-its peak minus that baseline. Timings on a shared machine are noisy and only printed for orientation.
-"""
+one tensor at a time), so the deltas are real and dense. Every process first imports what a merge imports
+and runs its checks (configs, tokenizers, safetensors headers; the "baseline" row stops there), then resets
+its peak RSS (Linux /proc/self/clear_refs) and merges: "merge MiB" = peak VmHWM during the merge minus the
+VmRSS before it; "peak MiB" = the whole process's ru_maxrss. Timings on a shared machine are noisy and only
+printed for orientation."""
 
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ for inp in inputs[:-1]:
 _check_same_tokenizer(paths)
 for inp in inputs:
     _read_tensors(inp, inp.path)
-import torch  # noqa: F401  (what the merge imports)
+import torch  # noqa: F401  (what the merge imports: torch, and cpt.model for its LoRA check)
+from cpt.model import is_peft_checkpoint
+assert not any(is_peft_checkpoint(p) for p in paths)
 """
 
 
@@ -57,14 +61,34 @@ def make_donor(model: Path, dest: Path, seed: int) -> None:
                 w.write(name, (t + noise).to(dtype))
 
 
-def peak(code: str) -> tuple[float, float]:
-    """(peak RSS in MiB, wall seconds) of ``python -c code`` in a fresh process."""
+# After the imports and checks (BASELINE), the peak RSS is reset (Linux: clear_refs 5) and the merge runs: its
+# peak minus the RSS it started from is the merge's own memory, free of what importing torch and loading
+# tokenizers cost (the merge does those checks again, on top of the loaded ones: a small overcount).
+MEASURED = """
+def _status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+_before = _status("VmRSS:")
+{merge}
+print("MERGE_KIB", _status("VmHWM:") - _before)
+"""
+
+
+def peak(code: str) -> tuple[float, float, float]:
+    """(peak RSS of the process in MiB, the merge's own peak above the RSS it started from in MiB, wall
+    seconds) of ``python -c code`` in a fresh process."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, text=True)
+    output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
         raise SystemExit(f"failed: {code}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - t0
+    own = [int(line.split()[1]) / 1024 for line in output.splitlines() if line.startswith("MERGE_KIB")]
+    return usage.ru_maxrss / 1024, own[0] if own else 0.0, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -92,27 +116,24 @@ def main() -> None:
             make_donor(base, d, seed=i + 1)
     paths = [str(base), *map(str, donors)]
     out = args.scratch / "out"
-    runs = {"baseline (imports + checks, no merge)": BASELINE.format(paths=paths)}
-    for method in METHODS:
-        runs[f"{method}, base + 2 donors"] = (
-            f"from cpt.merge_tasks import merge_task_vectors; merge_task_vectors({paths[0]!r}, {paths[1:]!r}, "
-            f"[1.0, 1.0], {str(out)!r}, method={method!r}, overwrite=True)")
-    runs["interpolate --toward, 1 weight"] = (f"from cpt.merge_tasks import interpolate; interpolate({paths[1]!r}, "
-                                              f"{paths[0]!r}, [0.5], {str(out)!r}, overwrite=True)")
-    runs["average of 3 (cpt merge A B C)"] = (f"from cpt.merge import merge_checkpoints; merge_checkpoints({paths!r}, "
-                                              f"[1/3] * 3, {str(out)!r}, overwrite=True)")
+    prep = BASELINE.format(paths=paths)
+    runs = {"baseline (imports + checks, no merge)": prep}
+    merges = {f"{m}, base + 2 donors": f"from cpt.merge_tasks import merge_task_vectors; merge_task_vectors("
+              f"{paths[0]!r}, {paths[1:]!r}, [1.0, 1.0], {str(out)!r}, method={m!r}, overwrite=True)" for m in METHODS}
+    merges["interpolate --toward, 1 weight"] = (f"from cpt.merge_tasks import interpolate; interpolate({paths[1]!r}, "
+                                                f"{paths[0]!r}, [0.5], {str(out)!r}, overwrite=True)")
+    merges["average of 3 (cpt merge A B C)"] = (f"from cpt.merge import merge_checkpoints; merge_checkpoints("
+                                                f"{paths!r}, [1/3] * 3, {str(out)!r}, overwrite=True)")
+    runs |= {label: prep + MEASURED.format(merge=code_) for label, code_ in merges.items()}
     print(f"model {args.model}: {model_mib:.0f} MiB of weights ({code}), largest tensor {largest} "
           f"{largest_f32_mib:.0f} MiB in float32; peak RSS per process (fresh process each):", flush=True)
-    print(f"{'run':<40} {'peak MiB':>9} {'- baseline':>11} {'/ model':>8} {'/ largest f32':>14} {'s':>6}", flush=True)
-    ref = None
+    print(f"{'run':<40} {'peak MiB':>9} {'merge MiB':>10} {'/ model':>8} {'/ largest f32':>14} {'s':>6}", flush=True)
     for label, code_ in runs.items():
         if args.only and label.split()[0].rstrip(",") not in (*args.only, "baseline"):
             continue
-        mib, secs = peak(code_)
+        mib, own, secs = peak(code_)
         shutil.rmtree(out, ignore_errors=True)
-        ref = mib if ref is None else ref
-        extra = mib - ref
-        print(f"{label:<40} {mib:>9.0f} {extra:>11.0f} {extra / model_mib:>8.2f} {extra / largest_f32_mib:>14.2f} "
+        print(f"{label:<40} {mib:>9.0f} {own:>10.0f} {own / model_mib:>8.2f} {own / largest_f32_mib:>14.2f} "
               f"{secs:>6.1f}", flush=True)
     if not args.keep_donors:
         shutil.rmtree(args.scratch, ignore_errors=True)
