@@ -411,6 +411,7 @@ def _config_dtype(config: dict[str, Any]) -> str:
     return name if name in _FLOATS.values() else "float32"
 
 
+_CHUNK = 1 << 22  # elements checked at a time: isfinite makes a float copy (abs) and bool tensors of its input
 _FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors header dtypes
 
 
@@ -437,7 +438,7 @@ def _write_file(inputs: list[_Input], src: _Input, combine, names: list[str], de
             def read(i: int, name: str = name) -> Any:
                 inp = inputs[i]
                 t = handles.get(inp.weights[name]).read(name).to(torch.float32)
-                if not bool(torch.isfinite(t).all()):
+                if not all(bool(torch.isfinite(piece).all()) for piece in t.reshape(-1).split(_CHUNK)):
                     raise CptError(f"{inp.path}: tensor {name} holds NaN or inf values; refusing to merge it "
                                    f"(leave that checkpoint out)")
                 return t
