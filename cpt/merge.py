@@ -300,9 +300,10 @@ def weighted_sum(coefficients: list[float]):
     def combine(name: str, read) -> Any:
         acc = None
         for i, c in enumerate(coefficients):
-            if c != 0:
+            if c != 0:  # read(i) is a fresh tensor: scaled in place, and let go before the next is read
                 t = read(i)
-                acc = t * c if acc is None else acc.add_(t, alpha=c)
+                acc = t.mul_(c) if acc is None else acc.add_(t, alpha=c)
+                del t
         return acc
 
     return combine

@@ -32,8 +32,9 @@ Task vectors, with an explicit ``base`` and donors ``m_i`` with weights ``w_i`` 
     pre-training deltas, which are large: measure before trusting it on a CPT delta.
 
 Memory: task arithmetic and DARE hold 3 tensors at a time (base, sum, one donor's delta; DARE adds its
-random mask), TIES the base, every donor's trimmed delta and about 3 more (``N + 4``), in float32, of the
-largest tensor; measured in docs/benchmarks.md.
+random mask and its draw), TIES the base, every donor's trimmed delta and 4 to 5 more (the elected sign,
+the sum, the weights, one temporary), in float32, of the size of the largest tensor; measured in
+docs/benchmarks.md ("Merging: peak memory").
 Tied embeddings stay tied: the output keeps the layout and config of the input it takes its files from
 (a tied head stored once, ``tie_word_embeddings`` as it was), and all inputs must share that config.
 """

@@ -95,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, required=True, help="an HF model dir with one model.safetensors")
     ap.add_argument("--scratch", type=Path, default=Path("/tmp/bench-merge"))
-    ap.add_argument("--only", nargs="+", default=None, choices=["average", "interpolate", *METHODS],
+    ap.add_argument("--only", nargs="+", default=None, choices=["average", "interpolate", "naive", *METHODS],
                     help="measure only these (and the baseline)")
     ap.add_argument("--keep-donors", action="store_true", help="reuse donors left in --scratch by an earlier run")
     args = ap.parse_args()
@@ -124,6 +124,11 @@ def main() -> None:
                                                 f"{paths[0]!r}, [0.5], {str(out)!r}, overwrite=True)")
     merges["average of 3 (cpt merge A B C)"] = (f"from cpt.merge import merge_checkpoints; merge_checkpoints("
                                                 f"{paths!r}, [1/3] * 3, {str(out)!r}, overwrite=True)")
+    # for scale: what holding state dicts costs (safetensors' load_file of all three, task arithmetic, save_file)
+    merges["naive task arithmetic, 3 state dicts"] = (
+        f"from safetensors.torch import load_file, save_file; import os; s = [load_file(p + '/model.safetensors') "
+        f"for p in {paths!r}]; os.makedirs({str(out)!r}, exist_ok=True); save_file({{k: s[0][k] + (s[1][k] - s[0][k]) "
+        f"+ (s[2][k] - s[0][k]) for k in s[0]}}, {str(out)!r} + '/model.safetensors')")
     runs |= {label: prep + MEASURED.format(merge=code_) for label, code_ in merges.items()}
     print(f"model {args.model}: {model_mib:.0f} MiB of weights ({code}), largest tensor {largest} "
           f"{largest_f32_mib:.0f} MiB in float32; peak RSS per process (fresh process each):", flush=True)
