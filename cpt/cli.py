@@ -251,15 +251,9 @@ def cmd_predict(ns: argparse.Namespace) -> int:
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
-    from cpt.merge import describe, merge_checkpoints, merge_coefficients, resolve_inputs
+    from cpt.merge_cmd import cmd_merge as merge
 
-    paths = resolve_inputs(ns.checkpoints, last=ns.last)
-    coefficients = merge_coefficients(ns.weights, len(paths))
-    print(describe(ns.weights, paths, coefficients))
-    out = merge_checkpoints(paths, coefficients, ns.out, method=ns.weights,
-                            dtype=None if ns.dtype == "auto" else ns.dtype, overwrite=ns.overwrite)
-    print(f"merged: {out}")
-    return 0
+    return merge(ns)
 
 
 def cmd_import(ns: argparse.Namespace) -> int:
@@ -439,22 +433,14 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_merge(sub: argparse._SubParsersAction) -> None:
-    m = sub.add_parser("merge", help="average checkpoints into one HF model dir (uniform, weights, EMA, WSM)",
-                       description="cpt merge CKPT [CKPT ...] --out DIR [--weights SPEC]: checkpoints oldest first")
-    m.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                   help="cpt checkpoints, HF model dirs, or run dirs (their checkpoints), OLDEST FIRST: ema and wsm "
-                        "weigh by this order")
-    m.add_argument("--out", required=True, type=Path, metavar="DIR", help="the HF model dir to write (+ merge.json)")
-    m.add_argument("--weights", default="uniform", metavar="SPEC",
-                   help="uniform (default) | w1,w2,... (one per checkpoint, normalised to sum 1) | ema:DECAY "
-                        "(newest 1-DECAY, k older DECAY^k(1-DECAY), the first the rest) | wsm:SHAPE (WSM: "
-                        "emulate a linear, cosine, 1-sqrt or rex decay over the checkpoints)")
-    m.add_argument("--last", type=int, default=None, metavar="K",
-                   help="merge only the last K (after run dirs are expanded)")
-    m.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="dtype of the output (auto: as the last input stores it; for a cpt checkpoint its "
-                        "config's dtype, as final/)")
-    m.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    from cpt.merge_cmd import add_arguments
+
+    m = sub.add_parser("merge", help="average checkpoints (uniform, weights, EMA, WSM), interpolate toward a base "
+                                     "model, task arithmetic / TIES / DARE; each into an HF model dir",
+                       description="cpt merge CKPT [CKPT ...] --out DIR [--weights SPEC] (checkpoints oldest first) | "
+                                   "cpt merge FINAL --toward BASE --weight A[,A...] --out DIR | cpt merge "
+                                   "--task-arithmetic|--ties|--dare --base BASE --donor PATH:W ... --out DIR")
+    add_arguments(m, DTYPES)
     m.set_defaults(func=cmd_merge)
 
 

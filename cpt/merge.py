@@ -20,13 +20,17 @@ coefficients from :func:`merge_coefficients`:
 
 :func:`merge_checkpoints` checks that the inputs are one architecture (config, tensor names and shapes)
 with one tokenizer (compared by what it does, :func:`cpt.data.tokenizer.tokenizer_identity`), then merges
-tensor by tensor in float32, reading each input's safetensors lazily (never a pickle: an input with only
-``.bin`` / ``.pt`` weights is refused), so that memory holds one output shard and one input tensor, not N
-state dicts. The output has the last input's layout (tensor names, shards, tied embeddings saved as it
-saved them), config and tokenizer files, and its dtype (a cpt checkpoint's fp32 training weights are
-written in its config's dtype, as ``final/`` is); ``merge.json`` records inputs, coefficients and method.
+tensor by tensor in float32, reading each input's safetensors one tensor at a time and writing each merged
+tensor before the next is read (:mod:`cpt.tensorfile`; never a pickle: an input with only ``.bin`` /
+``.pt`` weights is refused), so that memory holds a few tensors, not N state dicts nor an output shard.
+The output has the last input's layout (tensor names, shards, tied embeddings saved as it saved them),
+config and tokenizer files, and its dtype (a cpt checkpoint's fp32 training weights are written in its
+config's dtype, as ``final/`` is); ``merge.json`` records inputs, coefficients and method.
 It is written to a temporary dir and renamed into place. A LoRA checkpoint (peft names, ``adapter/``) is
 merged through its merged weights (base + adapter, as ``final/`` holds them).
+
+:func:`write_merge` is the engine under it, for any per-tensor rule: :mod:`cpt.merge_tasks` builds
+interpolation toward a base model and task arithmetic, TIES and DARE on it.
 
 Both functions are free of CLI concerns: the training loop can call them for an in-run merge.
 """
@@ -161,22 +165,16 @@ def _open_input(path: Path) -> _Input:
 
 def _read_tensors(inp: _Input, weights_dir: Path) -> None:
     """Names, dtypes and shapes of the input's tensors, from the safetensors headers (nothing loaded)."""
-    from safetensors import safe_open
+    from cpt.tensorfile import TensorFile
 
     if (weights_dir / WEIGHTS_INDEX).is_file():
         inp.index = _read_json(weights_dir / WEIGHTS_INDEX)
     for f in _weight_files(weights_dir):
-        names = []
-        try:
-            with safe_open(str(f), "pt") as handle:
-                for name in handle.keys():
-                    piece = handle.get_slice(name)
-                    inp.tensors[name] = (piece.get_dtype(), tuple(piece.get_shape()))
-                    inp.weights[name] = f
-                    names.append(name)
-        except Exception as e:  # SafetensorError of a truncated or damaged file, OSError
-            raise CptError(f"{f}: not a readable safetensors file ({_why(e)})") from None
-        inp.layout.append((f.name, names))
+        with TensorFile(f) as handle:  # a truncated or damaged file: one line
+            for name in handle.keys():
+                inp.tensors[name] = (handle.dtype(name), handle.shape(name))
+                inp.weights[name] = f
+            inp.layout.append((f.name, handle.keys()))
 
 
 def _comparable_config(inp: _Input) -> dict[str, Any]:
@@ -283,13 +281,54 @@ def merge_checkpoints(paths: list[str | Path], coefficients: list[float], out_di
     them, or for a cpt checkpoint (fp32 training weights) its config's dtype, as ``final/``.
     ``overwrite``: replace an existing ``out_dir``. Returns ``out_dir``."""
     paths = [Path(p) for p in paths]
+    if not paths:
+        raise CptError("merge: nothing to merge (no checkpoints)")
+    if len(coefficients) != len(paths):
+        raise CptError(f"merge: {len(coefficients)} coefficients for {len(paths)} checkpoints")
+    if not all(math.isfinite(c) and c >= 0 for c in coefficients) or abs(sum(coefficients) - 1) > 1e-6:
+        raise CptError(f"merge: coefficients must be finite, >= 0 and sum to 1, got {coefficients} "
+                       f"(merge_coefficients normalises explicit weights)")
+    _check_order(paths)
+    return write_merge(paths, weighted_sum(coefficients), out_dir,
+                       record={"method": method, "coefficients": list(coefficients)}, notes=[{"coefficient": c} for c in coefficients], dtype=dtype, overwrite=overwrite)
+
+
+def weighted_sum(coefficients: list[float]):
+    """The per-tensor rule ``sum_i coefficients[i] * input_i`` for :func:`write_merge`; an input of
+    coefficient 0 is not read at all (one-hot coefficients give an input bit for bit)."""
+
+    def combine(name: str, read) -> Any:
+        acc = None
+        for i, c in enumerate(coefficients):
+            if c != 0:  # read(i) is a fresh tensor: scaled in place, and let go before the next is read
+                t = read(i)
+                acc = t.mul_(c) if acc is None else acc.add_(t, alpha=c)
+                del t
+        return acc
+
+    return combine
+
+
+def write_merge(paths: list[Path], combine, out_dir: str | Path, *, record: dict[str, Any],
+                notes: list[dict[str, Any]], dtype: str | None = None, overwrite: bool = False,
+                files_from: int = -1) -> Path:
+    """The one engine of every merge: checks that ``paths`` are one architecture with one tokenizer, then
+    writes ``out_dir`` (an HF model dir + merge.json) tensor by tensor, each floating tensor being
+    ``combine(name, read)`` where ``read(i)`` is input ``i``'s tensor ``name`` in float32 (refused if not
+    finite); memory holds the tensors ``combine`` holds at once, not a state dict.
+
+    ``files_from``: the input whose layout (tensor names, shards, a tied head stored once), config,
+    tokenizer, integer buffers and dtype the output takes. ``record``: merge.json's method fields;
+    ``notes``: per input, what merge.json says of it beside its path (its coefficient, its role)."""
+    paths = [Path(p) for p in paths]
     out = Path(out_dir)
-    _check_request(paths, coefficients, out, dtype, overwrite)
+    _check_request(paths, out, dtype, overwrite)
     inputs = [_open_input(p) for p in paths]
-    last = inputs[-1]
-    last_config = _comparable_config(last)
-    for inp in inputs[:-1]:
-        _check_same_model(inp, last, last_config)  # configs and tokenizers before anything heavy is read
+    src = inputs[files_from]
+    src_config = _comparable_config(src)
+    for inp in inputs:
+        if inp is not src:
+            _check_same_model(inp, src, src_config)  # configs and tokenizers before anything heavy is read
     _check_same_tokenizer(paths)
 
     target = out.resolve()  # a name to put the temporary dirs beside, also for --out .
@@ -300,27 +339,27 @@ def merge_checkpoints(paths: list[str | Path], coefficients: list[float], out_di
     try:
         for i, inp in enumerate(inputs):
             _read_tensors(inp, _lora_merged(inp.path, scratch / str(i)))
-        for inp in inputs[:-1]:
-            _check_same_tensors(inp, last)
-        out_dtype = dtype or (_config_dtype(last.config) if last.is_cpt_checkpoint else None)
+        for inp in inputs:
+            if inp is not src:
+                _check_same_tensors(inp, src)
+        out_dtype = dtype or (_config_dtype(src.config) if src.is_cpt_checkpoint else None)
         tmp.mkdir(parents=True)
         total_size = 0
-        for file_name, names in last.layout:
-            total_size += _merge_file(inputs, coefficients, names, tmp / file_name, out_dtype)
-        _write_side_files(last, tmp, out_dtype, total_size)
+        for file_name, names in src.layout:
+            total_size += _write_file(inputs, src, combine, names, tmp / file_name, out_dtype)
+        _write_side_files(src, tmp, out_dtype, total_size)
         record = {
-            "method": method,
-            "coefficients": list(coefficients),
-            "inputs": [_describe_input(inp.path, c) for inp, c in zip(inputs, coefficients, strict=True)],
+            **record,
+            "inputs": [{**_describe_input(inp.path), **note} for inp, note in zip(inputs, notes, strict=True)],
             "dtype": out_dtype or "as stored",
             "arithmetic": "float32, tensor by tensor",
-            "config_and_tokenizer_from": str(last.path),
+            "config_and_tokenizer_from": str(src.path),
         }
         (tmp / MERGE_FILE).write_text(json.dumps(record, indent=1) + "\n")
     except CptError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    except Exception as e:  # OSError of a full disk, SafetensorError of an input damaged mid-read, ...
+    except Exception as e:  # OSError of a full disk, an input damaged mid-read, ...
         shutil.rmtree(tmp, ignore_errors=True)
         raise CptError(f"{out} could not be written ({_why(e)}); nothing partial was kept") from None
     finally:
@@ -336,22 +375,15 @@ def merge_checkpoints(paths: list[str | Path], coefficients: list[float], out_di
     return out
 
 
-def _check_request(paths: list[Path], coefficients: list[float], out: Path, dtype: str | None,
-                   overwrite: bool) -> None:
+def _check_request(paths: list[Path], out: Path, dtype: str | None, overwrite: bool) -> None:
     if not paths:
         raise CptError("merge: nothing to merge (no checkpoints)")
-    if len(coefficients) != len(paths):
-        raise CptError(f"merge: {len(coefficients)} coefficients for {len(paths)} checkpoints")
-    if not all(math.isfinite(c) and c >= 0 for c in coefficients) or abs(sum(coefficients) - 1) > 1e-6:
-        raise CptError(f"merge: coefficients must be finite, >= 0 and sum to 1, got {coefficients} "
-                       f"(merge_coefficients normalises explicit weights)")
     if dtype is not None and dtype not in DTYPES:
         raise CptError(f"merge: dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     resolved = [p.resolve() for p in paths]
     twice = next((p for i, p in enumerate(paths) if resolved[i] in resolved[:i]), None)
     if twice is not None:
         raise CptError(f"{twice} is given twice (to weigh it more, give explicit weights)")
-    _check_order(paths)
     target = out.resolve()
     for p, r in zip(paths, resolved, strict=True):
         if r == target or target in r.parents:
@@ -380,50 +412,53 @@ def _config_dtype(config: dict[str, Any]) -> str:
     return name if name in _FLOATS.values() else "float32"
 
 
+_CHUNK = 1 << 22  # elements checked at a time: isfinite makes a float copy (abs) and bool tensors of its input
 _FLOATS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # safetensors header dtypes
 
 
-def _merge_file(inputs: list[_Input], coefficients: list[float], names: list[str], dest: Path,
+def _write_file(inputs: list[_Input], src: _Input, combine, names: list[str], dest: Path,
                 out_dtype: str | None) -> int:
-    """Merge the tensors ``names`` (one file of the last input's layout) into ``dest``; its size in bytes.
-
-    Each tensor is accumulated in float32 from one input at a time (safe_open reads only that tensor);
-    integer tensors (buffers) are the last input's. Returns the tensors' total size."""
+    """Write the tensors ``names`` (one file of ``src``'s layout) into ``dest``, each computed by
+    ``combine`` and written before the next is read; integer tensors (buffers) are ``src``'s. Returns the
+    tensors' total size in bytes."""
     import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    last = inputs[-1]
-    merged = {}
-    with _Handles(safe_open) as handles:
-        for name in names:
-            stored = _FLOATS.get(last.tensors[name][0])
-            if stored is None:  # an integer buffer (or a dtype not to average): the last input's
-                merged[name] = handles.get(last.weights[name]).get_tensor(name)
+    from cpt.tensorfile import DTYPES as CODES
+    from cpt.tensorfile import TensorWriter
+
+    specs = []
+    for name in names:
+        code, shape = src.tensors[name]
+        specs.append((name, getattr(torch, (out_dtype or _FLOATS[code]) if code in _FLOATS else CODES[code][0]), shape))
+    with _Handles() as handles, TensorWriter(dest, specs) as writer:
+        for name, out_type, _ in specs:
+            if src.tensors[name][0] not in _FLOATS:  # an integer buffer (or a dtype not to average): src's
+                writer.write(name, handles.get(src.weights[name]).read(name))
                 continue
-            acc = None
-            for inp, c in zip(inputs, coefficients, strict=True):
-                if c == 0:
-                    continue
-                t = handles.get(inp.weights[name]).get_tensor(name).to(torch.float32)
-                if not bool(torch.isfinite(t).all()):
+
+            def read(i: int, name: str = name) -> Any:
+                inp = inputs[i]
+                t = handles.get(inp.weights[name]).read(name).to(torch.float32)
+                if not all(bool(torch.isfinite(piece).all()) for piece in t.reshape(-1).split(_CHUNK)):
                     raise CptError(f"{inp.path}: tensor {name} holds NaN or inf values; refusing to merge it "
                                    f"(leave that checkpoint out)")
-                acc = t * c if acc is None else acc.add_(t, alpha=c)
-            merged[name] = acc.to(getattr(torch, out_dtype or stored))
-    save_file(merged, str(dest), metadata={"format": "pt"})  # from_pretrained requires the format key
-    return sum(t.numel() * t.element_size() for t in merged.values())
+                return t
+
+            writer.write(name, combine(name, read).to(out_type))
+    return writer.bytes
 
 
 class _Handles:
-    """Open safetensors files by path, each once, all closed at the end."""
+    """Open safetensors files (:class:`cpt.tensorfile.TensorFile`) by path, each once, all closed at the end."""
 
-    def __init__(self, opener) -> None:
-        self.opener, self.open = opener, {}
+    def __init__(self) -> None:
+        self.open: dict[Path, Any] = {}
 
     def get(self, f: Path):
+        from cpt.tensorfile import TensorFile
+
         if f not in self.open:
-            self.open[f] = self.opener(str(f), "pt").__enter__()
+            self.open[f] = TensorFile(f)
         return self.open[f]
 
     def __enter__(self):
@@ -431,7 +466,7 @@ class _Handles:
 
     def __exit__(self, *exc) -> None:
         for handle in self.open.values():
-            handle.__exit__(None, None, None)
+            handle.close()
 
 
 def _write_side_files(last: _Input, tmp: Path, out_dtype: str | None, total_size: int) -> None:
@@ -451,10 +486,10 @@ def _write_side_files(last: _Input, tmp: Path, out_dtype: str | None, total_size
         (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _describe_input(path: Path, coefficient: float) -> dict[str, Any]:
+def _describe_input(path: Path) -> dict[str, Any]:
     from cpt.state import STATE_FILE
 
-    entry: dict[str, Any] = {"path": str(path.resolve()), "coefficient": coefficient}
+    entry: dict[str, Any] = {"path": str(path.resolve())}
     state = path / STATE_FILE
     if state.is_file():
         try:

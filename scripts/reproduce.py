@@ -6,6 +6,7 @@
     python scripts/reproduce.py --experiments 1 2 5   # a subset (5 reads the runs of 2)
     python scripts/reproduce.py --quick --experiments 6 7   # mitigations beyond replay; WSM merging vs WSD decay
     python scripts/reproduce.py --quick --experiments 8     # English -> German with and without vocabulary extension
+    python scripts/reproduce.py --quick --seeds 3 --experiments 10   # merging back toward the start (reads 6's runs)
 
 A subset is written into the existing page: its sections replace theirs (or are added in number order), the
 others stay as they were, the header gets a line on the subset's invocation and the commands are added.
@@ -52,7 +53,7 @@ QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0
                wsd_main=512 * K, mitigate=64 * K, wsm_pretrain=256 * K, wsm_k=3)
 FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
               seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=2)
-ALL = [1, 2, 3, 4, 5, 6, 7, 8]
+ALL = [1, 2, 3, 4, 5, 6, 7, 8, 10]
 
 
 @dataclass
@@ -786,8 +787,118 @@ def vocab(s: Suite) -> str:
     return vocab_section(s, *vocab_cols(s))
 
 
+# ------------------------------------------------------------------ 10. merging back toward the start (WiSE-FT)
+
+BACK_WEIGHTS = [0.1, 0.25, 0.5, 0.75, 0.9]  # the CPT model's weight a: (1 - a) * start + a * final
+
+
+def merge_toward(s: Suite, run_dir: Path, start: Path) -> list[dict]:
+    """`cpt merge RUN/final --toward START --weight ... --sets en de`: one model per weight, each probed by the
+    merge itself (with the start and the final model: `cpt probe`, the first 64 held-out sequences); its
+    probe.json rows, redone when the run is newer."""
+    dest = run_dir.with_name(f"{run_dir.name}-toward")
+    args = ["merge", str(run_dir / "final"), "--toward", str(start), "--weight", ",".join(map(str, BACK_WEIGHTS)),
+            "--out", str(dest), "--sets", *[f"{d}=data/shared/prepared/{d}/validation" for d in ("en", "de")],
+            "--overwrite"]
+    s.run.commands.append("cpt " + " ".join(args))
+    result = dest / "probe.json"
+    if not result.is_file() or result.stat().st_mtime < (run_dir / "final").stat().st_mtime:
+        cpt(args, log=dest.with_name(dest.name + ".log"))
+    return json.loads(result.read_text())["models"]
+
+
+def back_cols(s: Suite) -> tuple[dict[str, list[tuple[float, float]]], int, list[str]]:
+    """Per row and seed (English, German) held-out loss: the start, each weight, the CPT run's final, and
+    experiment 6's replay 25% and L2-init (lr·c = 1e-1) runs where they were trained (not trained here)."""
+    from _runs import Job, finished
+
+    tokens = s.b.mitigate or s.b.cpt
+    tag = "" if tokens == s.b.cpt else f"-{tokens // K}K"  # experiment 6's runs
+    start = Path(s.init[0].split("=", 1)[1]) / "final"
+    per: dict[str, list[tuple[float, float]]] = {}
+    missing: list[str] = []
+    for seed in s.b.seeds:
+        d = s.run(f"replay-de-0{tag}-s{seed}", MIT_BASE, [*s.init, f"train.tokens={tokens}", f"run.seed={seed}"])
+        for m in merge_toward(s, d, start):
+            label = {"0 (base)": "a = 0: the English model (start)", "1 (final)": "a = 1: the CPT run's final"}.get(
+                m["label"], f"a = {m['label']}")
+            per.setdefault(label, []).append((m["sets"]["en"]["loss"], m["sets"]["de"]["loss"]))
+        for label, stem, recipe, over in [
+                ("replay 25% (experiment 6)", "replay-de-25", "recipes/paper/replay-de-25.yaml", []),
+                (f"L2-init {1e-1 / BASE_LR:g} (lr·c = 1e-01, experiment 6)", f"mit-l2-{1e-1 / BASE_LR:g}", MIT_BASE,
+                 [f"mitigate.l2_init={1e-1 / BASE_LR:g}"])]:
+            job = Job(recipe, (*s.init, f"train.tokens={tokens}", f"run.seed={seed}", *over,
+                               f"run.name={stem}{tag}-s{seed}", f"run.output_dir={s.run.out / f'{stem}{tag}-s{seed}'}"))
+            r_dir, r_tokens, per_step = job.plan()
+            if not finished(r_dir, r_tokens, per_step):
+                missing.append(r_dir.name)
+                continue
+            out = s.run.out / "probes" / f"{r_dir.name}.json"
+            v = probe_model(s, r_dir / "final", out, ["en", "de"])
+            per.setdefault(label, []).append((v["en"], v["de"]))
+    order = [k for k in per if k.startswith("a = 0:")] + sorted(
+        (k for k in per if k.startswith("a = 0.")), key=lambda k: float(k.split()[2])) + [
+        k for k in per if k.startswith("a = 1")] + [k for k in per if not k.startswith("a = ")]
+    return {k: per[k] for k in order}, tokens, missing
+
+
+def back_verdict(mean: dict[str, tuple[float, float]], old: str = "English", new: str = "German") -> list[str]:
+    """Verdicts on a merge-back frontier: ``mean`` maps rows (the start "a = 0: ...", weights "a = 0.x", the
+    final "a = 1: ...", then other models to compare) to (old-domain, new-domain) held-out loss."""
+    keys = list(mean)
+    start, final = mean[keys[0]], mean[next(k for k in keys if k.startswith("a = 1"))]
+    weights = [k for k in keys if k.startswith("a = 0.")]
+    forgot, learned = final[0] - start[0], start[1] - final[1]
+    out = []
+    for k in weights:
+        en, de = mean[k]
+        out.append(f"- {k}: recovers {(final[0] - en) / forgot:.0%} of the {old} forgetting ({en - final[0]:+.3f} "
+                   f"vs final) and keeps {(start[1] - de) / learned:.0%} of the {new} gain ({de - final[1]:+.3f}).")
+    curve = keys[: len(weights) + 2]  # start, the weights, final: the frontier
+    falls = all(mean[a][1] >= mean[b][1] for a, b in zip(curve, curve[1:], strict=False))
+    low = min(curve, key=lambda k: mean[k][0])
+    out.append(f"- {new} loss falls with a at every step: {'yes' if falls else 'no'}. {old} loss is lowest at {low} "
+               f"({mean[low][0]:.3f}; start {start[0]:.3f}, final {final[0]:.3f})"
+               + (", below both ends: a little of the CPT run helps the old domain too." if low not in
+                  (curve[0], curve[-1]) and mean[low][0] < start[0] else "."))
+    best = min(curve, key=lambda k: sum(mean[k]) / 2)
+    out.append(f"- Lowest mean of both domains on the frontier: {best}, {sum(mean[best]) / 2:.3f} (final "
+               f"{sum(final) / 2:.3f}, start {sum(start) / 2:.3f}).")
+    for ref in [k for k in keys if not k.startswith("a = ")]:
+        en_r, de_r = mean[ref]
+        dominating = [k for k in weights if mean[k][0] <= en_r and mean[k][1] <= de_r]
+        close = min(weights, key=lambda k: abs(mean[k][1] - de_r))  # the weight nearest in German loss
+        out.append(f"- vs {ref} ({old} {en_r:.3f}, {new} {de_r:.3f}): "
+                   + (f"beaten on both domains by {', '.join(dominating)}." if dominating else
+                      "no weight beats it on both domains.")
+                   + f" At about its {new} loss ({close}: {mean[close][1]:.3f}) the merge's {old} loss is "
+                   f"{mean[close][0]:.3f} ({mean[close][0] - en_r:+.3f}).")
+    return out
+
+
+def merge_back(s: Suite) -> str:
+    per, tokens, missing = back_cols(s)
+    mean = {k: (statistics.mean(v[0] for v in vals), statistics.mean(v[1] for v in vals)) for k, vals in per.items()}
+    final = mean[next(k for k in mean if k.startswith("a = 1"))]
+    rows = [[k, mean_sd([v[0] for v in vals]), mean_sd([v[1] for v in vals]), f"{mean[k][0] - final[0]:+.3f}",
+             f"{mean[k][1] - final[1]:+.3f}", f"{sum(mean[k]) / 2:.3f}"] for k, vals in per.items()]
+    return ("## 10. Merging back toward the start (WiSE-FT interpolation), English → German\n\n"
+            f"Experiment 6's run without mitigation (from the English model, {tokens // K}K tokens of German, "
+            f"re-warmed to {BASE_LR:g} and re-decayed, `recipes/paper/replay-de-0.yaml`), its final weights "
+            "interpolated toward the English model it started from: `cpt merge FINAL --toward START --weight "
+            f"{','.join(map(str, BACK_WEIGHTS))}` writes (1 - a) · start + a · final for each a (a weighs the CPT "
+            "model, as WiSE-FT's alpha), and probes every model on the first 64 held-out sequences per domain "
+            "(`cpt probe`). One run per seed, many merges: no extra training. Replay 25% and L2-init are "
+            "experiment 6's runs of the same stage, probed the same way. Seeds "
+            f"{', '.join(map(str, s.b.seeds))} (mean ± std); Δ = minus the CPT run's final.\n\n"
+            + table(["model", "en", "de", "Δ en", "Δ de", "mean of both"], rows) + "\n\n"
+            + "\n".join(back_verdict(mean))
+            + (f"\n\nNot compared (experiment 6 has not trained them in this runs folder): {', '.join(missing)}."
+               if missing else ""))
+
+
 EXPERIMENTS = {1: rewarming, 2: replay, 3: infinite, 4: wsd, 5: stability_gap, 6: mitigate,
-               7: wsm, 8: vocab}
+               7: wsm, 8: vocab, 10: merge_back}
 
 
 # ------------------------------------------------------------------ the page
