@@ -184,7 +184,8 @@ class Distill(Mitigation):
         with torch.no_grad(), cast:
             t_hidden = getattr(hf, hf.base_model_prefix)(**feed)[0].flatten(0, 1)[rows]
         head, t_head = seen.head, hf.get_output_embeddings()
-        chunk = max(1, CHUNK_ELEMENTS // (2 * head.out_features))  # two chunks of logits alive: student, teacher
+        # a quarter of the CE's rows: about five [rows, vocab] fp32 temporaries (both models' logits and log-probs)
+        chunk = max(1, CHUNK_ELEMENTS // (4 * head.out_features))
         kl = LinearDistill.apply(seen.hidden[rows], head.weight, head.bias, t_hidden, t_head.weight, t_head.bias,
                                  self.temperature, self.top_k, seen.softcap, chunk, seen.compute_dtype)
         return {"distill_kl": (self.weight, kl)}
