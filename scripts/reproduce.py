@@ -837,6 +837,11 @@ def distill(s: Suite) -> str:
                        + "; ".join(f"{m[0] - o[0]:+.3f} / {m[3] - o[3]:+.3f} vs {name}: "
                                    + ("beats it" if beats(m, o) else "does not beat it") for name, o in vs)
                        + f"; {m[4] / none[4]:.2f}x none's seconds per step.")
+    same_worst = [k for k in mean if k.startswith("distill") and abs(mean[k][1] - none[1]) < 1e-3]
+    if same_worst:  # the worst point comes before the KL has anything to pull back
+        verdict.append(f"- {', '.join(same_worst)}: the worst English rise is none's ({none[1]:.3f}) to 3 decimals: it "
+                       "comes with the stage's first updates, while the student is still the teacher (the KL and "
+                       "its gradient are 0 there), so distillation only pulls back afterwards.")
     best = min((k for k in mean if k.startswith("distill")), key=both.get)
     verdict.append(f"- The best distillation row by the mean of both final losses: {best} ({both[best]:.3f}), against "
                    f"none {both[next(iter(mean))]:.3f}, replay 25% {both['replay 25%']:.3f}, "
@@ -846,7 +851,8 @@ def distill(s: Suite) -> str:
             f"{tokens // K}K tokens of German as in experiment 6 (`{MIT_BASE}`: re-warm + re-decay, no replay), "
             "with `mitigate.distill` (cpt/mitigate/distill.py): the loss is CE + β·T²·KL(teacher ‖ student), the "
             "teacher a frozen copy of the stage's start weights, T = 1, every position, the full vocabulary. It "
-            "needs no English data; replay 25% does. The none, replay and L2-init rows are experiment 6's runs. "
+            "needs no English data; replay 25% does. The none, replay and L2-init rows are experiment 6's recipes and "
+            "run names (one set of runs where both experiments ran in the same runs folder). "
             f"Seeds {', '.join(map(str, b.seeds))} (mean ± std); columns as in experiment 6; 's/step' = training "
             "seconds per step (probes and checkpoints excluded) over none's, on a shared 2-core machine (other "
             "jobs ran beside these runs, so these ratios are rough; scripts/bench_distill.py measures the cost "
