@@ -50,6 +50,19 @@ def one(mode: str, vocab: int, hidden: int, layers: int, seq: int, batch: int, s
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def interleaved(script: str, modes: list[str], rounds: int) -> dict[str, list[dict]]:
+    """``script --one MODE`` (with this command line's arguments) in a fresh subprocess per mode, the modes
+    alternating for ``rounds`` rounds: each mode's JSON results, in order."""
+    results: dict[str, list[dict]] = {m: [] for m in modes}
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    for _ in range(rounds):
+        for mode in modes:
+            out = subprocess.run([sys.executable, script, "--one", mode, *sys.argv[1:]], env=env,
+                                 capture_output=True, text=True, check=True)
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=131072)
@@ -65,13 +78,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one(args.one, *shape)))
         return
-    results: dict[str, list[dict]] = {"model": [], "chunked": []}
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    for _ in range(args.rounds):
-        for mode in results:
-            out = subprocess.run([sys.executable, __file__, "--one", mode, *sys.argv[1:]], env=env,
-                                 capture_output=True, text=True, check=True)
-            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = interleaved(__file__, ["model", "chunked"], args.rounds)
     first = results["model"][0]
     print(f"Llama {first['params_m']:.1f}M params (vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers), "
           f"batch {args.batch} x seq {args.seq}, fp32, {args.steps} passes x {args.rounds} rounds, "

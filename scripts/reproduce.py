@@ -6,6 +6,7 @@
     python scripts/reproduce.py --experiments 1 2 5   # a subset (5 reads the runs of 2)
     python scripts/reproduce.py --quick --experiments 6 7   # mitigations beyond replay; WSM merging vs WSD decay
     python scripts/reproduce.py --quick --experiments 8     # English -> German with and without vocabulary extension
+    python scripts/reproduce.py --quick --seeds 3 --experiments 9   # self-distillation vs replay and L2-init
     python scripts/reproduce.py --quick --seeds 3 --experiments 10   # merging back toward the start (reads 6's runs)
 
 A subset is written into the existing page: its sections replace theirs (or are added in number order), the
@@ -53,7 +54,7 @@ QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0
                wsd_main=512 * K, mitigate=64 * K, wsm_pretrain=256 * K, wsm_k=3)
 FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
               seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=2)
-ALL = [1, 2, 3, 4, 5, 6, 7, 8, 10]
+ALL = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
 
 
 @dataclass
@@ -787,6 +788,85 @@ def vocab(s: Suite) -> str:
     return vocab_section(s, *vocab_cols(s))
 
 
+# ------------------------------------------------------------------ 9. self-distillation vs replay and L2-init
+
+DISTILL_WEIGHTS = [1.0, 3.0, 10.0]  # beta of mitigate.distill (T = 1, all positions, full vocabulary)
+
+
+def distill_rows(tokens: int) -> list[Mitigation]:
+    """Experiment 6's none, replay 25% and two strongest L2-init rows (the same runs), then distillation at each
+    weight."""
+    keep = ["replay-de-0", "replay-de-25", *[f"mit-l2-{x / BASE_LR:g}" for x in L2_LR_COEFF[1:]]]
+    rows = [m for m in mitigations(tokens) if m.stem in keep]
+    return rows + [Mitigation(f"distill β = {w:g}", f"mit-distill-{w:g}", MIT_BASE,
+                              [f"mitigate.distill={{weight: {w:g}}}"]) for w in DISTILL_WEIGHTS]
+
+
+def step_seconds(run_dir: Path) -> float:
+    """Training seconds per step (probes and checkpoints excluded): the run's last time/elapsed_s over its steps."""
+    steps = [r for r in metrics(run_dir) if "train/loss" in r]
+    return steps[-1]["time/elapsed_s"] / len(steps)
+
+
+def distill(s: Suite) -> str:
+    tokens = s.b.mitigate or s.b.cpt
+    tag = "" if tokens == s.b.cpt else f"-{tokens // K}K"
+    per: dict[str, list[list[float]]] = {}
+    for seed in s.b.seeds:  # seed by seed: a cut-short invocation leaves whole seeds behind
+        for m in distill_rows(tokens):
+            d = s.run(f"{m.stem}{tag}-s{seed}", m.recipe, [*s.init, f"train.tokens={tokens}", f"run.seed={seed}",
+                                                           *m.overrides])
+            kl = [r["train/distill_kl"] for r in metrics(d) if "train/distill_kl" in r]
+            per.setdefault(m.label, []).append([*en_de(d, m.prefix), step_seconds(d), kl[-1] if kl else 0.0])
+    mean = {k: [statistics.mean(v[i] for v in vals) for i in range(6)] for k, vals in per.items()}
+    none = next(iter(mean.values()))
+    rows = [[k, *[mean_sd([v[i] for v in per[k]]) for i in range(4)], f"{m[0] - none[0]:+.3f}",
+             f"{m[3] - none[3]:+.3f}", f"{m[4] / none[4]:.2f}x", f"{m[5]:.3f}" if m[5] else "-"] for k, m in mean.items()]
+    l2 = [k for k in mean if k.startswith("L2-init")]
+    both = {k: (m[0] + m[3]) / 2 for k, m in mean.items()}  # the mean of both final losses
+    l2_best = min(l2, key=both.get)
+
+    def beats(m: list[float], o: list[float]) -> bool:  # less English forgetting at no more German loss
+        return m[0] < o[0] - TOL and m[3] < o[3] + TOL
+
+    verdict = []
+    for k, m in mean.items():
+        if not k.startswith("distill"):
+            continue
+        vs = [(name, mean[name]) for name in ("replay 25%", l2_best)]
+        verdict.append(f"- {k}: final English {m[0] - none[0]:+.3f} / German {m[3] - none[3]:+.3f} vs none; "
+                       + "; ".join(f"{m[0] - o[0]:+.3f} / {m[3] - o[3]:+.3f} vs {name}: "
+                                   + ("beats it" if beats(m, o) else "does not beat it") for name, o in vs)
+                       + f"; {m[4] / none[4]:.2f}x none's seconds per step.")
+    same_worst = [k for k in mean if k.startswith("distill") and abs(mean[k][1] - none[1]) < 1e-3]
+    if same_worst:  # the worst point comes before the KL has anything to pull back
+        verdict.append(f"- {', '.join(same_worst)}: the worst English rise is none's ({none[1]:.3f}) to 3 decimals: it "
+                       "comes with the stage's first updates, while the student is still the teacher (the KL and "
+                       "its gradient are 0 there), so distillation only pulls back afterwards.")
+    best = min((k for k in mean if k.startswith("distill")), key=both.get)
+    verdict.append(f"- The best distillation row by the mean of both final losses: {best} ({both[best]:.3f}), against "
+                   f"none {both[next(iter(mean))]:.3f}, replay 25% {both['replay 25%']:.3f}, "
+                   + ", ".join(f"{k} {both[k]:.3f}" for k in l2) + ".")
+    b = s.b
+    return ("## 9. Self-distillation from the stage's start weights, English → German\n\nFrom the English model, "
+            f"{tokens // K}K tokens of German as in experiment 6 (`{MIT_BASE}`: re-warm + re-decay, no replay), "
+            "with `mitigate.distill` (cpt/mitigate/distill.py): the loss is CE + β·T²·KL(teacher ‖ student), the "
+            "teacher a frozen copy of the stage's start weights, T = 1, every position, the full vocabulary. It "
+            "needs no English data; replay 25% does. The none, replay and L2-init rows are experiment 6's recipes and "
+            "run names (one set of runs where both experiments ran in the same runs folder). "
+            f"Seeds {', '.join(map(str, b.seeds))} (mean ± std); columns as in experiment 6; 's/step' = training "
+            "seconds per step (probes and checkpoints excluded) over none's, on a shared 2-core machine (other "
+            "jobs ran beside these runs, so these ratios are rough; scripts/bench_distill.py measures the cost "
+            "interleaved); 'KL end' = train/distill_kl at the last step (T²-scaled). A row 'beats' another when its "
+            f"final English loss is lower by more than {TOL} and its final German loss not higher by more than {TOL}."
+            + (" One seed: no spread is measured here; experiment 6's seed std (about 0.01-0.1 nats) is the scale "
+               "below which a difference says nothing." if len(b.seeds) == 1 else "") + "\n\n"
+            + table(["mitigation", "en final", "en worst", "en forgetting", "de final", "Δ en final", "Δ de final",
+                     "s/step", "KL end"], rows)
+            + "\n\n" + "\n".join(verdict) + "\n\n"
+            + s.plots("distill", [s.run.out / f"{m.stem}{tag}-s{b.seeds[0]}" for m in distill_rows(tokens)]))
+
+
 # ------------------------------------------------------------------ 10. merging back toward the start (WiSE-FT)
 
 BACK_WEIGHTS = [0.1, 0.25, 0.5, 0.75, 0.9]  # the CPT model's weight a: (1 - a) * start + a * final
@@ -898,7 +978,7 @@ def merge_back(s: Suite) -> str:
 
 
 EXPERIMENTS = {1: rewarming, 2: replay, 3: infinite, 4: wsd, 5: stability_gap, 6: mitigate,
-               7: wsm, 8: vocab, 10: merge_back}
+               7: wsm, 8: vocab, 9: distill, 10: merge_back}
 
 
 # ------------------------------------------------------------------ the page

@@ -12,6 +12,8 @@ optimizer_groups     the optimizer's parameter groups (at most one mitigation sh
 attach               after accelerate prepared model and optimizer and a resumed checkpoint's weights
                      are in: the backend's cpt.train.weights.Weights (pieces, settle, masters)
 on_stage_start       a stage starts (not when a run resumes inside it)
+loss_terms           each micro-batch, after the loss: {metric: (weight, term)}; the step backpropagates
+                     loss + sum of weight x term and logs each term as train/<metric> (distillation's KL)
 after_update         right after an optimizer update was taken (skipped steps have none)
 after_step           after every counted step, with the step count
 variants             weights to probe and export beside the raw ones: name -> context manager
@@ -72,6 +74,11 @@ class Mitigation:
 
     def on_stage_start(self) -> None:
         pass
+
+    def loss_terms(self, inputs: dict, seen) -> dict[str, tuple[float, torch.Tensor]]:
+        """Terms added to the micro-batch's loss: ``{metric: (weight, term)}``. ``inputs``: the forward's
+        (on the device); ``seen``: what the loss saw (cpt.train.loss.Seen: hidden states and head, or logits)."""
+        return {}
 
     def after_update(self, optimizer) -> None:
         pass

@@ -14,6 +14,19 @@ class EmaConfig(StrictModel):
     every: int = Field(1, ge=1, description="Update every this many optimizer steps.")
 
 
+class DistillConfig(StrictModel):
+    weight: float = Field(gt=0, description="beta: each micro-batch trains on loss + beta * T^2 * KL(teacher || "
+                          "student) at temperature T, the teacher a frozen copy of the weights the stage started "
+                          "from (logged as train/distill_kl, the T^2-scaled KL; train/loss stays the plain loss).")
+    temperature: float = Field(1.0, gt=0, description="T: both distributions are softmax(logits / T).")
+    positions: float = Field(1.0, gt=0, le=1, description="Share of each micro-batch's target positions the KL "
+                             "is taken on: 1 = all; below it a random sample seeded by run.seed (the same "
+                             "draws on a resumed run). Saves head matmuls, not the teacher's forward.")
+    top_k: int | None = Field(None, ge=1, description="null = KL over the full vocabulary; k = over the "
+                              "teacher's k most likely tokens, both distributions renormalised over them (the "
+                              "student's logits and gradients are then computed at those k tokens only).")
+
+
 class MitigateConfig(StrictModel):
     """Forgetting mitigations beyond replay (cpt/mitigate/, one module each). Patterns are regular
     expressions searched (re.search) in the names of the trainable parameters, e.g. 'embed_tokens|lm_head',
@@ -36,6 +49,11 @@ class MitigateConfig(StrictModel):
         None, description="An exponential moving average of the weights: probed beside the raw weights "
         "(probe_ema/<set>/loss), kept in every checkpoint, exported as final_ema/. With DeepSpeed ZeRO-1/2 "
         "(whole weights on every rank), ZeRO-3 and FSDP2 (an average per slice / shard); not with FSDP1."
+    )
+    distill: DistillConfig | None = Field(
+        None, description="Self-distillation from the stage's start weights (needs no replay data): a KL "
+        "from a frozen copy of them (one whole copy per process, kept in every checkpoint; its forward runs "
+        "on every micro-batch) to the trained model. One process or DDP; refused under DeepSpeed and FSDP."
     )
 
 

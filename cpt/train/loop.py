@@ -269,6 +269,7 @@ def _log_step(run: Run, at: Progress, stage: StagePlan, sampler: MixtureSampler,
               **({"train/mfu": step_tokens / stats.seconds * run.mfu_per_token_s} if run.mfu_per_token_s else {}),
               **({"train/peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
                  if run.accelerator.device.type == "cuda" else {"train/peak_rss_gib": _peak_rss_gib()}),
+              **{f"train/{name}": value for name, value in stats.terms.items()},
               **{f"data/{n}/epochs": epochs[n] for n in stage.mixture.active()},
               **{f"data/{n}/share": v for n, v in sampler.last_shares().items()}}
     run.tracker.log(record)

@@ -27,6 +27,8 @@ last point by running both paths on a few tokens, so a model that post-processes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,9 @@ def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE)
 
 
-def _chunk_logits(h, weight, bias, softcap):
+def chunk_logits(h, weight, bias, softcap):
+    """fp32 logits ``softcap(h @ weight.T + bias)`` of a chunk of hidden rows, the matmul in ``weight``'s
+    dtype, and the tanh of the cap (None without one) for the gradient."""
     logits = F.linear(h.to(weight.dtype), weight, bias).float()
     if softcap is None:
         return logits, None
@@ -69,7 +73,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         for s in range(0, hidden.size(0), chunk_rows):
             h, t, v = hidden[s:s + chunk_rows].to(dt), safe[s:s + chunk_rows], valid[s:s + chunk_rows]
-            logits, capped = _chunk_logits(h, w, b, softcap)
+            logits, capped = chunk_logits(h, w, b, softcap)
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, t[:, None])[:, 0]) * v).sum()
             if not (need_h or need_w or need_b):
@@ -98,12 +102,32 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.dtypes
-        return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
-                (grad_b * grad_out).to(b_dtype) if grad_b is not None else None,
-                None, None, None, None)
+        return (*saved_grads(ctx, grad_out), None, None, None, None)
+
+
+def saved_grads(ctx, grad_out) -> tuple:
+    """Backward of a function that formed the gradients of (hidden, weight, bias) in its forward and saved
+    them (fp32 for the head's, cast back to the parameters' dtypes in ``ctx.dtypes``): scaled by grad_out."""
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    w_dtype, b_dtype = ctx.dtypes
+    return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+            (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
+            (grad_b * grad_out).to(b_dtype) if grad_b is not None else None)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the training loss saw of one micro-batch, for a mitigation that adds a term to it (its
+    ``loss_terms`` hook): the next-token targets ``[N]`` flattened (IGNORE where none) and either the final
+    hidden states ``[N, hidden]`` (the chunked path; in the graph) with the head that projects them, or the
+    logits ``[N, vocab]`` (the model's own path). ``compute_dtype``: autocast's dtype (None: the weights')."""
+
+    targets: torch.Tensor
+    hidden: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    head: torch.nn.Module | None = None
+    softcap: float | None = None
+    compute_dtype: torch.dtype | None = None
 
 
 class PlainLoss:
@@ -111,8 +135,17 @@ class PlainLoss:
 
     name = "model"
 
+    def __init__(self, compute_dtype: torch.dtype | None = None):
+        self.compute_dtype = compute_dtype
+
     def __call__(self, model, inputs: dict) -> torch.Tensor:
         return model(**inputs).loss
+
+    def with_outputs(self, model, inputs: dict) -> tuple[torch.Tensor, Seen]:
+        """The loss and what it saw (:class:`Seen`: the logits)."""
+        out = model(**inputs)
+        targets = next_token_targets(inputs["labels"]).flatten()
+        return out.loss, Seen(targets, logits=out.logits.flatten(0, 1), compute_dtype=self.compute_dtype)
 
     @torch.no_grad()
     def token_nll(self, model, inputs: dict) -> torch.Tensor:
@@ -154,12 +187,17 @@ class ChunkedLoss:
         return hidden
 
     def __call__(self, model, inputs: dict) -> torch.Tensor:
+        return self.with_outputs(model, inputs)[0]
+
+    def with_outputs(self, model, inputs: dict) -> tuple[torch.Tensor, Seen]:
+        """The loss and what it saw (:class:`Seen`: the final hidden states and the head)."""
         inputs = dict(inputs)
-        targets = next_token_targets(inputs.pop("labels"))
-        h = self.hidden(model, inputs)
+        targets = next_token_targets(inputs.pop("labels")).flatten()
+        h = self.hidden(model, inputs).flatten(0, 1)
         self._gather_head()
-        return LinearCrossEntropy.apply(h.flatten(0, 1), self.head.weight, self.head.bias, targets.flatten(),
-                                        self.softcap, self.chunk_rows, self.compute_dtype)
+        loss = LinearCrossEntropy.apply(h, self.head.weight, self.head.bias, targets, self.softcap, self.chunk_rows,
+                                        self.compute_dtype)
+        return loss, Seen(targets, h, head=self.head, softcap=self.softcap, compute_dtype=self.compute_dtype)
 
     def _gather_head(self) -> None:
         """FSDP2: make the head's weights whole on this rank (its unit's all-gather; a no-op when the forward
@@ -186,7 +224,7 @@ class ChunkedLoss:
         out = torch.empty(flat.shape, dtype=torch.float32, device=h.device)
         weight, bias = self._head()
         for s in range(0, h.size(0), self.chunk_rows):
-            logits, _ = _chunk_logits(h[s:s + self.chunk_rows], weight, bias, self.softcap)
+            logits, _ = chunk_logits(h[s:s + self.chunk_rows], weight, bias, self.softcap)
             out[s:s + self.chunk_rows] = F.cross_entropy(logits, flat[s:s + self.chunk_rows], reduction="none",
                                                          ignore_index=IGNORE)
         return out.view_as(targets)
@@ -224,7 +262,7 @@ def same_logits(model, loss: ChunkedLoss, vocab: int) -> str | None:
     model.eval()
     try:
         want = model(input_ids=ids).logits.float()
-        got, _ = _chunk_logits(loss.hidden(model, {"input_ids": ids}), *loss._head(), loss.softcap)
+        got, _ = chunk_logits(loss.hidden(model, {"input_ids": ids}), *loss._head(), loss.softcap)
     except Exception as e:  # noqa: BLE001 - any failure means: use the model's own path
         return f"{type(e).__name__}: {e}"
     finally:
@@ -241,7 +279,7 @@ def choose_loss(mode: str, model, partitioned: bool, vocab: int, compute_dtype: 
     autocast wrapper kept). ``compute_dtype``: autocast's dtype under mixed precision (None: the weights').
     ``note`` says why auto fell back to the plain path (None otherwise)."""
     if mode == "model":
-        return PlainLoss(), None
+        return PlainLoss(compute_dtype), None
     hf = hf_model_of(model)
     why = chunked_unsupported(hf, partitioned)
     loss = None
@@ -252,4 +290,4 @@ def choose_loss(mode: str, model, partitioned: bool, vocab: int, compute_dtype: 
         return loss, None
     if mode == "chunked":
         raise CptError(f"train.loss: chunked cannot run here: {why} (use auto or model)")
-    return PlainLoss(), f"train.loss: auto uses the model's own loss: {why}"
+    return PlainLoss(compute_dtype), f"train.loss: auto uses the model's own loss: {why}"

@@ -1,12 +1,12 @@
-"""One optimizer step, top to bottom: set the LR, forward and backward each micro-batch, clip, reduce
-the loss, ask the guard, update (or not), then the mitigations' after_update hooks. Also the forward's
-inputs from packed rows."""
+"""One optimizer step, top to bottom: set the LR, forward and backward each micro-batch (the loss plus the
+mitigations' loss terms), clip, reduce the loss, ask the guard, update (or not), then the mitigations'
+after_update hooks. Also the forward's inputs from packed rows."""
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,6 +48,7 @@ class StepStats:
     grad_norm: float | None    # before clipping; None where the backend clips itself (DeepSpeed)
     verdict: Verdict           # step: updated; skip: update dropped; halt: dropped, the run must stop
     seconds: float
+    terms: dict[str, float] = field(default_factory=dict)  # the mitigations' loss terms (unweighted), means as loss
 
 
 def train_step(run, batches: list[dict], lr: float, t0: float | None = None) -> StepStats:
@@ -59,20 +60,28 @@ def train_step(run, batches: list[dict], lr: float, t0: float | None = None) -> 
     model, optimizer, accelerator = run.model, run.optimizer, run.accelerator
     set_lr(optimizer, lr)  # times each group's lr multiplier
     loss_sum = torch.zeros((), device=accelerator.device)
+    term_sums: dict[str, torch.Tensor] = {}
     for inputs in batches:
         inputs = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
                   for k, v in inputs.items()}
         with accelerator.accumulate(model):
-            loss = run.loss(model, inputs)
-            accelerator.backward(loss)
+            loss, seen = run.loss.with_outputs(model, inputs)
+            total = loss
+            for m in run.mitigations:
+                for name, (weight, term) in m.loss_terms(inputs, seen).items():
+                    total = total + weight * term
+                    term_sums[name] = term_sums.get(name, 0) + term.detach()
+            accelerator.backward(total)
         loss_sum += loss.detach()
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.recipe.train.grad_clip or math.inf)
     loss = accelerator.reduce(loss_sum / len(batches), reduction="mean").item()
+    terms = {k: accelerator.reduce(v / len(batches), reduction="mean").item() for k, v in term_sums.items()}
     norm = float(grad_norm) if grad_norm is not None else None
-    verdict = run.guard.check(loss, norm)  # the same reduced numbers on every rank: one decision
+    # the same reduced numbers on every rank: one decision; a non-finite term is a non-finite loss
+    verdict = run.guard.check(loss + sum(terms.values()), norm)
     if verdict == "step":
         optimizer.step()
         for m in run.mitigations:
             m.after_update(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss, norm, verdict, time.perf_counter() - t0)
+    return StepStats(loss, norm, verdict, time.perf_counter() - t0, terms)
