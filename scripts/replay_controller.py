@@ -2,7 +2,7 @@
 
     python scripts/replay_controller.py              # 3 seeds; writes docs/replay_controller.md
     python scripts/replay_controller.py --seeds 1    # seed 1234 only (a third of the runs)
-    python scripts/replay_controller.py --parallel 3 # the seeds side by side (3 processes)
+    python scripts/replay_controller.py --parallel 6 # 6 runs side by side (processes)
     python scripts/replay_controller.py --report     # the page from the seeds whose runs are finished
 
 A tiny Llama (recipes/paper/) pre-trained on English, then a German stage with re-warming (the recipe
@@ -29,7 +29,8 @@ from pathlib import Path
 
 from _runs import ROOT, Job, K, Runner, finished, metrics, table
 
-PRETRAIN = 128 * K
+PRETRAIN = 64 * K           # 64 steps of 1K at LR 1e-2: more updates than 8K batches for the same (scarce) compute
+LR = 1e-2                   # pre-training's peak, and the German stage re-warms to it
 STAGE = 32 * K
 BATCH = 2 * K               # 16 steps of 8 sequences
 PROBE_EVERY = 4 * K         # 8 probes in the stage (besides its start)
@@ -53,7 +54,7 @@ def summary(run_dir: Path) -> dict[str, float]:
     changes = [r for r in p if r.get("controller/changed")]
     return {"final": p[-1]["probe/en/loss"] - base, "worst": max(r["probe/en/loss"] for r in p) - base,
             "de": p[-1]["probe/de/loss"], "en": p[-1]["probe/en/loss"],
-            "en_share": statistics.mean(r["data/en/share"] for r in steps),
+            "en_share": statistics.mean(r.get("data/en/share", 0.0) for r in steps),  # 0%: en never logged
             "probe_share": probe_s / (probe_s + train_s), "probes": len(p),
             "probe_s": probe_s / len(p), "train_s_step": train_s / len(steps), "changes": len(changes),
             "shares": [round(r["controller/share"], 3) for r in p if "controller/share" in r],
@@ -84,20 +85,18 @@ def ms(vals: list[float], fmt: str = "{:+.3f}") -> str:
     return m + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
 
 
-def one_seed(run: Runner, base: list[str], seed: int) -> dict[str, dict]:
-    """The seed's runs, no replay first (its rise sets the controller's budget), then the controller, then the
-    other fixed shares: {recipe: summary}, with the budget under "budget"."""
-    def fixed(share: float) -> dict:
-        return summary(run(f"replay{share * 100:g}-s{seed}", "recipes/paper/replay-de-25.yaml",
-                           [*base, f"run.seed={seed}", f"data.mixture={{de: {1 - share}, en: {share}}}"]))
+def fixed(run: Runner, base: list[str], share: float, seed: int) -> dict:
+    return summary(run(f"replay{share * 100:g}-s{seed}", "recipes/paper/replay-de-25.yaml",
+                       [*base, f"run.seed={seed}", f"data.mixture={{de: {1 - share}, en: {share}}}"]))
 
-    got = {"fixed 0%": fixed(0.0)}
+
+def controlled(run: Runner, base: list[str], seed: int) -> dict[str, dict]:
+    """No replay (its final rise sets the seed's budget), then the controller at that budget."""
+    got = {"fixed 0%": fixed(run, base, 0.0, seed)}
     budget = round(max(0.5 * got["fixed 0%"]["final"], 0.005), 4)  # (a model that forgot nothing: 0.005)
     ctl = ", ".join(f"{k}: {v}" for k, v in {"old": "en", "new": "de", "budget": budget, **CONTROLLER}.items())
     got["controller"] = summary(run(f"controller-s{seed}", "recipes/paper/replay-de-25.yaml",
                                     [*base, f"run.seed={seed}", f"data.mixture={{controller: {{{ctl}}}}}"]))
-    for share in SHARES[1:]:
-        got[f"fixed {share:.0%}"] = fixed(share)
     got["budget"] = {"budget": budget}
     return got
 
@@ -105,7 +104,7 @@ def one_seed(run: Runner, base: list[str], seed: int) -> dict[str, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3, help="how many of the seeds 1234, 7, 42")
-    ap.add_argument("--parallel", type=int, default=1, help="seeds trained at the same time")
+    ap.add_argument("--parallel", type=int, default=1, help="runs trained at the same time")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "repro" / "ctrl")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "replay_controller.md")
     ap.add_argument("--report", action="store_true", help="train nothing: the page from the seeds whose runs "
@@ -113,22 +112,34 @@ def main() -> None:
     args = ap.parse_args()
     t0 = time.time()
     run = (FinishedOnly if args.report else Runner)(args.out)
-    pre = run("pretrain-en", "recipes/paper/pretrain-en.yaml", [f"train.tokens={PRETRAIN}", *SMALL])
+    pre = run("pretrain-en-1k", "recipes/paper/pretrain-en.yaml",
+              [*SMALL, f"train.tokens={PRETRAIN}", "train.global_batch_tokens=1024", "train.micro_batch_size=4",
+               f"schedule.max_lr={LR}", f"schedule.min_lr={LR / 10}"])
     base = [f"init_from.path={pre}", f"train.tokens={STAGE}", f"train.global_batch_tokens={BATCH}",
-            "train.micro_batch_size=8", *PROBES]
+            "train.micro_batch_size=8", f"schedule.max_lr={LR}", f"schedule.min_lr={LR / 10}", *PROBES]
     seeds, per_seed = SEEDS[:args.seeds], {}
+    # each seed's no-replay run then its controller run, side by side with the other fixed shares (by share)
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        futures = {seed: pool.submit(one_seed, run, base, seed) for seed in seeds}
-        for seed, f in futures.items():
+        pairs = {seed: pool.submit(controlled, run, base, seed) for seed in seeds}
+        others = {(share, seed): pool.submit(fixed, run, base, share, seed) for share in (0.25, 0.5, 0.05)
+                  for seed in seeds}
+        for seed in seeds:
             try:
-                per_seed[seed] = f.result()
+                per_seed[seed] = pairs[seed].result()
             except Missing as e:
                 print(f"--report: {e} is not finished; seed {seed} left out")
+                continue
+            for share in SHARES[1:]:
+                try:
+                    per_seed[seed][f"fixed {share:.0%}"] = others[share, seed].result()
+                except Missing as e:
+                    print(f"--report: {e} is not finished; fixed {share:.0%} left out")
     if not per_seed:
-        raise SystemExit("no seed has all its runs finished")
+        raise SystemExit("no seed has its no-replay and controller runs finished")
     rows: dict[str, list[dict]] = {}
     for name in ["fixed 0%", *(f"fixed {s:.0%}" for s in SHARES[1:]), "controller", "budget"]:
-        rows[name] = [got[name] for got in per_seed.values()]
+        if all(name in got for got in per_seed.values()):  # a recipe is shown for every seed shown, or not at all
+            rows[name] = [got[name] for got in per_seed.values()]
     args.doc.write_text(page(rows, tuple(per_seed), run, time.time() - t0))
     print(f"wrote {args.doc} ({(time.time() - t0) / 60:.1f} min)")
 
@@ -161,14 +172,14 @@ def page(rows: dict[str, list[dict]], seeds, run: Runner, seconds: float) -> str
         f"Measured by `python scripts/replay_controller.py --seeds {len(seeds)}` (this invocation "
         f"{seconds / 60:.1f} min; {sum(run.wall.values()) / 60:.1f} min of runs summed, on 2 CPU cores shared with "
         f"a dozen other jobs; runs under runs/repro/ctrl/). Seeds {', '.join(map(str, seeds))} (the stage's data "
-        f"order; one English model, pre-trained on {PRETRAIN // K}K tokens with seed 1234). Every number is read "
+        f"order; one English model, pre-trained on {PRETRAIN // K}K tokens in {PRETRAIN // K} steps, cosine from {LR:g}, seed 1234). Every number is read "
         "from the runs' metrics.jsonl.",
         "",
         f"Set-up: a Llama of hidden size 64 (2 layers, 0.66M parameters, most of them embeddings; the tokenizer and "
         f"data of recipes/paper/), a German stage of {STAGE // K}K tokens ({STAGE // BATCH} steps of {BATCH // K}K) "
-        "re-warmed to 2e-3 with cosine re-decay (recipes/paper/replay-de-25.yaml), probed every "
+        f"re-warmed to {LR:g} (pre-training's peak) with cosine re-decay (recipes/paper/replay-de-25.yaml), probed every "
         f"{PROBE_EVERY // K}K tokens on 8 held-out sequences of English and of German. Fixed English replay "
-        f"{', '.join(f'{s:.0%}' for s in SHARES)}; the controller with `{{old: en, new: de, budget: B, "
+        f"{', '.join(n.split()[1] for n in rows if n.startswith('fixed'))}; the controller with `{{old: en, new: de, budget: B, "
         f"min: {CONTROLLER['min']}, max: {CONTROLLER['max']}, start: {CONTROLLER['start']}}}` and the default gains "
         f"(kp {gains['kp']}, ki {gains['ki']}, target {gains['target']}), where B, each seed's budget, is half the "
         f"final English rise of that seed's 0% run (B = {ms(budgets)}). 'met': seeds whose English rise stayed "
