@@ -166,11 +166,13 @@ def page(rows: dict[str, list[dict]], seeds, run: Runner, seconds: float) -> str
     compliant = [n for n in rows if n != "controller" and met(n) == len(seeds)]
     best = min(compliant, key=lambda n: statistics.mean(s["de"] for s in rows[n])) if compliant else None
     de_ctl = statistics.mean(s["de"] for s in ctl)
+    how = (" --parallel 6` (the runs, 6 side by side; this page from them by `--report`" if isinstance(run, FinishedOnly)
+           else f"` (this invocation {seconds / 60:.1f} min")
     lines = [
         "# The replay controller against fixed replay shares",
         "",
-        f"Measured by `python scripts/replay_controller.py --seeds {len(seeds)}` (this invocation "
-        f"{seconds / 60:.1f} min; {sum(run.wall.values()) / 60:.1f} min of runs summed, on 2 CPU cores shared with "
+        f"Measured by `python scripts/replay_controller.py --seeds {len(seeds)}{how}; "
+        f"{sum(run.wall.values()) / 60:.1f} min of runs summed, on 2 CPU cores shared with "
         f"a dozen other jobs; runs under runs/repro/ctrl/). Seeds {', '.join(map(str, seeds))} (the stage's data "
         f"order; one English model, pre-trained on {PRETRAIN // K}K tokens in {PRETRAIN // K} steps, cosine from {LR:g}, seed 1234). Every number is read "
         "from the runs' metrics.jsonl.",
