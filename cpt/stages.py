@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cpt.data.controller import ControlledSchedule
 from cpt.data.mixture import MixtureSchedule
 from cpt.errors import CptError
-from cpt.recipe import MixturePoint, Recipe
+from cpt.recipe import ControlledMixture, MixturePoint, Recipe
 from cpt.schedules import Phase, Schedule, build_schedule
 from cpt.state import Origin
 
@@ -68,17 +69,24 @@ def plan_stages(recipe: Recipe, origin: Origin) -> list[StagePlan]:
         probe_sets = st.probes if st.probes is not None else list(recipe.probes.sets)
         new = (st.new_domains if st.new_domains is not None
                else _default_new(mixture.mean(st.tokens), prev_mixture, probe_sets))
-        plans.append(StagePlan(i, st.name, start, end, mixture, sched, offset, probe_sets,
-                               [d for d in new if d in probe_sets], anneal))
+        new = [d for d in new if d in probe_sets]
+        if isinstance(st.mixture, ControlledMixture):
+            if st.new_domains is None:  # the replayed domain is old, whatever the start share
+                new = [d for d in new if d != st.mixture.controller.probe_set]
+            _check_controller(st.mixture.controller, recipe, probe_sets, new, f"{where}.controller")
+        plans.append(StagePlan(i, st.name, start, end, mixture, sched, offset, probe_sets, new, anneal))
         prev_lr = sched(end - tokens_per_step - offset)  # the LR of the stage's last step
         prev_mixture, start = mixture.share_at(st.tokens), end
     return plans
 
 
-def resolve_mixture(spec: dict[str, float] | list[MixturePoint], budget: int, tokens_per_step: int, seq_len: int,
-                    anneal: int | None, where: str) -> MixtureSchedule:
+def resolve_mixture(spec: dict[str, float] | list[MixturePoint] | ControlledMixture, budget: int, tokens_per_step: int,
+                    seq_len: int, anneal: int | None, where: str) -> MixtureSchedule:
     """A stage's mixture as written in the recipe -> its MixtureSchedule, points in tokens from the stage
-    start (``anneal``: where the stage's final decay starts, for ``at: decay``)."""
+    start (``anneal``: where the stage's final decay starts, for ``at: decay``); a controlled one starts
+    from its start share and gains points as the run probes (cpt.data.controller)."""
+    if isinstance(spec, ControlledMixture):
+        return ControlledSchedule(spec.controller, budget, seq_len)
     if isinstance(spec, dict):
         return MixtureSchedule.constant(spec)
     points = []
@@ -97,6 +105,19 @@ def resolve_mixture(spec: dict[str, float] | list[MixturePoint], budget: int, to
                            f"({points[-1][0]} tokens); points go in order")
         points.append((t, p.weights, p.ramp))
     return MixtureSchedule(points, seq_len)
+
+
+def _check_controller(cfg, recipe: Recipe, probe_sets: list[str], new: list[str], key: str) -> None:
+    """A replay controller needs probes inside the stage, of the old domain, measured as an old domain."""
+    if recipe.probes.every is None and recipe.probes.dense is None:
+        raise CptError(f"{key}: acts at each probe, but probes.every and probes.dense are unset (the stage is "
+                       f"probed only at its start and end); set probes.every")
+    if cfg.probe_set not in probe_sets:
+        raise CptError(f"{key}.probe = {cfg.probe_set}: the old domain has no probe set in this stage (probe "
+                       f"sets: {', '.join(probe_sets) or 'none'}); add it to probes.sets or name it with probe:")
+    if cfg.probe_set in new:
+        raise CptError(f"{key}.probe = {cfg.probe_set}: is a new domain of this stage, so its forgetting is not "
+                       f"tracked; leave it out of new_domains")
 
 
 @dataclass(frozen=True)

@@ -24,11 +24,14 @@ when the LR decay starts). The rule stays the same with the constant share times
 integral of the share up to sample ``g``: sample ``g`` goes to the source with the largest
 ``W[s](g + 1) - drawn[s]``, ``W[s](x) = integral_0^x share[s](u) du``. ``W`` is a closed-form function of
 ``g`` (piecewise linear or quadratic), so the picks still depend on the counters alone and a resume
-continues them exactly; with two sources every prefix holds each within one sample of its integral.
+continues them exactly; with two sources every prefix holds each within one sample of its integral. A
+schedule may also grow as the run goes (:mod:`cpt.data.controller`: a step point appended at a probe, from
+the position drawn so far); its points then ride in the sampler's state.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import zlib
 from collections.abc import Mapping
@@ -156,10 +159,8 @@ class MixtureSchedule:
         return [k for j, k in enumerate(self.names) if any(w[j] > 0 for w in self._w)]
 
     def _segment(self, x: float) -> int:
-        i = 0
-        while i + 1 < len(self._x) and self._x[i + 1] <= x:
-            i += 1
-        return i
+        """The last point at or before ``x`` (the first one before the stage start)."""
+        return max(bisect.bisect_right(self._x, x) - 1, 0)
 
     def _integral(self, i: int, x: float) -> list[float]:
         """W at ``x`` (sequences) for ``x`` in segment ``i`` (from point i to point i + 1)."""
@@ -199,6 +200,20 @@ class MixtureSchedule:
     def state(self) -> list:
         """A JSON-able record of the schedule (compared on resume)."""
         return [[t, {k: float(v) for k, v in sorted(w.items())}, r] for t, w, r in self.points]
+
+    def restore(self, saved) -> None:
+        """Go on from a sampler state saved under ``saved`` (:meth:`state`, None for a constant mixture): a
+        fixed schedule must be the same one; one that changes as it goes (cpt.data.controller) takes it over."""
+        if saved != (None if self.is_constant else self.state()):
+            raise CptError(
+                "mixture sampler state was saved under another mixture schedule than this stage's "
+                f"(saved: {saved or 'constant'}; now: {self.describe()}): the data position cannot go on exactly"
+            )
+
+    def on_probe(self, tokens: int, record: Mapping) -> dict:
+        """A probe's results at ``tokens`` from the stage start; a schedule that sets its shares from them
+        (cpt.data.controller) does so here and returns what to log. A fixed schedule: nothing."""
+        return {}
 
     def describe(self) -> str:
         """One line, tokens from the stage start: ``de 0.75 en 0.25 at 0, linear to de 0.95 en 0.05 at 1M``."""
@@ -297,6 +312,12 @@ class MixtureSampler:
         names = self.names
         return [(names[c], i) for c, i in zip(choice.tolist(), index.tolist(), strict=True)]
 
+    def on_probe(self, tokens: int, record: Mapping) -> dict:
+        """Hand a probe's results (at ``tokens`` from the stage start, when exactly ``tokens`` worth of
+        sequences have been drawn) to the schedule: a controlled mixture sets its share from the next draw
+        on. Returns the fields to log with the probe."""
+        return self.schedule.on_probe(tokens, record)
+
     def repeats(self) -> dict[str, float]:
         """Epochs consumed per source (drawn / size); > 1 means sequences were seen again."""
         return {k: (v / self.sizes[k] if self.sizes[k] else 0.0) for k, v in self.consumed().items()}
@@ -333,13 +354,7 @@ class MixtureSampler:
             raise CptError(
                 f"mixture sampler state: position {position} is not the sum of drawn counts {sum(drawn.values())}"
             )
-        saved = state.get("schedule")
-        if saved != (None if self.schedule.is_constant else self.schedule.state()):
-            raise CptError(
-                "mixture sampler state was saved under another mixture schedule than this stage's "
-                f"(saved: {saved or 'constant'}; now: {self.schedule.describe()}): the data position "
-                "cannot go on exactly"
-            )
+        self.schedule.restore(state.get("schedule"))
         self.drawn = {k: int(drawn[k]) for k in self.names}
         self.offsets = {k: int(state.get("offsets", {}).get(k, 0)) for k in self.names}
         self.position = int(position)

@@ -13,7 +13,16 @@ This package is a low layer: it imports only :mod:`cpt.errors`, :mod:`cpt.units`
 write ``from cpt.recipe import Recipe, load_recipe``.
 """
 
-from cpt.recipe.data import MIXTURE_DOC, DataConfig, Mixture, MixtureAt, MixturePoint, check_mixture
+from cpt.recipe.data import (
+    MIXTURE_DOC,
+    ControlledMixture,
+    DataConfig,
+    Mixture,
+    MixtureAt,
+    MixturePoint,
+    ReplayControllerConfig,
+    check_mixture,
+)
 from cpt.recipe.load import load_recipe, recipe_diff, validate_recipe
 from cpt.recipe.mitigate import EmaConfig, MergeConfig, MitigateConfig
 from cpt.recipe.probes import DenseProbesConfig, LmEvalProbesConfig, ProbesConfig
@@ -37,6 +46,7 @@ from cpt.recipe.schema import (
 __all__ = [
     "MIXTURE_DOC",
     "CheckpointConfig",
+    "ControlledMixture",
     "DataConfig",
     "DenseProbesConfig",
     "EmaConfig",
@@ -54,6 +64,7 @@ __all__ = [
     "PeftConfig",
     "ProbesConfig",
     "Recipe",
+    "ReplayControllerConfig",
     "RunConfig",
     "ScheduleConfig",
     "StageConfig",

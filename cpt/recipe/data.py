@@ -38,15 +38,78 @@ class MixturePoint(StrictModel):
     )
 
 
+class ReplayControllerConfig(StrictModel):
+    old: str = Field(description="The replay source: the old data whose share the controller sets.")
+    new: str = Field(description="The new data: it gets the rest of the mixture (1 - the replay share).")
+    probe: str | None = Field(
+        None, description="The probe set (probes.sets) that measures the old domain; null = the one named as `old`."
+    )
+    budget: float = Field(
+        gt=0, description="The most the old domain's held-out loss may rise over the stage start's (nats per "
+        "token, probe/<probe>/forgetting)."
+    )
+    target: float = Field(
+        0.8, gt=0, le=1, description="The rise aimed at, as a fraction of the budget: the margin absorbs the "
+        "drift between probes and the probe's noise."
+    )
+    min: float = Field(0.0, ge=0, le=1, description="The lowest replay share.")
+    max: float = Field(0.5, ge=0, le=1, description="The highest replay share.")
+    start: float | None = Field(
+        None, ge=0, le=1, description="The replay share until the first probe after the stage start; null = "
+        "the middle of [min, max]."
+    )
+    kp: float = Field(
+        0.05, ge=0, description="Proportional gain: the share added per budget of rise above the target."
+    )
+    ki: float = Field(
+        1.0, ge=0, description="Integral gain: the share added per budget of excess rise held over the whole stage."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ReplayControllerConfig:
+        if self.min > self.max:
+            raise ValueError(f"min = {self.min:g} is above max = {self.max:g}")
+        if self.start is not None and not self.min <= self.start <= self.max:
+            raise ValueError(f"start = {self.start:g} is outside [min, max] = [{self.min:g}, {self.max:g}]")
+        if self.old == self.new:
+            raise ValueError(f"old and new are both {self.old!r}; they are two different sources")
+        return self
+
+    @property
+    def start_share(self) -> float:
+        return self.start if self.start is not None else (self.min + self.max) / 2
+
+    @property
+    def probe_set(self) -> str:
+        return self.probe or self.old
+
+
+class ControlledMixture(StrictModel):
+    controller: ReplayControllerConfig = Field(
+        description="The replay share set online from the old domain's probe (cpt.data.controller)."
+    )
+
+
+def _mixture_kind(v: object) -> str:
+    if isinstance(v, list):
+        return "mixture[list]"
+    if isinstance(v, ControlledMixture) or (isinstance(v, dict) and isinstance(v.get("controller"), dict)):
+        return "mixture[controller]"
+    return "mixture[dict]"
+
+
 Mixture = Annotated[
     # tags in brackets: error locations drop them (load._locate), they are not keys the user wrote
-    Annotated[dict[str, float], Tag("mixture[dict]")] | Annotated[list[MixturePoint], Tag("mixture[list]")],
-    Discriminator(lambda v: "mixture[list]" if isinstance(v, list) else "mixture[dict]"),
+    Annotated[dict[str, float], Tag("mixture[dict]")] | Annotated[list[MixturePoint], Tag("mixture[list]")]
+    | Annotated[ControlledMixture, Tag("mixture[controller]")],
+    Discriminator(_mixture_kind),
 ]
 MIXTURE_DOC = ("Name -> share of the sequences (sums to 1; replay = the old data's share), or a schedule "
                "over the stage: a list of {at, weights, ramp} points, e.g. [{at: 0, weights: {de: 0.75, en: "
                "0.25}}, {at: 100%, weights: {de: 0.95, en: 0.05}, ramp: linear}] (replay 25% -> 5%), or a "
-               "switch at: decay to a high-quality source. Logged per step as data/<name>/share.")
+               "switch at: decay to a high-quality source, or {controller: {old, new, budget, ...}}: the replay "
+               "share set at every probe so that the old domain's rise stays under the budget. Logged per step "
+               "as data/<name>/share.")
 
 
 class DataConfig(StrictModel):
@@ -86,7 +149,14 @@ class DataConfig(StrictModel):
         return self
 
 
-def check_mixture(mixture: dict[str, float] | list[MixturePoint], sources: dict[str, str], key: str) -> None:
+def check_mixture(mixture: dict[str, float] | list[MixturePoint] | ControlledMixture, sources: dict[str, str],
+                  key: str) -> None:
+    if isinstance(mixture, ControlledMixture):
+        for role in ("old", "new"):
+            name = getattr(mixture.controller, role)
+            if name not in sources:
+                raise ValueError(f"{key}.controller.{role} = {name}: not one of data.sources ({', '.join(sources)})")
+        return
     if isinstance(mixture, list):
         if not mixture:
             raise ValueError(f"{key}: an empty schedule; give at least the point at: 0")

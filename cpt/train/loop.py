@@ -116,7 +116,9 @@ def run_stage(run: Run, at: Progress, stage: StagePlan, stop: StopFlag, bar, max
         tag = {"step": at.step, "tokens": at.tokens, "stage": stage.name}
         if decision.probe:
             measured = _probe_with_variants(run, probes)
-            run.tracker.log({**tag, **measured, **forgetting.update(at.tokens, measured)})
+            measured |= forgetting.update(at.tokens, measured)
+            measured |= sampler.on_probe(at.tokens - stage.start, measured)  # a controlled mixture sets its share
+            run.tracker.log({**tag, **measured})
         if decision.lm_eval:
             _lm_eval(run, tag)
         # saved as it stands before end_stage closes it: a run extended past this stage's old end
@@ -296,7 +298,7 @@ def _save(run: Run, at: Progress, stage: StagePlan, sampler: MixtureSampler, pro
           tags: list[str]) -> None:
     state = TrainerState(
         step=at.step, tokens=at.tokens, stage=stage.name, sampler=sampler.state_dict(),
-        data_consumed=sampler.consumed(), mixture=stage.mixture.share_at(at.tokens - stage.start),
+        data_consumed=sampler.consumed(), mixture=sampler.schedule.share_at(at.tokens - stage.start),
         lr=run.optimizer.param_groups[0]["lr"], elapsed_s=at.elapsed, tags=tags, origin=run.plan.origin,
         next_lr=run.plan.stage_at(at.tokens).lr(at.tokens), probe_state=probe_state,
         metrics_records=run.tracker.metrics.count, guard=run.guard.state_dict(),
