@@ -600,11 +600,11 @@ def main() -> None:
 
 def order(b: Budget, seeds: tuple[int, ...]) -> list[tuple[int, str, str]]:
     """(seed, train | wise, stem) in the order they run: one seed after the other; within a seed the budget's
-    first three points (the ends of the frontier: 0% and 25% replay, the high LR) and the first merge back,
-    then the other points (the mitigations, the other replay shares) and merges, so that an invocation cut
-    short still spans the frontier."""
+    first point (0% replay) and its merges back, then the next two (25% replay, the high LR: the other ends
+    of the frontier), then the other points (the mitigations, the other replay shares) and merges, so that
+    an invocation cut short still spans the frontier."""
     first = list(b.points[:3])
-    jobs = [("train", s) for s in first] + [("wise", s) for s in b.wise[:1]]
+    jobs = [("train", first[0]), ("wise", b.wise[0]), *[("train", s) for s in first[1:]]]
     jobs += [("train", s) for s in b.points if s not in first] + [("wise", s) for s in b.wise[1:]]
     return [(seed, kind, stem) for seed in seeds for kind, stem in jobs]
 
