@@ -323,10 +323,10 @@ def wise(c: Ctx, run_dir: Path, alpha: float) -> dict[str, float]:
     """`cpt merge` of the start model and the run's final/ with weights 1-alpha, alpha, probed; the merged
     weights are deleted after the probe (its json stays)."""
     dest = c.out / "wise" / f"{run_dir.name}-a{alpha:g}"
-    result = dest.with_suffix(".json")
+    result = dest.parent / f"{dest.name}.json"  # not with_suffix: a0.25 would become a0.json
     if not result.is_file() or result.stat().st_mtime < (run_dir / "final" / "config.json").stat().st_mtime:
         cpt(["merge", str(c.model), str(run_dir / "final"), "--weights", f"{1 - alpha:g},{alpha:g}",
-             "--out", str(dest), "--overwrite"], log=dest.with_suffix(".merge.log"))
+             "--out", str(dest), "--overwrite"], log=dest.parent / f"{dest.name}.merge.log")
         probe(c, dest, result, sets=True)
         shutil.rmtree(dest)
     r = json.loads(result.read_text())
@@ -463,7 +463,7 @@ def reading(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]
     if res:
         worst_chat = max(ch, key=ch.get)
         out.append(f"- **Chat behaviour**: the assistant-turn loss changes by {', '.join(f'{pts[s].label} {ch[s]:+.3f}' for s in res)}; "
-                   f"the largest loss at {pts[worst_chat].label}.")
+                   f"the highest change at {pts[worst_chat].label}.")
     return out
 
 
@@ -485,6 +485,8 @@ def page(c: Ctx, res, wres, pts, notes: list[str], wall: float, start: dict, qui
     cmd = "python scripts/real_model.py" + (" --quick" if quick else "") + (f" --seeds {len(seeds)}" if len(seeds) != len(SEEDS) else "")
     missing = [f"{pts[s].label} (seed {seed})" for s in b.points for seed in seeds
                if len(res.get(s, [])) <= seeds.index(seed)]
+    missing += [f"{pts[s].label} merged back at {a:g} (seed {seed})" for s in b.wise for seed in seeds
+                for a in b.wise_weights if len(wres.get((s, a), [])) <= seeds.index(seed)]
     text = [
         f"# A real pretrained model: SmolLM2-135M-Instruct continued on German{' (quick mode)' if quick else ''}",
         "",

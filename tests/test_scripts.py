@@ -88,6 +88,7 @@ def test_real_model_points_are_recipes_cpt_train_loads(tmp_path):
     """Every run scripts/real_model.py trains (both modes) is recipes/real/smollm2-de.yaml with overrides the
     schema accepts, of the mode's budget, with the mixture, LR and mitigation its label says."""
     import real_model
+
     from cpt.recipe import load_recipe
 
     data = {f"{d}/{s}": tmp_path / d / s for d in ("de", "en") for s in ("train", "validation")}
