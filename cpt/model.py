@@ -131,6 +131,13 @@ def set_rope(config, given: dict, old_positions: int | None) -> None:
                        f"{', '.join(kinds)}")
     if new["rope_type"] in _NEEDS_ORIGINAL and old_positions is not None:
         new.setdefault("original_max_position_embeddings", old.get("original_max_position_embeddings", old_positions))
+    if new["rope_type"] == "longrope":  # transformers only warns, then the first forward fails on shapes
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        half = int(head_dim * new.get("partial_rotary_factor", 1.0)) // 2
+        for key in ("short_factor", "long_factor"):
+            if key in new and len(new[key]) != half:
+                raise CptError(f"model.config.rope_parameters.{key}: {len(new[key])} factors, but this model's "
+                               f"rotary dimension {2 * half} needs {half}")
     config.rope_parameters = new
     try:
         config.standardize_rope_params()

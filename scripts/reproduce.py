@@ -794,6 +794,10 @@ LONG = ROOT / "data" / "shared" / "long"  # the paths recipes/long_context/ name
 LONG_KINDS = {"none": "RoPE as it was", "theta": "rope_theta 10000 -> 44000", "linear": "linear x4 (PI)",
               "yarn": "YaRN x4"}
 LONG_SEEDS = [1234, 7, 42]
+# Sized for a shared 2-core machine: a 0.34M-parameter model (hidden 64), 128K tokens at 128, stages of 32K
+# tokens at 512 (16 steps of 4 rows); the recipes' own sizes (hidden 128, 512K + 96K) are the next step up.
+LONG_MODEL = "{max_position_embeddings: 128, hidden_size: 64, intermediate_size: 128}"
+LONG_PRETRAIN, LONG_STAGE = 128 * K, 32 * K
 LONG_BUCKETS = ("0-128", "128-256", "256-512")
 
 
@@ -821,9 +825,9 @@ def long_cols(s: Suite) -> tuple[dict[tuple[str, int], list[list[float]]], float
     """Per (kind, replay %) and seed: long_point at the stage's start and end (8 numbers) and the wall s; the
     pre-trained model's short loss; the first seed's run dirs; the long data's manifest lengths."""
     long_sets()
-    tokens = s.b.cpt // 4
-    pre = s.run(f"long-pretrain-128-{s.b.pretrain // 4 // K}K", "recipes/long_context/pretrain-128.yaml",
-                [f"train.tokens={s.b.pretrain // 4}"])
+    tokens = LONG_STAGE
+    pre = s.run(f"long-pretrain-128-h64-{LONG_PRETRAIN // K}K", "recipes/long_context/pretrain-128.yaml",
+                [f"train.tokens={LONG_PRETRAIN}", f"model.config={LONG_MODEL}", "train.micro_batch_size=32"])
     short0 = [r for r in metrics(pre) if "probe/short/loss" in r][-1]["probe/short/loss"]
     per: dict[tuple[str, int], list[list[float]]] = {}
     dirs: list[Path] = []
@@ -834,7 +838,8 @@ def long_cols(s: Suite) -> tuple[dict[tuple[str, int], list[list[float]]], float
                 name = f"long-{kind}-r{replay}-{tokens // K}K-s{seed}"
                 run_dir = s.run(name, f"recipes/long_context/extend-{kind}.yaml",
                                 [f"init_from.path={pre}", f"train.tokens={tokens}", f"data.mixture={mix}",
-                                 f"run.seed={seed}", f"probes.every={tokens // 2}"])
+                                 f"run.seed={seed}", f"probes.every={tokens}", "probes.max_sequences=16",
+                                 "train.global_batch_tokens=2K", "train.micro_batch_size=4"])
                 p = [r for r in metrics(run_dir) if "probe/long/loss" in r]
                 per.setdefault((kind, replay), []).append(
                     long_point(p[0]) + long_point(p[-1]) + [s.run.wall.get(name, float("nan"))])
@@ -868,8 +873,8 @@ def long_section(s: Suite, per: dict, short0: float, dirs: list[Path], lengths: 
     q = lengths["written"]["quantiles"]
     return ("## 9. Long-context extension, 128 → 512 tokens, with and without short-context replay\n\n"
             f"A tiny Llama pre-trained at 128 tokens (`recipes/long_context/pretrain-128.yaml`, "
-            f"`max_position_embeddings: 128`, {s.b.pretrain // 4 // K}K tokens of English kernel docs) is extended to "
-            f"512 by a stage of {s.b.cpt // 4 // K}K tokens (`recipes/long_context/extend-<kind>.yaml`: cosine, "
+            f"`max_position_embeddings: 128`, here hidden 64 (0.34M parameters), {LONG_PRETRAIN // K}K tokens of English "
+            f"kernel docs) is extended to 512 by a stage of {LONG_STAGE // K}K tokens (16 steps of 4 rows) (`recipes/long_context/extend-<kind>.yaml`: cosine, "
             "re-warm to 1e-3) that changes RoPE through `model.config` overrides of the init_from model. Long data: "
             "kernel docs of 384 tokens or more (`cpt prepare --min-doc-tokens 384 --whole-documents`; written "
             f"lengths p50 {q['p50']}, p90 {q['p90']}, {100 * lengths['written']['share_of_tokens_over_seq_len']:.0f}% "

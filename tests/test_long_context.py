@@ -286,12 +286,22 @@ def test_a_stage_extends_128_to_512_and_exports_the_new_config(extended):
     assert not torch.allclose(logits(pre / "final"), logits(ext / "final"), atol=1e-3)  # it trained
 
 
-def test_gradients_reach_positions_past_the_old_context(extended):
-    from cpt.model import load_causal_lm
+@pytest.mark.parametrize("kind", ["none", "theta", "linear", "dynamic", "yarn", "llama3", "longrope"])
+def test_every_recipe_kind_trains_positions_past_the_old_context(kind, extended):
+    """The model.config of recipes/long_context/extend-<kind>.yaml on the 128-token model: a finite loss at
+    512 tokens, gradients in every weight, and inputs past position 128 feeding the targets past 400."""
+    from cpt.model import check_seq_len, load_causal_lm
+    from cpt.recipe import load_recipe
 
     pre, _, _ = extended
-    model = load_causal_lm(pre / "final", overrides={"max_position_embeddings": 512,
-                                                     "rope_parameters": {"rope_type": "linear", "factor": 4.0}})
+    overrides = load_recipe(Path(__file__).parents[1] / f"recipes/long_context/extend-{kind}.yaml").model.config
+    rope = overrides.get("rope_parameters", {})
+    if rope.get("rope_type") == "longrope":  # one factor per frequency: the recipe's model has head_dim 32
+        with pytest.raises(CptError, match="long_factor: 16 factors, but this model's rotary dimension 16 needs 8"):
+            load_causal_lm(pre / "final", overrides={**overrides, "rope_parameters": {**rope, "short_factor": [1] * 8}})
+        overrides = {**overrides, "rope_parameters": {**rope, "short_factor": [1] * 8, "long_factor": [4] * 8}}
+    model = load_causal_lm(pre / "final", overrides=overrides)
+    check_seq_len(model.config, 512, kind)
     ids = torch.arange(3, 515).view(1, -1) % 2000
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     labels = torch.full_like(ids, -100)
@@ -299,7 +309,7 @@ def test_gradients_reach_positions_past_the_old_context(extended):
     loss = model(inputs_embeds=embeds, labels=labels).loss
     loss.backward()
     grad = embeds.grad[0].abs().sum(dim=1)
-    assert math.isfinite(loss.item()) and (grad[130:400] > 0).all()  # inputs past 128 feed those targets
+    assert math.isfinite(loss.item()) and (grad[130:400] > 0).all()
     emb = model.get_input_embeddings().weight  # not in this graph: the inputs are embeddings already
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p is not emb)
 
