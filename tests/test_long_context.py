@@ -326,3 +326,11 @@ def test_the_extended_model_beats_the_unextended_one_past_the_old_context(extend
     # and relative to the model's own loss in the old context: past 256 the unextended model does worse than
     # at 0-128, the extended one better (it uses the longer context)
     assert a["256-512"] - a["0-128"] < 0 < b["256-512"] - b["0-128"], (a, b)
+
+
+def test_a_probe_set_longer_than_the_rows_is_refused(extended, make_recipe):
+    from cpt.train.loop import train
+
+    _, _, data = extended
+    with pytest.raises(CptError, match=r"probes.sets.long: .* seq_len 512, longer than data.seq_len 128"):
+        train(make_recipe("longprobe", probes__sets={"long": str(data["long_val"])}))
