@@ -876,8 +876,10 @@ def long_section(s: Suite, per: dict, short0: float, dirs: list[Path], lengths: 
         m = mean[(k, 0)]
         verdict.append(
             f"- {LONG_KINDS[k]}, no replay: long positions end at {m[6]:.3f} (256-512) vs {m[4]:.3f} (0-128): "
-            + ("loss keeps falling past the old context" if m[6] < m[4] - 0.005 else
-               "no gain from the longer context") + f"; {m[6] - base[2]:+.3f} against the unextended model there"
+            + ("loss falls past the old context more than at the start, a use of the longer context"
+               if (m[6] - m[4]) < (m[2] - m[0]) - 0.02 else
+               f"the gap between positions is what it was at the start ({m[2] - m[0]:+.3f}): the data's, not a use "
+               "of the longer context") + f"; {m[6] - base[2]:+.3f} against the unextended model there"
             + ("." if k == "none" else f", {m[6] - mean[('none', 0)][6]:+.3f} against training with RoPE as it was "
                f"({spread(per, (k, 0), ('none', 0), 6)})."))
     for k in LONG_KINDS:
