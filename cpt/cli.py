@@ -116,11 +116,12 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
         return _prepare_split(ns, inputs, part)
     m = prepare(inputs, ns.tokenizer, ns.out, seq_len=ns.seq_len, text_field=ns.text_field,
                 num_proc=ns.num_proc, max_documents=ns.max_documents, overwrite=ns.overwrite,
-                eos_token=ns.eos_token, part=part)
+                eos_token=ns.eos_token, part=part, lengths=_length_options(ns))
     skipped = ", ".join(f"{k}: {v}" for k, v in m["skipped"].items() if v) or "none"
     tail = "tail tokens kept for the merge" if part else "tail tokens dropped"
     print(f"{ns.out}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
           f"({m['tokens']} tokens, {m['tokens_dropped_tail']} {tail}); skipped: {skipped}")
+    _print_lengths(m)
     _print_unsupported(m)
     return 0
 
@@ -147,17 +148,35 @@ def _print_unsupported(m: dict) -> None:
               + ", ".join(f"{ext} {n}" for ext, n in other.items()))
 
 
+def _length_options(ns: argparse.Namespace):
+    """cpt.data.lengths.LengthOptions of --min-doc-tokens, --upsample-long, --whole-documents; None without them."""
+    from cpt.data.lengths import LengthOptions, parse_upsample
+
+    if ns.min_doc_tokens is None and ns.upsample_long is None and not ns.whole_documents:
+        return None
+    up = None if ns.upsample_long is None else parse_upsample(ns.upsample_long)
+    return LengthOptions(ns.min_doc_tokens, up, ns.whole_documents)
+
+
+def _print_lengths(manifest: dict) -> None:
+    if "lengths" in manifest:
+        from cpt.data.lengths import summary
+
+        print(summary(manifest["lengths"]))
+
+
 def _prepare_split(ns: argparse.Namespace, inputs: list, part) -> int:
     from cpt.data.prepare import prepare_split
 
     ms = prepare_split(inputs, ns.tokenizer, ns.out, ns.seq_len, ns.validation_fraction, split_seed=ns.split_seed,
                        text_field=ns.text_field, num_proc=ns.num_proc, max_documents=ns.max_documents,
-                       overwrite=ns.overwrite, eos_token=ns.eos_token, part=part)
+                       overwrite=ns.overwrite, eos_token=ns.eos_token, part=part, lengths=_length_options(ns))
     tail = "tail tokens kept for the merge" if part else "tail tokens dropped"
     for side in ("train", "validation"):
         m = ms[side]
         print(f"{ns.out / side}: {m['documents']} documents, {m['sequences']} sequences of {m['seq_len']} tokens "
               f"({m['tokens']} tokens, {m['tokens_dropped_tail']} {tail})")
+        _print_lengths(m)
     skipped = ", ".join(f"{k}: {v}" for k, v in ms["train"]["skipped"].items() if v) or "none"
     print(f"validation fraction {ns.validation_fraction} (seed {ns.split_seed}, by document hash); skipped: {skipped}")
     _print_unsupported(ms["train"])
@@ -221,7 +240,8 @@ def cmd_probe(ns: argparse.Namespace) -> int:
     downstream = parse_named(ns.downstream, "--downstream")
     result = run_probe(ns.model, sets, downstream, max_sequences=ns.max_sequences,
                        micro_batch_size=ns.micro_batch_size, lm_eval_tasks=ns.lm_eval,
-                       lm_eval_limit=ns.limit, lm_eval_include=ns.lm_eval_include, precision=ns.precision)
+                       lm_eval_limit=ns.limit, lm_eval_include=ns.lm_eval_include, precision=ns.precision,
+                       by_position=ns.by_position)
     if PartialState().is_main_process:
         print(format_table(result))
         if ns.out is not None:
@@ -345,6 +365,15 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
                    help="also cut a validation split (0 < F < 0.5) by document: OUT/train and OUT/validation; "
                         "a document goes to validation by a hash of its text, so identical documents share a side")
     d.add_argument("--split-seed", type=int, default=0, help="seed of the validation split's hash")
+    d.add_argument("--min-doc-tokens", type=int, default=None, metavar="N",
+                   help="long-context data: drop documents shorter than N tokens (counted in the manifest)")
+    d.add_argument("--upsample-long", default=None, metavar="L:F",
+                   help="long-context data: write documents of L tokens or more F times (the extra copies in "
+                        "passes of their own after the inputs, never two in one row); one prepare per source keeps "
+                        "the domain mixture (Fu et al. 2024's per-source upsampling)")
+    d.add_argument("--whole-documents", action="store_true",
+                   help="never cut a document that fits in a row across two rows: it waits while shorter ones "
+                        "fill the row (longer documents are cut as they come)")
     d.set_defaults(func=cmd_prepare)
 
 
@@ -369,6 +398,9 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                     help="bf16: every forward under bf16 autocast (fp32 weights), as train.precision: bf16 trains; "
                          "auto (default, as train.precision): bf16 on a GPU that supports it, fp32 elsewhere")
+    pr.add_argument("--by-position", type=lambda v: [int(e) for e in v.split(",")], default=None,
+                    metavar="E0,E1,...", help="bucket edges of the loss by position, e.g. 0,128,256,512: the mean "
+                    "loss of the tokens at positions lo..hi-1 of their row, per set (probes.by_position)")
     pr.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     pr.set_defaults(func=cmd_probe)
 

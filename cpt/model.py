@@ -42,7 +42,7 @@ def preset_config(cfg: ModelConfig, tokenizer):
     kwargs.update(cfg.config)
     try:
         config = LlamaConfig(**kwargs)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, KeyError) as e:  # KeyError: rope_parameters missing a key its kind needs
         raise CptError(f"model.config: {e}") from None
     config._attn_implementation = attention_for(config, cfg.attn_implementation)
     return config
@@ -81,12 +81,69 @@ def model_config(path: str | Path, overrides: dict | None = None, trust_remote_c
     except (OSError, ValueError) as e:
         raise CptError(f"cannot read the model config of {path} ({str(e).splitlines()[0]})") from None
     changes = {}
-    for key, value in (overrides or {}).items():
+    overrides = dict(overrides or {})
+    rope = {k: overrides.pop(k) for k in ROPE_KEYS if k in overrides}
+    old_rope, old_positions = getattr(config, "rope_parameters", None), getattr(config, "max_position_embeddings", None)
+    for key, value in overrides.items():
         if key not in raw and not hasattr(config, key):
             raise CptError(f"model.config.{key}: the {config.model_type} config has no such key")
         changes[key] = (getattr(config, key, None), value)
         setattr(config, key, value)
+    if rope:
+        set_rope(config, rope, old_positions)
+        changes["rope_parameters"] = (old_rope, config.rope_parameters)
     return config, changes
+
+
+# model.config keys that change RoPE: transformers >= 5 keeps them all in config.rope_parameters (rope_type,
+# rope_theta, factor, ...); rope_scaling is its older name, and a bare rope_theta goes into it.
+ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
+# RoPE kinds that need the context length the model was trained at before the extension
+_NEEDS_ORIGINAL = ("yarn", "longrope", "llama3")
+
+
+def set_rope(config, given: dict, old_positions: int | None) -> None:
+    """Apply ``model.config`` RoPE overrides to a loaded ``config``: ``rope_parameters`` (or its older name
+    ``rope_scaling``) replaces the scaling, ``rope_theta`` sets the base; the base the model had is kept
+    unless given. yarn / llama3 / longrope without ``original_max_position_embeddings`` get the context the
+    model had before these overrides (its own ``original_max_position_embeddings`` when it is already
+    scaled, so applying the same overrides again, as a resume does, changes nothing), not transformers'
+    default, the new ``max_position_embeddings``, which would make the extension a no-op."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    old = getattr(config, "rope_parameters", None)
+    if not isinstance(old, dict) or (old and config.nested_rope_parameter_keys(old)):
+        raise CptError(f"model.config.{next(iter(given))}: the {config.model_type} config has no single set of "
+                       f"RoPE parameters to change (none, or one per layer type)")
+    if "rope_parameters" in given and "rope_scaling" in given:
+        raise CptError("model.config: give rope_parameters or rope_scaling (its older name), not both")
+    scaling = given.get("rope_parameters", given.get("rope_scaling", old))
+    new = dict(scaling or {})
+    if "type" in new:
+        new["rope_type"] = new.pop("type")
+    new.setdefault("rope_type", "default")
+    new.setdefault("rope_theta", old.get("rope_theta", config.default_theta))
+    if "rope_theta" in given:
+        new["rope_theta"] = float(given["rope_theta"])
+    kinds = ("default", *ROPE_INIT_FUNCTIONS)
+    if new["rope_type"] not in kinds:
+        raise CptError(f"model.config.rope_parameters.rope_type = {new['rope_type']!r}: transformers knows "
+                       f"{', '.join(kinds)}")
+    if new["rope_type"] in _NEEDS_ORIGINAL and old_positions is not None:
+        new.setdefault("original_max_position_embeddings", old.get("original_max_position_embeddings", old_positions))
+    if new["rope_type"] == "longrope":  # transformers only warns, then the first forward fails on shapes
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        half = int(head_dim * new.get("partial_rotary_factor", 1.0)) // 2
+        for key in ("short_factor", "long_factor"):
+            if key in new and len(new[key]) != half:
+                raise CptError(f"model.config.rope_parameters.{key}: {len(new[key])} factors, but this model's "
+                               f"rotary dimension {2 * half} needs {half}")
+    config.rope_parameters = new
+    try:
+        config.standardize_rope_params()
+        config.validate_rope()
+    except (KeyError, ValueError, TypeError) as e:
+        raise CptError(f"model.config.rope_parameters: {str(e).strip(chr(34) + chr(39))}") from None
 
 
 def source_dtype(config):
@@ -262,10 +319,15 @@ _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length
 
 
 def position_limit(config) -> int | None:
-    """The longest sequence a model config declares (None when it declares none)."""
+    """The longest sequence a model config declares (None when it declares none). Dynamic NTK RoPE keeps
+    ``max_position_embeddings`` at the trained context and stretches to ``factor`` times it as a sequence
+    grows: its limit is that product."""
     for key in _POSITION_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
+            rope = getattr(config, "rope_parameters", None)
+            if isinstance(rope, dict) and rope.get("rope_type") == "dynamic" and rope.get("factor"):
+                return int(value * rope["factor"])
             return value
     return None
 

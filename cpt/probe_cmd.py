@@ -75,7 +75,7 @@ def autocast(dtype, device):
 def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str, str], *,
               max_sequences: int = 64, micro_batch_size: int = 16, lm_eval_tasks: list[str] | None = None,
               lm_eval_limit: int | None = None, lm_eval_include: str | Path | None = None,
-              precision: str = "auto") -> dict[str, Any]:
+              precision: str = "auto", by_position: list[int] | None = None) -> dict[str, Any]:
     """Held-out loss, ppl and bpb per prepared set (``bpb`` None for a set prepared before byte counts),
     downstream metrics per jsonl set and lm-evaluation-harness metrics (``lm_eval/<task>/<metric>``, see
     cpt/lm_eval.py), as a JSON-able dict.
@@ -85,11 +85,12 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     ``lm_eval`` is empty elsewhere). The caller writes and prints on the main process only.
     ``precision`` (auto | fp32 | bf16, :func:`compute_dtype`): every forward under that autocast, the
     chunked loss's head in the same dtype (as training runs it); the result records it as ``precision``.
+    ``by_position`` (bucket edges, as ``probes.by_position``): each set's ``by_position`` maps ``lo-hi`` to
+    the mean loss of the tokens at those positions of their row.
     """
     from cpt import downstream as ds
     from cpt.data.source import validate_source
     from cpt.data.tokenizer import tokenizer_identity
-    from cpt.probes import HeldOutLoss
     from cpt.train.backend import eval_accelerator
     from cpt.train.loss import choose_loss
 
@@ -103,6 +104,13 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
         raise CptError("cpt probe: --limit and --lm-eval-include go with --lm-eval TASK")
     if lm_eval_limit is not None and lm_eval_limit < 1:
         raise CptError(f"cpt probe: --limit must be >= 1, got {lm_eval_limit}")
+    if by_position is not None:
+        from cpt.recipe.probes import check_edges
+
+        try:
+            by_position = check_edges(by_position)
+        except ValueError as e:
+            raise CptError(f"cpt probe: --by-position: {e}") from None
     if lm_eval_tasks:  # a misspelt task fails before the model is loaded
         from cpt.lm_eval import check_tasks, task_manager
 
@@ -124,13 +132,8 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
         loss, _ = choose_loss("auto", model, False, model.get_input_embeddings().num_embeddings,
                               compute_dtype=dtype)
         for name, path in sets.items():
-            src = validate_source(f"--sets {name}", path, None, tok_id)
-            probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
-                                accelerator.num_processes, loss=loss)
-            out = probe(model, accelerator)
-            # bpb None: prepared before byte counts
-            result["sets"][name] = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
-                                    "bpb": out.get(f"probe/{name}/bpb"), "sequences": probe.counts[name]}
+            result["sets"][name] = _held_out(model, accelerator, loss, name, validate_source(
+                f"--sets {name}", path, None, tok_id), max_sequences, micro_batch_size, by_position)
         for name, path in downstream.items():
             result["downstream"][name] = ds.score(
                 model, tokenizer, ds.load_items(path), batch_size=micro_batch_size, device=accelerator.device,
@@ -148,6 +151,22 @@ def run_probe(model_path: str | Path, sets: dict[str, str], downstream: dict[str
     return result
 
 
+def _held_out(model, accelerator, loss, name: str, src, max_sequences: int, micro_batch_size: int,
+              by_position: list[int] | None) -> dict[str, Any]:
+    """One set's entry of run_probe's ``sets``: HeldOutLoss on it (bpb None: prepared before byte counts)."""
+    from cpt.probes import HeldOutLoss
+
+    probe = HeldOutLoss({name: src}, max_sequences, micro_batch_size, accelerator.process_index,
+                        accelerator.num_processes, loss=loss, by_position=by_position)
+    out = probe(model, accelerator)
+    entry = {"loss": out[f"probe/{name}/loss"], "ppl": out[f"probe/{name}/ppl"],
+             "bpb": out.get(f"probe/{name}/bpb"), "sequences": probe.counts[name]}
+    if by_position is not None:
+        entry["by_position"] = {f"{lo}-{hi}": out[f"probe/{name}/loss@{lo}-{hi}"]
+                                for lo, hi in zip(by_position, by_position[1:])}
+    return entry
+
+
 def format_table(result: dict[str, Any]) -> str:
     lines = []
     if result["sets"]:
@@ -155,6 +174,9 @@ def format_table(result: dict[str, Any]) -> str:
         for name, r in result["sets"].items():
             bpb = "-" if r.get("bpb") is None else f"{r['bpb']:.4f}"
             lines.append(f"{name:<20} {r['loss']:>8.4f} {r['ppl']:>10.2f} {bpb:>8} {r['sequences']:>10d}")
+        for name, r in result["sets"].items():
+            if r.get("by_position"):
+                lines.append(f"{name} loss by position: " + ", ".join(f"{k} {v:.4f}" for k, v in r["by_position"].items()))
         old = [name for name, r in result["sets"].items() if r.get("bpb") is None]
         if old:
             lines.append(f"bpb: - for {', '.join(old)} (prepared before byte counts; re-run cpt prepare)")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cpt.data.source import TokenSource, read_batch
+from cpt.recipe.probes import check_edges
 
 
 def probe_indices(num_sequences: int, max_sequences: int) -> list[int]:
@@ -53,18 +54,27 @@ class HeldOutLoss:
     where a document ends is part of coding the text). Token 0 of each row and ignored targets add
     neither NLL nor bytes, so the ratio is exact for the text the counted targets cover.
 
+    With ``by_position`` bucket edges ``[e0, e1, ..., ek]`` it also reports ``probe/<name>/loss@<lo>-<hi>``:
+    the mean NLL over all counted targets whose position lies in ``[lo, hi)``, from the same forward. A
+    target's position is its index in the row (the number of tokens before it), or with document masking
+    its ``position_ids`` (its index in its document): the context the model had for it. Targets at or past
+    the last edge are in no bucket. These means weigh every target alike (a bucket's sum of NLL over its
+    count), unlike ``loss``, the mean of per-sequence means.
+
     Every process runs the same number of forward passes (short shards are padded with weight-0
     rows), because sharded models (ZeRO-3, FSDP) need all ranks in every forward.
     """
 
     def __init__(self, sources: Mapping[str, TokenSource], max_sequences: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, frame=None, loss=None):
+                 rank: int = 0, world_size: int = 1, frame=None, loss=None, by_position: list[int] | None = None):
         """``sources``: probe sets already checked against the run (cpt.data.source.validate_source);
         ``frame``: ids -> the forward's inputs as training builds them (cpt.train.step.model_inputs), so a
         probe sees documents as training does (masking, ignored targets); ``loss``: how per-token losses
-        are computed (cpt.train.loss: the run's chunked path, or the model's logits by default)."""
+        are computed (cpt.train.loss: the run's chunked path, or the model's logits by default);
+        ``by_position``: bucket edges of the loss by position (:func:`check_edges`), or None."""
         from cpt.train.loss import PlainLoss
 
+        self.edges = check_edges(by_position) if by_position else None
         self.frame = frame
         self.loss = loss if loss is not None else PlainLoss()
         self.sources: dict[str, TokenSource] = {}
@@ -100,6 +110,8 @@ class HeldOutLoss:
             src = self.sources[name]
             # (sum of per-sequence losses, sequences, sum of target NLL, bytes of those targets), weighted
             total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+            buckets = None if self.edges is None else torch.zeros(
+                2, len(self.edges) - 1, dtype=torch.float64, device=accelerator.device)  # NLL sum, targets
             for i in range(0, len(indices), self.micro_batch_size):
                 rows = indices[i:i + self.micro_batch_size]
                 ids = read_batch({name: src}, [(name, j) for j in rows]).to(accelerator.device)
@@ -107,7 +119,10 @@ class HeldOutLoss:
                 inputs = self.frame(ids) if self.frame is not None else {"input_ids": ids, "labels": ids}
                 is_target = inputs["labels"][:, 1:] != -100
                 counted = is_target.sum(dim=1).clamp(min=1)
-                nll_sum = self.loss.token_nll(model, inputs).sum(dim=1)  # ignored targets are 0
+                nll = self.loss.token_nll(model, inputs)
+                nll_sum = nll.sum(dim=1)  # ignored targets are 0
+                if buckets is not None:
+                    buckets += bucket_sums(nll[:, :-1], is_target, inputs.get("position_ids"), self.edges, w)
                 total[0] += (nll_sum / counted * w).sum().double()
                 total[1] += w.sum().double()
                 if src.has_bytes:  # position i predicts token i + 1: the targets' bytes are columns 1..n-1
@@ -120,10 +135,33 @@ class HeldOutLoss:
             out[f"probe/{name}/ppl"] = math.exp(min(loss, 50.0))
             if src.has_bytes:
                 out[f"probe/{name}/bpb"] = (total[2] / (math.log(2) * total[3])).item() if total[3] > 0 else math.nan
+            if buckets is not None:
+                buckets = accelerator.reduce(buckets, reduction="sum")
+                for k, (lo, hi) in enumerate(zip(self.edges, self.edges[1:])):
+                    count = buckets[1, k].item()
+                    out[f"probe/{name}/loss@{lo}-{hi}"] = buckets[0, k].item() / count if count else math.nan
         if was_training:
             model.train()
         out["probe/seconds"] = time.perf_counter() - t0
         return out
+
+
+def bucket_sums(nll: torch.Tensor, is_target: torch.Tensor, position_ids: torch.Tensor | None,
+                edges: list[int], weights: torch.Tensor) -> torch.Tensor:
+    """[2, buckets] float64: per position bucket, the weighted sum of the NLL of the counted targets and
+    their weighted count. ``nll`` and ``is_target``: [batch, seq - 1], column i the target token i + 1;
+    its position is i + 1, or ``position_ids[:, i + 1]`` (document masking); ``weights``: [batch]."""
+    if position_ids is None:
+        pos = torch.arange(1, nll.size(1) + 1, device=nll.device).expand_as(nll)
+    else:
+        pos = position_ids[:, 1:]
+    bucket = torch.bucketize(pos.contiguous(), torch.tensor(edges, device=nll.device), right=True) - 1
+    inside = is_target & (bucket >= 0) & (bucket < len(edges) - 1)
+    w = (weights[:, None].double() * inside)[inside]
+    out = torch.zeros(2, len(edges) - 1, dtype=torch.float64, device=nll.device)
+    out[0].index_add_(0, bucket[inside], nll[inside].double() * w)
+    out[1].index_add_(0, bucket[inside], w)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ cadence

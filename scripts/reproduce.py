@@ -8,6 +8,7 @@
     python scripts/reproduce.py --quick --experiments 8     # English -> German with and without vocabulary extension
     python scripts/reproduce.py --quick --seeds 3 --experiments 9   # self-distillation vs replay and L2-init
     python scripts/reproduce.py --quick --seeds 3 --experiments 10   # merging back toward the start (reads 6's runs)
+    python scripts/reproduce.py --experiments 11            # long-context extension 128 -> 512, RoPE kinds x replay
 
 A subset is written into the existing page: its sections replace theirs (or are added in number order), the
 others stay as they were, the header gets a line on the subset's invocation and the commands are added.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -54,7 +56,7 @@ QUICK = Budget(pretrain=1024 * K, cpt=256 * K, warmups=["0", "2%"], lr_scales=[0
                wsd_main=512 * K, mitigate=64 * K, wsm_pretrain=256 * K, wsm_k=3)
 FULL = Budget(pretrain=2048 * K, cpt=512 * K, warmups=["0", "0.5%", "1%", "2%"], lr_scales=[0.5, 1.0, 2.0],
               seeds=[1234, 7, 42], wsd_main=1024 * K, long_seeds=2)
-ALL = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+ALL = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
 
 
 @dataclass
@@ -663,7 +665,7 @@ def wsm(s: Suite) -> str:
 
 # ------------------------------------------------------------------ 8. vocabulary extension for a new language
 
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = Path(os.environ.get("CPT_SHARED_DATA", ROOT.parent / "shared" / "data"))  # ../shared/data beside the repo
 VOCAB_ADD = 512  # German tokens appended to the 4096 of data/shared/tokenizer
 VOCAB_SEEDS = [1234, 7, 42]  # cheap runs (one CPT stage): three seeds in either mode
 
@@ -977,8 +979,131 @@ def merge_back(s: Suite) -> str:
                if missing else ""))
 
 
+# ------------------------------------------------------------------ 11. long-context extension, 128 -> 512
+
+LONG = ROOT / "data" / "shared" / "long"  # the paths recipes/long_context/ name
+LONG_KINDS = {"none": "RoPE as it was", "theta": "rope_theta 10000 -> 44000", "linear": "linear x4 (PI)",
+              "yarn": "YaRN x4"}
+LONG_SEEDS = [1234, 7, 42]
+# Sized for a shared 2-core machine: a 0.34M-parameter model (hidden 64), 128K tokens at 128, stages of 32K
+# tokens at 512 (16 steps of 4 rows); the recipes' own sizes (hidden 128, 512K + 96K) are the next step up.
+LONG_MODEL = "{max_position_embeddings: 128, hidden_size: 64, intermediate_size: 128}"
+LONG_PRETRAIN, LONG_STAGE = 128 * K, 32 * K
+LONG_BUCKETS = ("0-128", "128-256", "256-512")
+
+
+def long_sets() -> None:
+    """English kernel docs for recipes/long_context/: at 128 tokens (pre-training, the short probe), documents of
+    384 tokens or more whole at 512 (the long data and probe) and the corpus as it is at 512 (the replay)."""
+    en = SHARED / "en_kernel_docs"
+    todo = [("en-128/train", "train", 128, ["--max-documents", "1500"]), ("en-128/validation", "validation", 128, []),
+            ("long-512/train", "train", 512, ["--max-documents", "1500", "--min-doc-tokens", "384", "--whole-documents"]),
+            ("long-512/validation", "validation", 512, ["--min-doc-tokens", "384", "--whole-documents"]),
+            ("short-512/train", "train", 512, ["--max-documents", "1500"])]
+    for dest, split, seq, extra in todo:
+        if not (LONG / dest / "manifest.json").is_file():
+            cpt(["prepare", str(en / f"{split}.jsonl.gz"), "--tokenizer", str(ROOT / "data" / "shared" / "tokenizer"),
+                 "--out", str(LONG / dest), "--seq-len", str(seq), "--overwrite", *extra],
+                log=LONG / f"prepare-{dest.replace('/', '-')}.log")
+
+
+def long_point(record: dict) -> list[float]:
+    """[long loss per position bucket ..., short-context loss] of a probe record."""
+    return [record[f"probe/long/loss@{b}"] for b in LONG_BUCKETS] + [record["probe/short/loss"]]
+
+
+def long_cols(s: Suite) -> tuple[dict[tuple[str, int], list[list[float]]], float, list[Path], dict]:
+    """Per (kind, replay %) and seed: long_point at the stage's start and end (8 numbers) and the wall s; the
+    pre-trained model's short loss; the first seed's run dirs; the long data's manifest lengths."""
+    long_sets()
+    tokens = LONG_STAGE
+    pre = s.run(f"long-pretrain-128-h64-{LONG_PRETRAIN // K}K", "recipes/long_context/pretrain-128.yaml",
+                [f"train.tokens={LONG_PRETRAIN}", f"model.config={LONG_MODEL}", "train.micro_batch_size=32"])
+    short0 = [r for r in metrics(pre) if "probe/short/loss" in r][-1]["probe/short/loss"]
+    per: dict[tuple[str, int], list[list[float]]] = {}
+    dirs: list[Path] = []
+    for kind in LONG_KINDS:
+        for replay in (0, 25):
+            mix = "{long: 1.0}" if replay == 0 else "{long: 0.75, short: 0.25}"
+            for seed in LONG_SEEDS:
+                name = f"long-{kind}-r{replay}-{tokens // K}K-s{seed}"
+                run_dir = s.run(name, f"recipes/long_context/extend-{kind}.yaml",
+                                [f"init_from.path={pre}", f"train.tokens={tokens}", f"data.mixture={mix}",
+                                 f"run.seed={seed}", f"probes.every={tokens}", "probes.max_sequences=16",
+                                 "train.global_batch_tokens=2K", "train.micro_batch_size=4"])
+                p = [r for r in metrics(run_dir) if "probe/long/loss" in r]
+                per.setdefault((kind, replay), []).append(
+                    long_point(p[0]) + long_point(p[-1]) + [s.run.wall.get(name, float("nan"))])
+                dirs.extend([run_dir] if seed == LONG_SEEDS[0] and kind in ("none", "yarn") else [])
+    lengths = json.loads((LONG / "long-512" / "train" / "manifest.json").read_text())["lengths"]
+    return per, short0, dirs, lengths
+
+
+def spread(per: dict, a: tuple, b: tuple, i: int) -> str:
+    """Whether the means of column ``i`` of rows ``a`` and ``b`` differ by more than the larger seed std."""
+    va, vb = [v[i] for v in per[a]], [v[i] for v in per[b]]
+    sd = max(statistics.pstdev(va), statistics.pstdev(vb))
+    return "beyond the seeds' spread" if abs(statistics.mean(va) - statistics.mean(vb)) > sd else "within the seeds' spread"
+
+
+def long_section(s: Suite, per: dict, short0: float, dirs: list[Path], lengths: dict) -> str:
+    mean = {k: [statistics.mean(v[i] for v in vals) for i in range(9)] for k, vals in per.items()}
+    rows = [[LONG_KINDS[k], f"{r}%", *[mean_sd([v[i] for v in per[(k, r)]]) for i in (2, 4, 5, 6, 7)],
+             f"{mean[(k, r)][7] - short0:+.3f}", f"{mean[(k, r)][8]:.0f}"] for k, r in per]
+    base = mean[("none", 0)]
+    best = min(per, key=lambda k: mean[k][6])
+    verdict = [
+        f"- The unextended model (pre-trained at 128, plain RoPE, measured at the start of the `none` stage): "
+        f"loss {base[0]:.3f} / {base[1]:.3f} / {base[2]:.3f} at positions 0-128 / 128-256 / 256-512: "
+        + ("it does not extrapolate past its context." if base[2] > base[0] + 0.1 else
+           "no worse past its context than inside it."),
+    ]
+    if max(base[:3]) - min(base[:3]) < 0.1:
+        verdict.append(f"- Read this with care: the pre-trained model's loss ({short0:.2f} at 128 tokens) is nearly flat "
+                       "across positions (within 0.1 nats), so it uses little of any context and the RoPE kinds have "
+                       "little to differ on. This budget is what a shared 2-core machine allowed; the recipes' own "
+                       "sizes (hidden 128, 512K tokens at 128, 96K at 512) are the next step, on a GPU.")
+    for k in LONG_KINDS:
+        m = mean[(k, 0)]
+        verdict.append(
+            f"- {LONG_KINDS[k]}, no replay: long positions end at {m[6]:.3f} (256-512) vs {m[4]:.3f} (0-128): "
+            + ("loss falls past the old context more than at the start, a use of the longer context"
+               if (m[6] - m[4]) < (m[2] - m[0]) - 0.02 else
+               f"the gap between positions is what it was at the start ({m[2] - m[0]:+.3f}): the data's, not a use "
+               "of the longer context") + f"; {m[6] - base[2]:+.3f} against the unextended model there"
+            + ("." if k == "none" else f", {m[6] - mean[('none', 0)][6]:+.3f} against training with RoPE as it was "
+               f"({spread(per, (k, 0), ('none', 0), 6)})."))
+    for k in LONG_KINDS:
+        a, b = mean[(k, 0)], mean[(k, 25)]
+        verdict.append(f"- Replay 25% with {LONG_KINDS[k]}: short-context loss {b[7]:.3f} vs {a[7]:.3f} without "
+                       f"({b[7] - a[7]:+.3f}, {spread(per, (k, 25), (k, 0), 7)}), long 256-512 {b[6]:.3f} vs "
+                       f"{a[6]:.3f} ({b[6] - a[6]:+.3f}, {spread(per, (k, 25), (k, 0), 6)}).")
+    verdict.append(f"- Lowest loss at 256-512: {LONG_KINDS[best[0]]} with {best[1]}% replay ({mean[best][6]:.3f}).")
+    q = lengths["written"]["quantiles"]
+    return ("## 11. Long-context extension, 128 → 512 tokens, with and without short-context replay\n\n"
+            f"A tiny Llama pre-trained at 128 tokens (`recipes/long_context/pretrain-128.yaml`, "
+            f"`max_position_embeddings: 128`, here hidden 64 (0.34M parameters), {LONG_PRETRAIN // K}K tokens of English "
+            f"kernel docs) is extended to 512 by a stage of {LONG_STAGE // K}K tokens (16 steps of 4 rows) (`recipes/long_context/extend-<kind>.yaml`: cosine, "
+            "re-warm to 1e-3) that changes RoPE through `model.config` overrides of the init_from model. Long data: "
+            "kernel docs of 384 tokens or more (`cpt prepare --min-doc-tokens 384 --whole-documents`; written "
+            f"lengths p50 {q['p50']}, p90 {q['p90']}, {100 * lengths['written']['share_of_tokens_over_seq_len']:.0f}% "
+            "of tokens in documents longer than a row); replay: the pre-training corpus as it is, packed into "
+            "512-token rows (every source of a run has one seq_len), 25% of the sequences or none. Probes: held-out "
+            "long documents at 512 with the loss by position (`probes.by_position: [0, 128, 256, 512]`), and the "
+            "held-out corpus at 128 tokens (short: what the extension costs at the old context; the pre-trained "
+            f"model's is {short0:.3f}). Seeds {', '.join(map(str, LONG_SEEDS))} of the stage (mean ± std), one "
+            "pre-trained model. The stage's first probe is the model with its new RoPE before any training.\n\n"
+            + table(["RoPE", "replay", "256-512 at start", "0-128 final", "128-256 final", "256-512 final",
+                     "short final", "short vs pre-trained", "wall s"], rows)
+            + "\n\n" + "\n".join(verdict) + "\n\n" + s.plots("long", dirs))
+
+
+def long_context(s: Suite) -> str:
+    return long_section(s, *long_cols(s))
+
+
 EXPERIMENTS = {1: rewarming, 2: replay, 3: infinite, 4: wsd, 5: stability_gap, 6: mitigate,
-               7: wsm, 8: vocab, 9: distill, 10: merge_back}
+               7: wsm, 8: vocab, 9: distill, 10: merge_back, 11: long_context}
 
 
 # ------------------------------------------------------------------ the page
@@ -1034,8 +1159,8 @@ def subset_note(args: argparse.Namespace, b: Budget, run: Runner, wall: float) -
             + f"): wall time {wall / 60:.1f} min"
             + ("" if run.trained else " (it trained nothing: every run was reused)")
             + f", {runs_s / 60:.1f} min summed over the {len(run.wall)} runs with a recorded time; "
-            f"{sum(tokens.values()) / 2**20:.1f}M tokens in the {len(tokens)} runs those sections read (English "
-            "pre-training included).")
+            f"{sum(tokens.values()) / 2**20:.1f}M tokens in the {len(tokens)} runs those sections read"
+            + (" (English pre-training included)." if "pretrain-en" in run.used else "."))
 
 
 def merge_page(old: str, new: dict[int, str], note: str, commands: list[str]) -> str:
@@ -1089,8 +1214,10 @@ def main() -> None:
     t_start = time.time()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_shared.py")], check=True, cwd=ROOT)
     run = Runner(out)
-    pre = run("pretrain-en", "recipes/paper/pretrain-en.yaml", [f"train.tokens={b.pretrain}"])
-    suite = Suite(run, b, [f"init_from.path={pre}"], args.docs, "repro" if mode == "full" else "repro-quick")
+    # experiment 11 pre-trains its own 128-token model: the English model only for the others
+    pre = run("pretrain-en", "recipes/paper/pretrain-en.yaml", [f"train.tokens={b.pretrain}"]) \
+        if set(args.experiments) - {11} else None
+    suite = Suite(run, b, [f"init_from.path={pre}"] if pre else [], args.docs, "repro" if mode == "full" else "repro-quick")
     sections = [experiment(suite) for n, experiment in EXPERIMENTS.items() if n in args.experiments]
     wall = time.time() - t_start
     commands = [c.replace(f"{ROOT}/", "") for c in dict.fromkeys(run.commands)]

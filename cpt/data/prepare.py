@@ -54,6 +54,7 @@ import numpy as np
 from cpt import __version__
 from cpt.data import reader
 from cpt.data.formats import utf8_len
+from cpt.data.lengths import DocumentPacker, LengthOptions
 from cpt.data.parts import (  # noqa: F401  (is_split_part, merge_parts, merge_split_parts, _record_weights: API here)
     _record_weights,
     is_split_part,
@@ -89,7 +90,6 @@ _CHUNK_CHARS = 1 << 18
 _BATCH_CHARS = 1 << 21
 
 
-
 def _batches(pieces):
     """Group ``(text, last)`` pieces into ``(texts, firsts, lasts)`` of about ``_BATCH_CHARS`` characters."""
     texts, firsts, lasts, chars, first = [], [], [], 0, True
@@ -104,7 +104,6 @@ def _batches(pieces):
             texts, firsts, lasts, chars = [], [], [], 0
     if texts:
         yield texts, firsts, lasts
-
 
 
 def offset_bytes(text: str, offsets) -> np.ndarray:
@@ -167,9 +166,10 @@ def byte_table(backend) -> np.ndarray | None:
 
 
 def _encode(backend, frame: tuple[tuple[int, ...], int], dtype: str, table: np.ndarray | None,
-            batch) -> tuple[np.ndarray, int]:
+            batch) -> tuple[np.ndarray, np.ndarray]:
     """One batch of pieces -> (:func:`token_records`: ids framed per document, prefix before its first
-    piece, EOS after its last, with the bytes of text per id, 0 for the framing; documents ended). Byte
+    piece, EOS after its last, with the bytes of text per id, 0 for the framing; where each document that
+    ended in it ends: the index after its EOS). Byte
     counts come from ``table`` (:func:`byte_table`) where it gives each piece its exact length, else
     from offsets."""
     texts, firsts, lasts = batch
@@ -206,7 +206,7 @@ def _encode(backend, frame: tuple[tuple[int, ...], int], dtype: str, table: np.n
     records = np.zeros(n, dtype=token_records(dtype))
     records["id"] = out
     records["bytes"][is_text] = text_bytes
-    return records, sum(lasts)
+    return records, np.cumsum(runs.reshape(-1, 3).sum(axis=1))[np.asarray(lasts, dtype=bool)]
 
 
 _worker: tuple | None = None  # (backend, frame, dtype, byte table) in a worker process
@@ -221,7 +221,7 @@ def _init_worker(tokenizer_json: str, frame: tuple, dtype: str, table: np.ndarra
     _worker = (Tokenizer.from_str(tokenizer_json), frame, dtype, table)
 
 
-def _encode_in_worker(batch) -> tuple[np.ndarray, int]:
+def _encode_in_worker(batch) -> tuple[np.ndarray, np.ndarray]:
     return _encode(*_worker, batch)
 
 
@@ -232,7 +232,6 @@ def _encoded(batches, backend, frame: tuple, dtype: str, table: np.ndarray | Non
             yield _encode(backend, frame, dtype, table, batch)
         return
     yield from map_ordered(_encode_in_worker, batches, num_proc, _init_worker, (backend.to_str(), frame, dtype, table))
-
 
 @dataclass(frozen=True)
 class _Options:
@@ -246,6 +245,7 @@ class _Options:
     progress: bool
     part: tuple[int, int] | None
     select: tuple[str, float, int] | None
+    lengths: LengthOptions | None = None  # long documents: cpt.data.lengths
 
     def check(self) -> None:
         """One CptError line for the first option out of range, before anything is read."""
@@ -258,6 +258,8 @@ class _Options:
         if self.max_documents is not None and self.max_documents <= 0:
             raise CptError(f"max_documents must be positive, got {self.max_documents}")
         select, part = self.select, self.part
+        if self.lengths is not None:
+            self.lengths.check(part)
         if select is not None:
             check_fraction(select[1], select[2])
             if select[0] not in ("train", "validation"):
@@ -349,6 +351,7 @@ def prepare(
     eos_token: str | None = None,
     part: tuple[int, int] | None = None,
     select: tuple[str, float, int] | None = None,
+    lengths: LengthOptions | None = None,
     _announce: bool = True,  # prepare_split: the separator line for its first side only
 ) -> dict:
     """Tokenize ``inputs`` with ``tokenizer``, pack into ``seq_len`` sequences, write to ``out_dir``.
@@ -372,8 +375,11 @@ def prepare(
     ``select=(side, fraction, seed)`` keeps only the documents of one side of a validation split
     (:func:`in_validation`; side ``"train"`` or ``"validation"``): :func:`prepare_split` writes both.
     With ``part`` too, the documents of that side among the part's records.
+
+    ``lengths`` (:class:`cpt.data.lengths.LengthOptions`): drop short documents, upsample long ones, keep
+    documents whole in a row; the manifest's ``lengths`` then records the length distribution.
     """
-    opts = _Options(seq_len, text_field, num_proc, shard_sequences, max_documents, progress, part, select)
+    opts = _Options(seq_len, text_field, num_proc, shard_sequences, max_documents, progress, part, select, lengths)
     opts.check()
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -409,7 +415,9 @@ def _write(tmp: Path, resolved: list[tuple[Path, str]], tk: _Tokenizing, opts: _
             reading.split = split_records(resolved, opts.text_field, cache, *opts.part)
         pieces = _chosen_pieces(resolved, cache, tk.chunk_chars, opts, reading)
     writer = _ShardWriter(tmp, opts.seq_len, opts.shard_sequences, tk.dtype)
-    documents = _pack(pieces, writer, tk, opts, _label(resolved, opts))
+    packer = None if opts.lengths is None else DocumentPacker(writer, opts.lengths, tmp)
+    documents = _pack(pieces, packer or writer, tk, opts, _label(resolved, opts))
+    lengths = None if packer is None else packer.finish()
     kept = writer.keep_tail() if opts.part is not None else None
     tail = writer.close()
     shutil.rmtree(cache, ignore_errors=True)
@@ -421,7 +429,8 @@ def _write(tmp: Path, resolved: list[tuple[Path, str]], tk: _Tokenizing, opts: _
         raise CptError(
             f"{which}{_describe(resolved)} yields {tail} tokens, fewer than one sequence of {opts.seq_len}"
         )
-    return _manifest(tk, opts, reading, writer, documents, tail, kept)
+    manifest = _manifest(tk, opts, reading, writer, documents, tail, kept)
+    return manifest if lengths is None else {**manifest, "lengths": lengths}
 
 
 def _label(resolved: list[tuple[Path, str]], opts: _Options) -> str:
@@ -445,9 +454,9 @@ def _pack(pieces, writer: _ShardWriter, tk: _Tokenizing, opts: _Options, label: 
         # missing column) is then the only line on stderr
         first = list(itertools.islice(encoded, 1))
         with tqdm(desc=label, unit=" tokens", unit_scale=True, disable=not opts.progress) as bar:
-            for tokens, ended in itertools.chain(first, encoded):
-                writer.add(tokens)
-                documents += ended
+            for tokens, ends in itertools.chain(first, encoded):
+                writer.add(tokens, ends)
+                documents += len(ends)
                 bar.update(len(tokens))
     return documents
 

@@ -68,8 +68,9 @@ class ShardWriter:
         self.bytes = 0  # bytes of text the written tokens cover
         self.overflow: list[np.ndarray] = []  # [k, 2] (flat token index, bytes) for counts > 255
 
-    def add(self, tokens: np.ndarray) -> None:
-        """Append token records; write every completed sequence."""
+    def add(self, tokens: np.ndarray, ends=None) -> None:
+        """Append token records; write every completed sequence. (``ends``, where documents end, is for
+        cpt.data.lengths.DocumentPacker, which takes the same calls.)"""
         if len(self.carry):
             need = self.seq_len - len(self.carry)
             if len(tokens) < need:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from cpt.units import StrictModel, TokenCount
 
@@ -26,7 +26,8 @@ class LmEvalProbesConfig(StrictModel):
 
 class ProbesConfig(StrictModel):
     sets: dict[str, str] = Field(
-        default_factory=dict, description="Domain name -> prepared held-out token dir to measure loss on."
+        default_factory=dict, description="Domain name -> prepared held-out token dir to measure loss on, "
+        "prepared at data.seq_len or shorter (a set at the old context in a long-context stage: short-context loss)."
     )
     every: TokenCount | None = Field(
         None, description="Probe cadence in tokens; null = only at each stage's start and end."
@@ -45,8 +46,29 @@ class ProbesConfig(StrictModel):
         "same at every probe, on resume and in `cpt probe --max-sequences N`."
     )
     micro_batch_size: int = Field(16, gt=0, description="Sequences per forward pass while probing.")
+    by_position: list[int] | None = Field(
+        None, description="Bucket edges of the held-out loss by position, e.g. [0, 128, 256, 512]: each set "
+        "also logs probe/<set>/loss@<lo>-<hi>, the mean loss of the tokens at positions lo..hi-1 of their row "
+        "(of their document with data.document_masking), from the same forward. Does loss keep falling past "
+        "the context the model was trained at (a long-context stage)?"
+    )
+
+    @field_validator("by_position")
+    @classmethod
+    def _edges(cls, v: list[int] | None) -> list[int] | None:
+        return None if v is None else check_edges(v)
     lm_eval: LmEvalProbesConfig | None = Field(
         None, description="lm-evaluation-harness tasks on the model in memory at each stage's start and end "
         "and every N tokens, on the main process (the others wait), logged as lm_eval/<task>/<metric> "
         "(needs pip install -e '.[eval]'; not with ZeRO-3 / FSDP shards). The raw weights, not EMA/merged."
     )
+
+
+def check_edges(edges: list[int]) -> list[int]:
+    """Bucket edges of the loss by position (``probes.by_position``, ``cpt probe --by-position``): at least
+    two, strictly increasing, from 0 or more."""
+    edges = [int(e) for e in edges]
+    if len(edges) < 2 or edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"by_position {edges}: expected at least two increasing positions from 0 or more, "
+                         f"e.g. [0, 128, 256, 512]")
+    return edges

@@ -220,7 +220,7 @@ def _stage_probes(run: Run, at: Progress, stage: StagePlan, mid_stage: bool):
         cfg = run.recipe.probes
         probes = HeldOutLoss({n: run.probe_sets[n] for n in stage.probe_sets}, cfg.max_sequences,
                              cfg.micro_batch_size, run.accelerator.process_index, run.accelerator.num_processes,
-                             frame=run.frame, loss=run.loss)
+                             frame=run.frame, loss=run.loss, by_position=cfg.by_position)
         forgetting = Forgetting(stage.probe_sets, stage.new_domains)
     if not mid_stage:
         run.tracker.log({**tag, "event": "stage_start", "stage_start/lr": stage.lr(at.tokens),

@@ -145,8 +145,13 @@ def open_data(recipe: Recipe, model_dir: str | Path | None):
             size = recipe.data.replay_buffer[name] // seq_len
             src = open_keyed(f"data.replay_buffer.{name}", SubsetSource, src, size, recipe.run.seed, name)
         sources[name] = src
-    probe_sets = {name: validate_source(f"probes.sets.{name}", path, seq_len, tok_id)
+    # a probe set may be shorter than the training rows: in a long-context stage, the loss at the old context
+    probe_sets = {name: validate_source(f"probes.sets.{name}", path, None, tok_id)
                   for name, path in recipe.probes.sets.items()}
+    for name, src in probe_sets.items():
+        if src.seq_len > seq_len:
+            raise CptError(f"probes.sets.{name}: {recipe.probes.sets[name]} was prepared with seq_len {src.seq_len}, "
+                           f"longer than data.seq_len {seq_len} (re-run cpt prepare with --seq-len {seq_len} or less)")
     return tokenizer, sources, probe_sets
 
 
