@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from cpt.data.controller import ControlledSchedule
 from cpt.errors import CptError
 from cpt.recipe import Recipe, validate_recipe
 from cpt.schedules import BRANCHES, build_schedule
@@ -135,11 +136,14 @@ def make_branch(parent: Recipe, checkpoint: str | Path, decay: str | None = None
     data["train"]["tokens"] = d
     data["stages"] = None
     # a mixture schedule: the shares at the branch point, or, where it switches at: decay, the shares the
-    # parent's own decay starts with (the branch is all decay)
+    # parent's own decay starts with (the branch is all decay); a replay controller: the share it had set by
+    # the branch point (its state rides in the checkpoint), held over the decay
     spec = parent.stage_list()[stage.index].mixture
     at = x
     if isinstance(spec, list) and stage.anneal_start is not None and any(p.at == "decay" for p in spec):
         at = stage.anneal_start
+    if isinstance(stage.mixture, ControlledSchedule):
+        stage.mixture.restore((state.sampler or {}).get("schedule"))
     data["data"]["mixture"] = stage.mixture.share_at(at - stage.start)
     return validate_recipe(data, source=f"branch of {parent.run.name}")
 

@@ -13,7 +13,7 @@ import pytest
 from cpt.data.controller import ControlledSchedule, ControllerState, ReplayController
 from cpt.data.mixture import MixtureSampler
 from cpt.errors import CptError
-from cpt.plan import plan_run
+from cpt.plan import make_branch, plan_run
 from cpt.recipe import ReplayControllerConfig
 from cpt.tracking import read_metrics
 from cpt.train.loop import train
@@ -154,9 +154,9 @@ def english_model(make_recipe):
 
 
 def controlled(make_recipe, name, pre, **over):
+    over = {"schedule": {"kind": "constant", "max_lr": 1e-2, "warmup": 0}, **over}
     return make_recipe(name, init_from={"path": pre, "load": {"weights": True}}, model__preset=None,
-                       model__tokenizer=None, data__mixture=CONTROL, probes__every=2048,
-                       schedule={"kind": "constant", "max_lr": 1e-2, "warmup": 0}, **over)
+                       model__tokenizer=None, data__mixture=CONTROL, probes__every=2048, **over)
 
 
 def test_trainer_raises_the_share_after_a_rise_logs_it_and_resumes_exactly(make_recipe, english_model):
@@ -185,6 +185,22 @@ def test_trainer_raises_the_share_after_a_rise_logs_it_and_resumes_exactly(make_
     again = read_metrics(Path(split.run.output_dir) / "metrics.jsonl")
     for key in ("train/loss", "data/en/share", "controller/share", "controller/integral"):
         assert [r[key] for r in recs if key in r] == [r[key] for r in again if key in r], key
+
+
+def test_a_decay_branch_of_a_controlled_run_holds_the_share_the_controller_had_set(make_recipe, english_model):
+    """`cpt train --branch-from` a WSD run whose replay share a controller sets: the branch replays the share in
+    effect at its checkpoint (read from the checkpoint's controller state), not the controller's start share."""
+    wsd = {"kind": "wsd", "max_lr": 1e-2, "min_lr": 1e-3, "warmup": 0, "decay": {"length": 0.25}}
+    parent = controlled(make_recipe, "parent", english_model, schedule=wsd, checkpoint__every=2048)
+    assert not train(parent, max_steps=8).completed
+    ckpt = Path(parent.run.output_dir) / "checkpoints/step-00000008"
+    share = json.loads((ckpt / "trainer_state.json").read_text())["sampler"]["schedule"]["controller"]["share"]
+    assert share > 0.0  # the controller raised it from its start (0)
+    branch = make_branch(parent, ckpt, decay="2 steps")
+    assert branch.data.mixture == {"en": share, "de": 1.0 - share}
+    assert train(branch).completed
+    steps = [r for r in read_metrics(Path(branch.run.output_dir) / "metrics.jsonl") if "train/loss" in r]
+    assert [r["step"] for r in steps] == [9, 10] and all(r["data/en/share"] == share for r in steps)
 
 
 @pytest.mark.parametrize("mixture, message", [
