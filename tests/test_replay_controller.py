@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import launch, metric  # tests/ is on sys.path (pytest's rootdir conftest)
 
 from cpt.data.controller import ControlledSchedule, ControllerState, ReplayController
 from cpt.data.mixture import MixtureSampler
@@ -232,3 +233,21 @@ def test_controllers_that_cannot_act_are_refused_at_planning(make_recipe, prepar
     staged = make_recipe(data__mixture=None, train__tokens=None, probes__dense={"every": 1024, "for": 4096},
                          stages=[{"name": "de", "tokens": 12 * 1024, "mixture": mix}])
     assert plan_run(staged).stages[0].mixture.cfg.budget == 0.1  # a stage-level mixture too
+
+
+@pytest.mark.multiproc
+def test_two_processes_set_the_shares_one_process_sets(two_proc_recipe, prepared):
+    """Under DDP (2 gloo processes) every rank reads the same all-reduced rise, so the controller sets the shares
+    one process sets on the same data (here it lowers the share from 0.25: the English loss of a model trained
+    from scratch falls), and the losses follow."""
+    ctl = {"mixture": {"controller": {"old": "en", "new": "de", "budget": 0.05, "start": 0.25}}}
+    probes = {"probes": {"sets": {"en": str(prepared["en"]["validation"])}, "max_sequences": 7, "every": 1024}}
+    one, _ = two_proc_recipe("ctl-one", tokens=6144, data=ctl, extra=probes)
+    train(one)
+    two, path = two_proc_recipe("ctl-two", tokens=6144, data=ctl, extra=probes)
+    launch(path)
+    shares = metric(one.run.output_dir, "controller/share")
+    assert len(shares) == 6 and sum(metric(one.run.output_dir, "controller/changed")) >= 2
+    assert shares[-1] < 0.25
+    for key in ("controller/rise", "controller/share", "data/en/share", "train/loss"):
+        assert metric(two.run.output_dir, key) == pytest.approx(metric(one.run.output_dir, key), abs=2e-5), key
