@@ -1,8 +1,9 @@
-"""Validate `cpt plan` on the tiny English -> German set-up: run the planner, then train its pick and a grid of
+"""Validate `cpt plan` on the tiny English -> German (or English -> code) set-up: run the planner, then train its pick and a grid of
 other recipes over the full budget (3 seeds), and compare predicted with measured losses.
 
-    python scripts/plan_experiment.py                 # ~1 h on 2 shared cores; writes docs/planning-results.md
+    python scripts/plan_experiment.py                 # ~30 min on 2 cores (most of it the 1M-token pre-training); docs/planning-results.md
     python scripts/plan_experiment.py --workers 1     # one run at a time
+    python scripts/plan_experiment.py --new code      # English -> code: runs/plan-code, docs/planning-results-code.md
 
 The tiny Llama of docs/reproductions.md (1.5M parameters) pre-trained on 1M English tokens, then a German stage
 of FULL tokens (cosine, re-warm from 0) with English replay. The planner runs 4 pilots (25% of FULL together)
@@ -29,6 +30,7 @@ import yaml
 from _runs import ROOT, Job, K, Runner, finished, probes, table, train
 
 OUT = ROOT / "runs" / "plan"
+NEW, NAME = "de", "German"  # the new domain (--new): its source and probe set, and its name in the report
 DATA = ROOT / "data" / "shared" / "prepared"
 FULL = 64 * K
 BATCH = 512  # tokens per step: 128 steps in the full run, 8 in each of 4 pilots
@@ -47,24 +49,24 @@ def base_recipe(pretrained: Path) -> Path:
         "run": {"name": "plan-base", "output_dir": str(OUT / "base"), "seed": SEEDS[0]},
         "init_from": {"path": str(pretrained), "load": {"weights": True, "optimizer": False, "schedule_state": False}},
         "model": {"tokenizer": str(ROOT / "data" / "shared" / "tokenizer")},
-        "data": {"seq_len": 256, "sources": {"en": f"{DATA}/en/train", "de": f"{DATA}/de/train"},
-                 "mixture": {"de": 1 - RULE[0], "en": RULE[0]}},
+        "data": {"seq_len": 256, "sources": {"en": f"{DATA}/en/train", NEW: f"{DATA}/{NEW}/train"},
+                 "mixture": {NEW: 1 - RULE[0], "en": RULE[0]}},
         "train": {"tokens": FULL, "global_batch_tokens": BATCH, "micro_batch_size": 2,
                   "optimizer": {"name": "adamw", "betas": [0.9, 0.95], "weight_decay": 0.1}, "grad_clip": 1.0},
         "schedule": {"kind": "cosine", "max_lr": RULE[1], "min_lr": RULE[1] / 10, "warmup": "1%", "warmup_from": 0.0},
-        "probes": {"sets": {"en": f"{DATA}/en/validation", "de": f"{DATA}/de/validation"}, "every": "16K",
+        "probes": {"sets": {"en": f"{DATA}/en/validation", NEW: f"{DATA}/{NEW}/validation"}, "every": "16K",
                    "dense": {"every": "4K", "for": "16K"}, "max_sequences": 8},
         "checkpoint": {"every": None, "keep_last": 1},
         "tracking": {"progress": False},
     }
-    path = OUT / "base-de.yaml"
+    path = OUT / f"base-{NEW}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("# written by scripts/plan_experiment.py\n" + yaml.safe_dump(data, sort_keys=False))
     return path
 
 
 def plan(base: Path, out: Path) -> dict:
-    args = ["plan", str(base), "--old", "en", "--new", "de", "--max-forgetting", str(BUDGET),
+    args = ["plan", str(base), "--old", "en", "--new", NEW, "--max-forgetting", str(BUDGET),
             "--replay", REPLAYS, "--lr-scales", SCALES, "--out", str(out)]
     print(f"$ cpt {' '.join(args)}", flush=True)
     t0 = time.time()
@@ -87,7 +89,7 @@ def grid_jobs(base: Path, pick: tuple[float, float] | None) -> dict[tuple[float,
             recipes.insert(0, pick)
     jobs = {}
     for r, lr in recipes:
-        over = [f"data.mixture.en={r:g}", f"data.mixture.de={1 - r:g}", f"schedule.max_lr={lr:g}",
+        over = [f"data.mixture.en={r:g}", f"data.mixture.{NEW}={1 - r:g}", f"schedule.max_lr={lr:g}",
                 f"schedule.min_lr={lr / 10:g}"]
         jobs[(r, lr)] = [Job(str(base), (*over, f"run.seed={s}", f"run.name=r{r:g}-lr{lr:g}-s{s}",
                                          f"run.output_dir={OUT / 'grid' / f'r{r:g}-lr{lr:g}-s{s}'}")) for s in SEEDS]
@@ -104,7 +106,7 @@ def elapsed(run_dir: Path) -> float:
 def measure(run_dir: Path) -> dict[str, float]:
     recs = probes(run_dir)
     en = [r["probe/en/loss"] for r in recs]
-    return {"en_start": en[0], "en_rise": en[-1] - en[0], "en_worst": max(en) - en[0], "de": recs[-1]["probe/de/loss"]}
+    return {"en_start": en[0], "en_rise": en[-1] - en[0], "en_worst": max(en) - en[0], "de": recs[-1][f"probe/{NEW}/loss"]}
 
 
 VARIANTS = [("plan", "drop", "soft_l1"),  # what cpt plan fits (the first must be it)
@@ -119,7 +121,7 @@ def predictions(base: Path, plan_dir: Path, keys, fraction: float = 0.25) -> dic
     from cpt.planner import design
     from cpt.planner.verb import load_setup, read_pilot
 
-    ns = argparse.Namespace(recipe=base, overrides=[], old="en", new="de", old_probe=None, new_probe=None,
+    ns = argparse.Namespace(recipe=base, overrides=[], old="en", new=NEW, old_probe=None, new_probe=None,
                             replay=REPLAYS, lr_scales=SCALES)
     s = load_setup(ns)
     specs = design.design_pilots(s.replays, s.max_lrs, 4, s.full_tokens, s.tokens_per_step, fraction)
@@ -127,8 +129,8 @@ def predictions(base: Path, plan_dir: Path, keys, fraction: float = 0.25) -> dic
     out = {}
     for name, anneal, loss in VARIANTS:
         law.LOSS = loss
-        fo = law.fit_domain("en", [a for a, _ in pairs], bootstrap=200 if name == "plan" else 0, anneal=anneal)
-        fn = law.fit_domain("de", [b for _, b in pairs], bootstrap=200 if name == "plan" else 0, ref_lr=fo.ref_lr,
+        fo = law.fit_domain("en", [a for a, _ in pairs], old=True, bootstrap=200 if name == "plan" else 0, anneal=anneal)
+        fn = law.fit_domain(NEW, [b for _, b in pairs], old=False, bootstrap=200 if name == "plan" else 0, ref_lr=fo.ref_lr,
                             anneal=anneal)
         out[name] = {k: design.predict(fo, fn, s.lrs(*k), *k) for k in keys}
     law.LOSS = VARIANTS[0][2]
@@ -167,9 +169,10 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     within_de = sum(abs(v["p"].new_final[0] - v["de"]) <= 2 * v["ds"] for v in stats.values())
     compliant = {k: v for k, v in stats.items() if v["ok"] and k != pick}
     best = min(compliant, key=lambda k: compliant[k]["de"]) if compliant else None
-    lines = ["# cpt plan on the tiny English -> German set-up (results)", "",
-             f"Measured by `python scripts/plan_experiment.py` (2 shared cores, load 20-35; {sum(walls.values()) / 60:.0f} "
-             f"min of training loops summed). Full budget {FULL // K}K German-stage tokens ({FULL // BATCH} steps of {BATCH}); budget: "
+    lines = [f"# cpt plan on the tiny English -> {NAME} set-up (results)", "",
+             f"Measured by `python scripts/plan_experiment.py{'' if NEW == 'de' else ' --new ' + NEW}` (2 CPU cores, shared with "
+             f"another experiment; {sum(walls.values()) / 60:.0f} "
+             f"min of training loops summed). Full budget {FULL // K}K {NAME}-stage tokens ({FULL // BATCH} steps of {BATCH}); budget: "
              f"English probe final rise <= {BUDGET} nats (the worst in-stage rise is predicted and measured, not "
              f"bounded); seeds {SEEDS}.", "",
              "## The plan", "",
@@ -181,24 +184,24 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
              f"3 at a time with 1 thread each).", "", "Trust notes of the plan:", ""]
     lines += [f"- {n}" for n in rep["notes"]] or ["- none"]
     lines += ["", "## Predicted vs measured (3 seeds: mean ± sd)", "", table(head, rows), "",
-              f"- English rise predicted within 2 sd for {within} of {len(stats)} recipes; German loss for "
+              f"- English rise predicted within 2 sd for {within} of {len(stats)} recipes; {NAME} loss for "
               f"{within_de} of {len(stats)}.",
-              (f"- Best compliant grid recipe other than the pick (measured): replay {best[0]:g}, max LR {best[1]:.3g}, German "
+              (f"- Best compliant grid recipe other than the pick (measured): replay {best[0]:g}, max LR {best[1]:.3g}, {NAME} "
                f"{compliant[best]['de']:.3f}." if best else "- No trained recipe met the budget."),
               ]
     if pick and pick in stats:
         v = stats[pick]
-        gap = f"; its German loss is {v['de'] - compliant[best]['de']:+.3f} from that grid recipe's" if best else ""
+        gap = f"; its {NAME} loss is {v['de'] - compliant[best]['de']:+.3f} from that grid recipe's" if best else ""
         lines.append(f"- The pick {'met' if v['ok'] else 'did not meet'} the budget (rise {v['rise']:+.3f}, worst "
                      f"{v['worst']:+.3f}){gap}.")
     r = stats.get(RULE)
     if r:
-        lines.append(f"- The rule (25% replay at 2e-3): rise {r['rise']:+.3f}, worst {r['worst']:+.3f}, German "
+        lines.append(f"- The rule (25% replay at 2e-3): rise {r['rise']:+.3f}, worst {r['worst']:+.3f}, {NAME} "
                      f"{r['de']:.3f}: {'meets' if r['ok'] else 'breaks'} the budget.")
     lines += ["", "## Other fits of the same pilots (errors of the central prediction: predicted - measured mean)", "",
               table(["replay / max LR"] + [f"{name}: {d}" for name, _, _ in VARIANTS[1:] for d in ("en rise", "de")],
                     alt), "",
-              "## Commands", "", "```", "python scripts/plan_experiment.py",
+              "## Commands", "", "```", "python scripts/plan_experiment.py" + ("" if NEW == "de" else f" --new {NEW}"),
               *[p["command"] for p in rep["pilots"]], "```", ""]
     return "\n".join(lines)
 
@@ -207,9 +210,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--report-only", action="store_true", help="no training: report the finished runs only")
+    ap.add_argument("--new", choices=("de", "code"), default="de", help="the new domain (default de: German)")
     args = ap.parse_args()
-    runner = Runner(OUT)
-    pretrained = runner("pretrain-en", "recipes/paper/pretrain-en.yaml", ["train.tokens=1M"])
+    global OUT, NEW, NAME
+    pretrained = Runner(OUT)("pretrain-en", "recipes/paper/pretrain-en.yaml", ["train.tokens=1M"])  # one for both
+    NEW, NAME = args.new, {"de": "German", "code": "code"}[args.new]
+    suffix = "" if NEW == "de" else f"-{NEW}"
+    OUT = OUT.with_name("plan" + suffix)
     base = base_recipe(pretrained)
     plan_dir = OUT / "plan"
     rep = plan(base, plan_dir)
@@ -230,11 +237,11 @@ def main() -> None:
                 walls[d.name] = elapsed(d)
     preds = predictions(base, plan_dir, list(jobs))
     text = report(rep, measured, preds, walls, pilot_wall)
-    (ROOT / "docs" / "planning-results.md").write_text(text)
-    (ROOT / "docs" / "plan").mkdir(exist_ok=True)
-    (ROOT / "docs" / "plan" / "frontier.png").write_bytes((plan_dir / "frontier.png").read_bytes())
+    (ROOT / "docs" / f"planning-results{suffix}.md").write_text(text)
+    (ROOT / "docs" / f"plan{suffix}").mkdir(exist_ok=True)
+    (ROOT / "docs" / f"plan{suffix}" / "frontier.png").write_bytes((plan_dir / "frontier.png").read_bytes())
     raw = {f"{k[0]:g}/{k[1]:g}": ms for k, ms in measured.items()}
-    (ROOT / "docs" / "plan" / "measured.json").write_text(json.dumps({"measured": raw, "walls": walls}, indent=1))
+    (ROOT / "docs" / f"plan{suffix}" / "measured.json").write_text(json.dumps({"measured": raw, "walls": walls}, indent=1))
     print(text)
 
 

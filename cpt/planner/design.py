@@ -112,7 +112,7 @@ def held_out(old_pilots: Sequence[Pilot], new_pilots: Sequence[Pilot], L0: tuple
         errs = {}
         for key, rest, me, l0 in (("old", rest_o, p, L0[0]), ("new", rest_n, new_pilots[i], L0[1])):
             try:
-                f = fit_domain(key, rest, L0=l0, bootstrap=0, ref_lr=ref_lr, anneal=anneal)
+                f = fit_domain(key, rest, old=key == "old", L0=l0, bootstrap=0, ref_lr=ref_lr, anneal=anneal)
             except CptError:
                 break
             mid, _ = f.curves(me.lrs, me.replay)

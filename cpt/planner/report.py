@@ -61,8 +61,9 @@ def render_plan(rep: dict[str, Any], brief: bool = False) -> str:
     term = ("c sum_k (eta_(k-1) - eta_k) (1 - 1/(1 + C S_k(n))), the multi-power law's loss drop (bounded by the "
             "LR's fall)" if rep["anneal"] == "drop" else "c S2(n), the annealing area of `cpt predict`'s anneal law")
     parts += ["", "## The law", "", "Per domain, after n updates of a stage replaying a share r: "
-              "L(n) = L0 + (a + b r) (1 - (1 + S1(n)/s)^-beta) - annealing; S1 the stage's LR area (Wang et al. "
-              f"2025's distribution-shift term), annealing = {term}; LRs divided by "
+              "L(n) = L0 + (a + b r) eta_max^kappa (1 - (1 + S1(n)/s)^-beta) - w annealing; S1 the stage's LR area (Wang "
+              "et al. 2025's distribution-shift term), eta_max the stage's peak LR, w the domain's own share of the "
+              f"batch (r for the old domain, 1 - r for the new), annealing = {term}; LRs divided by "
               f"{rep['fits']['old']['ref_lr']:g}.", ""]
     for key in ("old", "new"):
         f = rep["fits"][key]

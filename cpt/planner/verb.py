@@ -189,8 +189,8 @@ def run_plan(ns: argparse.Namespace) -> int:
     run_pilots(s, pilots, out)
     pairs = [read_pilot(s, p, out, ns.unit) for p in pilots]
     olds, news = [a for a, _ in pairs], [b for _, b in pairs]
-    fo = fit_domain(s.old_probe, olds, bootstrap=ns.bootstrap, anneal=ns.anneal)
-    fn = fit_domain(s.new_probe, news, bootstrap=ns.bootstrap, ref_lr=fo.ref_lr, anneal=ns.anneal)
+    fo = fit_domain(s.old_probe, olds, old=True, bootstrap=ns.bootstrap, anneal=ns.anneal)
+    fn = fit_domain(s.new_probe, news, old=False, bootstrap=ns.bootstrap, ref_lr=fo.ref_lr, anneal=ns.anneal)
     cache = {(r, lr): s.lrs(r, lr) for r in s.replays for lr in s.max_lrs}
     preds = design.predict_all(fo, fn, s.replays, s.max_lrs, lambda r, lr: cache[(r, lr)])
     chosen = design.pick(preds, ns.max_forgetting, ns.max_rise)
