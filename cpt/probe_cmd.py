@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ def _held_out(model, accelerator, loss, name: str, src, max_sequences: int, micr
              "bpb": out.get(f"probe/{name}/bpb"), "sequences": probe.counts[name]}
     if by_position is not None:
         entry["by_position"] = {f"{lo}-{hi}": out[f"probe/{name}/loss@{lo}-{hi}"]
-                                for lo, hi in zip(by_position, by_position[1:])}
+                                for lo, hi in pairwise(by_position)}
     return entry
 
 

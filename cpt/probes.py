@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Mapping
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -137,7 +138,7 @@ class HeldOutLoss:
                 out[f"probe/{name}/bpb"] = (total[2] / (math.log(2) * total[3])).item() if total[3] > 0 else math.nan
             if buckets is not None:
                 buckets = accelerator.reduce(buckets, reduction="sum")
-                for k, (lo, hi) in enumerate(zip(self.edges, self.edges[1:])):
+                for k, (lo, hi) in enumerate(pairwise(self.edges)):
                     count = buckets[1, k].item()
                     out[f"probe/{name}/loss@{lo}-{hi}"] = buckets[0, k].item() / count if count else math.nan
         if was_training:

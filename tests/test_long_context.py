@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY, logits, metric
+
 from cpt.errors import CptError
 
 SEQ = 64  # rows of the prepare tests
@@ -80,7 +81,7 @@ def varied(corpora, tokenizer_dir, tmp_path_factory):
 
     texts = [json.loads(line)["text"] for line in corpora["en"]["train"].read_text().splitlines()[:80]]
     rng = np.random.default_rng(0)
-    texts = [t[:int(c)] for t, c in zip(texts, rng.integers(10, 500, len(texts))) if t[:int(c)].strip()]
+    texts = [t[:int(c)] for t, c in zip(texts, rng.integers(10, 500, len(texts)), strict=True) if t[:int(c)].strip()]
     path = tmp_path_factory.mktemp("varied") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     tok = load_tokenizer(tokenizer_dir)
@@ -195,7 +196,7 @@ def test_loss_by_position_is_the_mean_of_the_token_losses_in_each_bucket(masking
     pos = inputs["position_ids"][:, 1:] if masking else torch.arange(1, ids.size(1)).expand_as(nll)
     if masking:
         assert (pos[:, 1:] < torch.arange(2, ids.size(1))).any()  # documents restart inside rows here
-    for lo, hi in zip(edges, edges[1:]):
+    for lo, hi in pairwise(edges):
         sel = (pos >= lo) & (pos < hi)
         assert out[f"probe/en/loss@{lo}-{hi}"] == pytest.approx(nll[sel].mean().item(), rel=1e-5)
     assert "probe/en/loss@100-128" not in out and math.isfinite(out["probe/en/loss"])

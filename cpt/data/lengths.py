@@ -26,6 +26,7 @@ documents that fit in a row but were cut across two.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +178,7 @@ class DocumentPacker:
             copies = np.memmap(self.spill_path, dtype=self.writer.carry.dtype, mode="r")
             offsets = np.concatenate([[0], np.cumsum(self.spilled)])
             for _ in range(self.options.upsample[1] - 1):
-                for a, b in zip(offsets[:-1], offsets[1:]):
+                for a, b in pairwise(offsets):
                     self._place(np.array(copies[a:b]))
             del copies
             self.spill_path.unlink()

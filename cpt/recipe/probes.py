@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from pydantic import ConfigDict, Field, field_validator
 
 from cpt.units import StrictModel, TokenCount
@@ -68,7 +70,7 @@ def check_edges(edges: list[int]) -> list[int]:
     """Bucket edges of the loss by position (``probes.by_position``, ``cpt probe --by-position``): at least
     two, strictly increasing, from 0 or more."""
     edges = [int(e) for e in edges]
-    if len(edges) < 2 or edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+    if len(edges) < 2 or edges[0] < 0 or any(b <= a for a, b in pairwise(edges)):
         raise ValueError(f"by_position {edges}: expected at least two increasing positions from 0 or more, "
                          f"e.g. [0, 128, 256, 512]")
     return edges
