@@ -41,6 +41,9 @@ BUDGET = 0.15  # nats on the English probe at the stage's end minus its start (s
 RULE = (0.25, 2.0e-3)
 GRID = [(0.1, 2.0e-3), (0.5, 2.0e-3), (0.1, 5.0e-4), (0.5, 5.0e-4), (0.3, 1.0e-3), RULE]
 SPARE = [(0.3, 2.5e-4), (0.6, 1.0e-3)]  # replace a grid point the pick coincides with
+# the replay controller (data.mixture: {controller: ...}) with the plan's budget, from 25% within [0, 0.6] (the
+# plan's candidate shares), at the rule's LR and at the pick's (or 5e-4 without a pick)
+CONTROLLER = {"budget": BUDGET, "min": 0.0, "max": 0.6, "start": 0.25}
 
 
 def base_recipe(pretrained: Path) -> Path:
@@ -96,6 +99,17 @@ def grid_jobs(base: Path, pick: tuple[float, float] | None) -> dict[tuple[float,
     return jobs
 
 
+def controller_jobs(base: Path, pick: tuple[float, float] | None) -> dict[tuple[str, float], list[Job]]:
+    jobs = {}
+    for lr in dict.fromkeys([RULE[1], pick[1] if pick else 5.0e-4]):
+        mix = json.dumps({"controller": {"old": "en", "new": NEW, **CONTROLLER}})
+        over = [f"data.mixture={mix}", f"schedule.max_lr={lr:g}", f"schedule.min_lr={lr / 10:g}"]
+        jobs[("controller", lr)] = [Job(str(base), (*over, f"run.seed={s}", f"run.name=ctl-lr{lr:g}-s{s}",
+                                                    f"run.output_dir={OUT / 'grid' / f'ctl-lr{lr:g}-s{s}'}"))
+                                    for s in SEEDS]
+    return jobs
+
+
 def elapsed(run_dir: Path) -> float:
     """A run's training loop wall time, as it logged it (the last time/elapsed_s)."""
     from _runs import metrics
@@ -106,7 +120,13 @@ def elapsed(run_dir: Path) -> float:
 def measure(run_dir: Path) -> dict[str, float]:
     recs = probes(run_dir)
     en = [r["probe/en/loss"] for r in recs]
-    return {"en_start": en[0], "en_rise": en[-1] - en[0], "en_worst": max(en) - en[0], "de": recs[-1][f"probe/{NEW}/loss"]}
+    from _runs import metrics
+
+    steps = [r for r in metrics(run_dir) if "train/loss" in r]
+    probe_s = sum(r.get("probe/seconds", 0.0) for r in recs)
+    return {"en_start": en[0], "en_rise": en[-1] - en[0], "en_worst": max(en) - en[0], "de": recs[-1][f"probe/{NEW}/loss"],
+            "en_share": statistics.mean(r.get("data/en/share", 0.0) for r in steps),
+            "probe_share": probe_s / (probe_s + steps[-1]["time/elapsed_s"]), "probes": len(recs)}
 
 
 VARIANTS = [("plan", "drop", "soft_l1"),  # what cpt plan fits (the first must be it)
@@ -145,7 +165,7 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     pick = (rep["pick"]["replay"], rep["pick"]["max_lr"]) if rep["pick"] else None
     rows, stats = [], {}
     for k, ms in measured.items():
-        if len(ms) < 2:
+        if len(ms) < 2 or k[0] == "controller":
             continue
         rise, rs = mean_sd([m["en_rise"] for m in ms])
         worst, ws = mean_sd([m["en_worst"] for m in ms])
@@ -198,12 +218,41 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     if r:
         lines.append(f"- The rule (25% replay at 2e-3): rise {r['rise']:+.3f}, worst {r['worst']:+.3f}, {NAME} "
                      f"{r['de']:.3f}: {'meets' if r['ok'] else 'breaks'} the budget.")
+    lines += controller_section(measured, stats, pick)
     lines += ["", "## Other fits of the same pilots (errors of the central prediction: predicted - measured mean)", "",
               table(["replay / max LR"] + [f"{name}: {d}" for name, _, _ in VARIANTS[1:] for d in ("en rise", "de")],
                     alt), "",
               "## Commands", "", "```", "python scripts/plan_experiment.py" + ("" if NEW == "de" else f" --new {NEW}"),
               *[p["command"] for p in rep["pilots"]], "```", ""]
     return "\n".join(lines)
+
+
+def controller_section(measured: dict, stats: dict, pick: tuple[float, float] | None) -> list[str]:
+    """The replay controller's runs beside the plan's pick and the fixed recipes at the same LR."""
+    ctl = {k: v for k, v in measured.items() if k[0] == "controller"}
+    if not ctl:
+        return []
+    rows = []
+    for (_, lr), ms in sorted(ctl.items(), key=lambda kv: -kv[0][1]):
+        rows.append([f"controller (budget {BUDGET}, 25% start, [0, 0.6]) / {lr:.3g}", len(ms)] + _cells(ms))
+        for k, v in measured.items():
+            if k[0] != "controller" and k[1] == lr and len(v) > 1:
+                tag = " (pick)" if k == pick else " (rule)" if k == RULE else ""
+                rows.append([f"fixed {k[0]:g} / {k[1]:.3g}{tag}", len(v)] + _cells(v))
+    head = ["replay / max LR", "seeds", "en rise", "worst", "met (final)", f"{NAME} loss", "en share", "probe time share"]
+    return ["", "## The replay controller beside the plan (same runs, same probes)", "",
+            f"`data.mixture: {{controller: {json.dumps({'old': 'en', 'new': NEW, **CONTROLLER})}}}` (gains kp 0.05, ki 1, "
+            f"target 0.8 x budget), acting at the recipe's probes ({next(iter(ctl.values()))[0]['probes']} per stage, the start's included). 'met': seeds whose final "
+            "English rise stayed at or under the budget; 'en share': the English share of the stage's sequences; "
+            "'probe time share': probe seconds / (probe + training seconds).", "", table(head, rows)]
+
+
+def _cells(ms: list[dict]) -> list[str]:
+    def ms_(key, fmt="{:+.3f}"):
+        m, sd = mean_sd([x[key] for x in ms])
+        return fmt.format(m) + f" ± {sd:.3f}"
+    return [ms_("en_rise"), ms_("en_worst"), f"{sum(x['en_rise'] <= BUDGET for x in ms)} of {len(ms)}",
+            ms_("de", "{:.3f}"), ms_("en_share", "{:.3f}"), ms_("probe_share", "{:.3f}")]
 
 
 def main() -> None:
@@ -222,7 +271,7 @@ def main() -> None:
     rep = plan(base, plan_dir)
     pilot_wall = sum(elapsed(plan_dir / "pilots" / p["name"]) for p in rep["pilots"])
     pick = (rep["pick"]["replay"], rep["pick"]["max_lr"]) if rep["pick"] else None
-    jobs = grid_jobs(base, pick)
+    jobs = {**grid_jobs(base, pick), **controller_jobs(base, pick)}
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     flat = [js[i] for i in range(len(SEEDS)) for js in jobs.values()]  # seed-major: a cut-short run loses seeds
     if not args.report_only:
@@ -235,12 +284,12 @@ def main() -> None:
             if finished(d, tokens, per_step):
                 measured.setdefault(k, []).append(measure(d))
                 walls[d.name] = elapsed(d)
-    preds = predictions(base, plan_dir, list(jobs))
+    preds = predictions(base, plan_dir, [k for k in jobs if k[0] != "controller"])
     text = report(rep, measured, preds, walls, pilot_wall)
     (ROOT / "docs" / f"planning-results{suffix}.md").write_text(text)
     (ROOT / "docs" / f"plan{suffix}").mkdir(exist_ok=True)
     (ROOT / "docs" / f"plan{suffix}" / "frontier.png").write_bytes((plan_dir / "frontier.png").read_bytes())
-    raw = {f"{k[0]:g}/{k[1]:g}": ms for k, ms in measured.items()}
+    raw = {f"{k[0]}/{k[1]:g}": ms for k, ms in measured.items()}
     (ROOT / "docs" / f"plan{suffix}" / "measured.json").write_text(json.dumps({"measured": raw, "walls": walls}, indent=1))
     print(text)
 
