@@ -76,7 +76,8 @@ class Budget:
 
 
 FULL = Budget(512, 1 * K, 24, 2, 8 * K, 16,
-              ("r0", "r25", "lr1e-3", "l2", "ema", "freeze", "lrmult", "merge", "r5", "r50"),  # the order they run
+              ("r0", "r25", "lr1e-3", "l2", "ema", "freeze", "lrmult", "merge", "r5", "r50",  # the order they run
+               "r25-1e-3", "l2-1e-3", "ema-1e-3", "lrmult-1e-3"),
               ("r0", "lr1e-3", "r25"), (0.25, 0.5, 0.75))
 QUICK = Budget(256, 512, 8, 2, 2 * K, 8, ("r0", "r25", "l2"), ("r0",), (0.5,))
 
@@ -121,6 +122,14 @@ def points(b: Budget) -> dict[str, Point]:
     }
     for stem, (label, over, kw) in mit.items():
         out[stem] = Point(stem, label + ", 0% replay", [*mix(0), *over], group="mitigation", **kw)
+    # at max LR 1e-3, where this model forgets (at 3e-4 it does not): replay and the cheap mitigations there
+    hi = ["schedule.max_lr=1e-3", "schedule.min_lr=1e-4"]
+    out["r25-1e-3"] = Point("r25-1e-3", "replay 25%, max LR 1e-3", [*mix(0.25), *hi], group="hi")
+    for stem in ("l2", "ema", "lrmult"):
+        m = out[stem]
+        label = m.label.replace(", 0% replay", ", 0% replay, max LR 1e-3").replace("lr·c = 0.1", "lr·c = 0.33")
+        out[f"{stem}-1e-3"] = Point(f"{stem}-1e-3", label,
+                                    [*m.overrides, *hi], m.prefix, m.weights, "hi")
     return out
 
 
@@ -371,7 +380,7 @@ def plot(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]], 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
-    colors = {"replay": "tab:blue", "lr": "tab:red", "mitigation": "tab:green"}
+    colors = {"replay": "tab:blue", "lr": "tab:red", "mitigation": "tab:green", "hi": "tab:orange"}
     for ax, (ykey, ylabel) in zip(axes, [("en", "English forgetting (final − start loss, nats)"),
                                          ("chat", "chat loss change (assistant turns, nats/token)")], strict=True):
         for stem, vals in res.items():
@@ -399,7 +408,7 @@ def plot(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]], 
         ax.set_xlabel("German adaptation (final − start loss, nats; left is better)")
         ax.set_ylabel(ylabel)
     axes[0].set_title("SmolLM2-135M-Instruct → German: the frontier\n(blue: replay 0/5/25/50%, red: max LR 1e-3, "
-                      "green: mitigations;\ngray x: merged back toward the start model, WiSE-FT)", fontsize=9)
+                      "green: mitigations, orange: replay or a mitigation at 1e-3;\ngray x: merged back toward the start model, WiSE-FT)", fontsize=9)
     axes[1].set_title("chat behaviour: loss of the assistant turns", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -434,6 +443,13 @@ def reading(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]
                    f"{ad['lr1e-3']:+.3f} vs {ad['r0']:+.3f}: the higher LR {'forgets more' if more_f else 'does not forget more'} "
                    f"and {'adapts more' if more_a else 'does not adapt more'} (the tiny models, experiment 1: both, "
                    f"{'as here' if more_f and more_a else 'not both here'}).")
+    hi = [s for s, p in pts.items() if p.group == "hi" and s in res]
+    if hi and "lr1e-3" in res:
+        w1 = mean([v["en_worst"] for v in res["lr1e-3"]])
+        for s in hi:
+            out.append(f"- At max LR 1e-3, {pts[s].label}: English forgetting {fo[s] - fo['lr1e-3']:+.3f} and worst "
+                       f"{mean([v['en_worst'] for v in res[s]]) - w1:+.3f} vs the 1e-3 run without replay, German "
+                       f"{ad[s] - ad['lr1e-3']:+.3f}, chat {ch[s] - ch['lr1e-3']:+.3f}.")
     mits = [s for s, p in pts.items() if p.group == "mitigation" and s in res]
     if mits and "r0" in res:
         w0 = mean([v["en_worst"] for v in res["r0"]])
@@ -444,6 +460,14 @@ def reading(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]
                        f"chat {ch[s] - ch['r0']:+.3f}.")
         out.append(f"- **Mitigations** that reduce both final and worst English forgetting vs none by more than 0.01: "
                    f"{len(both)} of {len(mits)} ({', '.join(pts[s].label for s in both) or 'none'}; the tiny models: 9 of 9).")
+        if fo["r0"] <= 0 and w0 <= 0.01:
+            cost = sorted(mits, key=lambda s: ad[s] - ad["r0"])
+            out.append(f"  At the recipe's max LR the model does not forget English at all without replay (final "
+                       f"{fo['r0']:+.3f}, worst {w0:+.3f}): the mitigations have nothing to take back here, and what "
+                       f"they show is their price in adaptation, from {pts[cost[0]].label} ({ad[cost[0]] - ad['r0']:+.3f} "
+                       f"German) to {pts[cost[-1]].label} ({ad[cost[-1]] - ad['r0']:+.3f}). The tiny models' mitigation "
+                       "results need forgetting to act on: the 1e-3 run is where this model forgets (the 'At max LR "
+                       "1e-3' lines).")
     gaps = [(s, v) for s, vals in res.items() for v in vals if v["probes"] > 1]
     # a gap: the loss rose above its start within the stage and ended lower than that peak
     n_gap = sum(v["en_worst"] > max(v["en"] - v["start_en"], 0.0) + 0.01 for _, v in gaps)
