@@ -447,9 +447,15 @@ def reading(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]
     if hi and "lr1e-3" in res:
         w1 = mean([v["en_worst"] for v in res["lr1e-3"]])
         for s in hi:
-            out.append(f"- At max LR 1e-3, {pts[s].label}: English forgetting {fo[s] - fo['lr1e-3']:+.3f} and worst "
-                       f"{mean([v['en_worst'] for v in res[s]]) - w1:+.3f} vs the 1e-3 run without replay, German "
-                       f"{ad[s] - ad['lr1e-3']:+.3f}, chat {ch[s] - ch['lr1e-3']:+.3f}.")
+            out.append(f"- At max LR 1e-3, {pts[s].label.replace(', max LR 1e-3', '')}: English forgetting "
+                       f"{fo[s] - fo['lr1e-3']:+.3f} and worst {mean([v['en_worst'] for v in res[s]]) - w1:+.3f} vs the "
+                       f"1e-3 run without replay, German {ad[s] - ad['lr1e-3']:+.3f}, chat {ch[s] - ch['lr1e-3']:+.3f}.")
+        both = [s for s in hi if fo[s] < fo["lr1e-3"] - 0.01 and mean([v["en_worst"] for v in res[s]]) < w1 - 0.01]
+        best = min(res, key=lambda s: ad[s] if fo[s] <= 0 else float("inf"))
+        out.append(f"- **At 1e-3, where this model forgets**: {len(both)} of {len(hi)} (replay and mitigations) reduce "
+                   f"both final and worst English forgetting by more than 0.01 (the tiny models: 9 of 9 mitigations). "
+                   f"Of all trained points that end without English forgetting, the best German is "
+                   f"{pts[best].label} ({ad[best]:+.3f}, English {fo[best]:+.3f}, chat {ch[best]:+.3f}).")
     mits = [s for s, p in pts.items() if p.group == "mitigation" and s in res]
     if mits and "r0" in res:
         w0 = mean([v["en_worst"] for v in res["r0"]])
