@@ -101,10 +101,13 @@ def test_real_model_points_are_recipes_cpt_train_loads(tmp_path):
             assert r.run.seed == 7 and r.data.seq_len == b.seq and r.train.precision == "bf16"
             mix = r.stage_list()[0].mixture
             en = dict(mix)["en"] if isinstance(mix, dict) else None
-            if stem.startswith("r") and en is not None:
-                assert en == pytest.approx(int(stem[1:]) / 100)
-            if stem == "l2":
-                assert r.mitigate.l2_init * r.schedule.max_lr == pytest.approx(0.1)
+            base, hi = stem.removesuffix("-1e-3"), stem.endswith("-1e-3")  # the points at max LR 1e-3
+            if hi:
+                assert r.schedule.max_lr == 1e-3 and r.schedule.min_lr == 1e-4
+            if base.startswith("r") and en is not None:
+                assert en == pytest.approx(int(base[1:]) / 100)
+            if base == "l2":  # the same coefficient at both LRs: lr * c = 0.1 at 3e-4, 0.33 at 1e-3
+                assert r.mitigate.l2_init * r.schedule.max_lr == pytest.approx(0.1 * (1e-3 / 3e-4 if hi else 1))
             if stem == "ema":
                 assert r.mitigate.ema.decay ** b.steps == pytest.approx(0.05, abs=0.005)
             if stem == "merge":
