@@ -422,6 +422,16 @@ def delta(vals: list[dict], key: str) -> float:
     return mean([v[key] - v[ref] for v in vals])
 
 
+def versus(stems: list[str], ref: str, against: str, res, fo, ad, ch, name) -> tuple[list[str], list[str], float]:
+    """Each point's forgetting (final, worst), German and chat against the run ``ref``; the points that cut both
+    final and worst forgetting by more than 0.01; ``ref``'s worst."""
+    worst = {s: mean([v["en_worst"] for v in res[s]]) for s in [*stems, ref]}
+    lines = [f"- {name(s)}: English forgetting {fo[s] - fo[ref]:+.3f} and worst {worst[s] - worst[ref]:+.3f} vs "
+             f"{against}, German {ad[s] - ad[ref]:+.3f}, chat {ch[s] - ch[ref]:+.3f}." for s in stems]
+    both = [s for s in stems if fo[s] < fo[ref] - 0.01 and worst[s] < worst[ref] - 0.01]
+    return lines, both, worst[ref]
+
+
 def reading(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]], pts: dict[str, Point]) -> list[str]:
     """Plain-words findings, each computed from the tables, beside what the tiny models showed."""
     out = []
@@ -445,12 +455,9 @@ def reading(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]
                    f"{'as here' if more_f and more_a else 'not both here'}).")
     hi = [s for s, p in pts.items() if p.group == "hi" and s in res]
     if hi and "lr1e-3" in res:
-        w1 = mean([v["en_worst"] for v in res["lr1e-3"]])
-        for s in hi:
-            out.append(f"- At max LR 1e-3, {pts[s].label.replace(', max LR 1e-3', '')}: English forgetting "
-                       f"{fo[s] - fo['lr1e-3']:+.3f} and worst {mean([v['en_worst'] for v in res[s]]) - w1:+.3f} vs the "
-                       f"1e-3 run without replay, German {ad[s] - ad['lr1e-3']:+.3f}, chat {ch[s] - ch['lr1e-3']:+.3f}.")
-        both = [s for s in hi if fo[s] < fo["lr1e-3"] - 0.01 and mean([v["en_worst"] for v in res[s]]) < w1 - 0.01]
+        lines, both, _ = versus(hi, "lr1e-3", "the 1e-3 run without replay", res, fo, ad, ch,
+                                lambda s: f"At max LR 1e-3, {pts[s].label.replace(', max LR 1e-3', '')}")
+        out += lines
         best = min(res, key=lambda s: ad[s] if fo[s] <= 0 else float("inf"))
         out.append(f"- **At 1e-3, where this model forgets**: {len(both)} of {len(hi)} (replay and mitigations) reduce "
                    f"both final and worst English forgetting by more than 0.01 (the tiny models: 9 of 9 mitigations). "
@@ -458,12 +465,8 @@ def reading(res: dict[str, list[dict]], wres: dict[tuple[str, float], list[dict]
                    f"{pts[best].label} ({ad[best]:+.3f}, English {fo[best]:+.3f}, chat {ch[best]:+.3f}).")
     mits = [s for s, p in pts.items() if p.group == "mitigation" and s in res]
     if mits and "r0" in res:
-        w0 = mean([v["en_worst"] for v in res["r0"]])
-        both = [s for s in mits if fo[s] < fo["r0"] - 0.01 and mean([v["en_worst"] for v in res[s]]) < w0 - 0.01]
-        for s in mits:
-            out.append(f"- {pts[s].label}: English forgetting {fo[s] - fo['r0']:+.3f} and worst "
-                       f"{mean([v['en_worst'] for v in res[s]]) - w0:+.3f} vs none, German {ad[s] - ad['r0']:+.3f}, "
-                       f"chat {ch[s] - ch['r0']:+.3f}.")
+        lines, both, w0 = versus(mits, "r0", "none", res, fo, ad, ch, lambda s: pts[s].label)
+        out += lines
         out.append(f"- **Mitigations** that reduce both final and worst English forgetting vs none by more than 0.01: "
                    f"{len(both)} of {len(mits)} ({', '.join(pts[s].label for s in both) or 'none'}; the tiny models: 9 of 9).")
         if fo["r0"] <= 0 and w0 <= 0.01:
