@@ -8,6 +8,7 @@ for ``--rounds`` rounds. Prints measured numbers and ratios from this one run.
 
     python scripts/bench_loss.py                     # vocab 128K, hidden 256, seq 2048, batch 1
     python scripts/bench_loss.py --vocab 32768 --batch 4
+    python scripts/bench_loss.py --vocab 49152 --hidden 576 --seq 512 --precision bf16 --steps 5 --rounds 3   # SmolLM2's head
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import subprocess
 import sys
 
 
-def one(mode: str, vocab: int, hidden: int, layers: int, seq: int, batch: int, steps: int) -> dict:
+def one(mode: str, vocab: int, hidden: int, layers: int, seq: int, batch: int, steps: int, precision: str) -> dict:
     import resource
     import time
 
@@ -33,7 +34,11 @@ def one(mode: str, vocab: int, hidden: int, layers: int, seq: int, batch: int, s
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
                                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
                                          attn_implementation="sdpa"))
-    loss_fn = PlainLoss() if mode == "model" else choose_loss("chunked", model, False, vocab)[0]
+    bf16 = precision == "bf16"  # fp32 weights, the forward under bf16 autocast (as accelerate wraps it)
+    if bf16:
+        model.forward = torch.autocast("cpu", dtype=torch.bfloat16)(model.forward)
+    dt = torch.bfloat16 if bf16 else None
+    loss_fn = PlainLoss(dt) if mode == "model" else choose_loss("chunked", model, False, vocab, dt)[0]
     ids = torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux: the model built, no pass yet
     loss_fn(model, {"input_ids": ids, "labels": ids}).backward()  # warm-up pass (allocates .grad), untimed
@@ -72,16 +77,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    shape = (args.vocab, args.hidden, args.layers, args.seq, args.batch, args.steps)
+    shape = (args.vocab, args.hidden, args.layers, args.seq, args.batch, args.steps, args.precision)
     if args.one:
         print(json.dumps(one(args.one, *shape)))
         return
     results = interleaved(__file__, ["model", "chunked"], args.rounds)
     first = results["model"][0]
     print(f"Llama {first['params_m']:.1f}M params (vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers), "
-          f"batch {args.batch} x seq {args.seq}, fp32, {args.steps} passes x {args.rounds} rounds, "
+          f"batch {args.batch} x seq {args.seq}, {args.precision}, {args.steps} passes x {args.rounds} rounds, "
           f"logits {args.batch * args.seq * args.vocab * 4 / 2**20:.0f} MiB in fp32")
     print(f"{'loss':<10} {'peak above the model, MiB':>28} {'peak RSS, MiB':>14} {'s / pass':>9} {'loss':>9}")
     summary = {}

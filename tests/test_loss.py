@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     CohereConfig,
     CohereForCausalLM,
@@ -21,7 +22,7 @@ from transformers import (
 
 from cpt.errors import CptError
 from cpt.tracking import read_metrics
-from cpt.train.loss import ChunkedLoss, PlainLoss, choose_loss
+from cpt.train.loss import ChunkedLoss, LinearCrossEntropy, PlainLoss, choose_loss
 from cpt.train.optim import make_optimizer
 
 SMALL = {"vocab_size": 500, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -75,6 +76,36 @@ def test_chunked_loss_equals_the_models_loss_and_gradients(name):
     nll, ref = loss.token_nll(model, inputs), PlainLoss().token_nll(model, inputs)
     assert nll.shape == (3, 20) and (nll - ref).abs().max().item() < 1e-5
     assert nll[0, 4].item() == 0.0 and nll[:, -1].abs().sum().item() == 0.0 and nll[0, 3].item() > 1.0
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_linear_cross_entropy_with_a_bias_in_any_chunking_is_the_plain_loss(compute_dtype):
+    """The function itself: a head with a bias (Phi's), chunk sizes that divide the rows, do not, or take
+    them whole, fp32 and a bf16 compute dtype over fp32 weights, a scaled backward (accumulation's 1/k).
+    Its gradients are made for one backward: a second one over the same graph is refused, not doubled."""
+    torch.manual_seed(0)
+    hidden = torch.randn(30, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 300)
+    targets = torch.randint(300, (30,))
+    targets[[3, 17]] = -100
+    dt = compute_dtype or torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype is not None):
+        logits = head(hidden)
+    want = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    (want * 0.25).backward()
+    ref = [t.grad.clone() for t in (hidden, head.weight, head.bias)]
+    tol = 1e-6 if compute_dtype is None else 2e-2
+    for rows in (30, 10, 7, 1000):
+        for t in (hidden, head.weight, head.bias):
+            t.grad = None
+        loss = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, None, rows, compute_dtype)
+        assert abs(loss.item() - want.item()) < tol * 10, rows
+        (loss * 0.25).backward(retain_graph=True)
+        for t, r in zip((hidden, head.weight, head.bias), ref, strict=True):
+            assert t.grad.dtype == torch.float32
+            assert (t.grad - r).abs().max().item() <= tol * max(1.0, r.abs().max().item()), (rows, dt)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
 
 
 def test_chunked_loss_in_bf16_stays_within_bf16_rounding():

@@ -56,7 +56,11 @@ def chunk_logits(h, weight, bias, softcap):
 
 class LinearCrossEntropy(torch.autograd.Function):
     """mean over non-ignored targets of cross_entropy(softcap(hidden @ weight.T + bias), targets), computed
-    a chunk of rows at a time; the gradients are formed in the forward, chunk by chunk."""
+    a chunk of rows at a time; the gradients are formed in the forward, chunk by chunk. Per chunk the
+    logits are passed over as few times as the math allows (issue 28: on a CPU this loss is bandwidth-bound):
+    one log-softmax that upcasts as it reads, its exp in place as the softmax, the scale in place, one cast
+    to the compute dtype; the head's fp32 gradient starts as the first chunk's product, and the chunks are
+    of equal size (no short last chunk paying a whole head-sized sum for a few rows)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows, compute_dtype=None):
@@ -69,33 +73,33 @@ class LinearCrossEntropy(torch.autograd.Function):
         safe = targets.clamp(min=0)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        for s in range(0, hidden.size(0), chunk_rows):
+        grad_w = grad_b = None  # fp32 sums over chunks, from the first chunk's
+        n = hidden.size(0)
+        chunk_rows = -(-n // -(-n // chunk_rows)) if n else chunk_rows  # ceil(n / chunks): equal chunks
+        for s in range(0, n, chunk_rows):
             h, t, v = hidden[s:s + chunk_rows].to(dt), safe[s:s + chunk_rows], valid[s:s + chunk_rows]
-            logits, capped = chunk_logits(h, w, b, softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, t[:, None])[:, 0]) * v).sum()
+            logp, capped = _chunk_log_softmax(h, w, b, softcap)
+            total -= (logp.gather(1, t[:, None])[:, 0] * v).sum()
             if not (need_h or need_w or need_b):
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            g = logp.exp_()  # softmax, in the log-probabilities' memory
             g[torch.arange(g.size(0), device=g.device), t] -= 1.0
-            g.mul_((v / count)[:, None])
+            scale = (v / count)[:, None]
             if capped is not None:  # d(c * tanh(x / c)) / dx = 1 - tanh^2
-                g.mul_(1.0 - capped * capped)
-            g = g.to(dt)
+                scale = scale * (1.0 - capped * capped)
+            g = g.mul_(scale).to(dt)  # two passes, faster on a CPU than one multiply into a bf16 output
             if need_h:
                 if grad_h.dtype == dt:
                     torch.mm(g, w, out=grad_h[s:s + chunk_rows])
                 else:
                     grad_h[s:s + chunk_rows] = g @ w
-            if need_w:  # in place where the dtypes allow: no [vocab, hidden] temporary per chunk
-                if dt == torch.float32:
+            if need_w:  # the chunk's product in dt, summed over chunks in fp32; in place where dtypes allow
+                if grad_w is not None and dt == torch.float32:
                     grad_w.addmm_(g.t(), h)
                 else:
-                    grad_w += g.t() @ h  # the chunk's product in dt, summed over chunks in fp32
+                    grad_w = _fp32_sum(grad_w, g.t() @ h)
             if need_b:
-                grad_b += g.float().sum(0)
+                grad_b = _fp32_sum(grad_b, g.sum(0, dtype=torch.float32))
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return total / count
@@ -105,14 +109,30 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (*saved_grads(ctx, grad_out), None, None, None, None)
 
 
+def _chunk_log_softmax(h, w, b, softcap):
+    """fp32 log-softmax of a chunk's logits ``softcap(h @ w.T + b)`` (the matmul in ``w``'s dtype), and the
+    tanh of the cap (None without one) for the gradient."""
+    if softcap is None:
+        return torch.log_softmax(F.linear(h, w, b), dim=-1, dtype=torch.float32), None
+    logits, capped = chunk_logits(h, w, b, softcap)
+    return torch.log_softmax(logits, dim=-1), capped
+
+
+def _fp32_sum(acc, part):
+    """``acc + part`` in fp32, in ``acc``'s memory (``part`` upcast when ``acc`` is None)."""
+    return part.float() if acc is None else acc.add_(part)
+
+
 def saved_grads(ctx, grad_out) -> tuple:
     """Backward of a function that formed the gradients of (hidden, weight, bias) in its forward and saved
-    them (fp32 for the head's, cast back to the parameters' dtypes in ``ctx.dtypes``): scaled by grad_out."""
+    them (fp32 for the head's, cast back to the parameters' dtypes in ``ctx.dtypes``): scaled by grad_out
+    in their own memory (the forward made them for this one backward; a second backward over the same
+    graph is refused by autograd's saved-tensor version check)."""
     grad_h, grad_w, grad_b = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
-    return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-            (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
-            (grad_b * grad_out).to(b_dtype) if grad_b is not None else None)
+    return (grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None,
+            grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None,
+            grad_b.mul_(grad_out).to(b_dtype) if grad_b is not None else None)
 
 
 @dataclass(frozen=True)
