@@ -107,6 +107,12 @@ def controller_jobs(base: Path, pick: tuple[float, float] | None) -> dict[tuple[
         jobs[("controller", lr)] = [Job(str(base), (*over, f"run.seed={s}", f"run.name=ctl-lr{lr:g}-s{s}",
                                                     f"run.output_dir={OUT / 'grid' / f'ctl-lr{lr:g}-s{s}'}"))
                                     for s in SEEDS]
+    if pick:  # what cpt plan writes as controlled.yaml: the pick's LR, the controller starting at the pick's share
+        lr, mix = pick[1], json.dumps({"controller": {"old": "en", "new": NEW, **CONTROLLER, "start": pick[0]}})
+        over = [f"data.mixture={mix}", f"schedule.max_lr={lr:g}", f"schedule.min_lr={lr / 10:g}"]
+        jobs[("controller-pick", lr)] = [Job(str(base), (*over, f"run.seed={s}", f"run.name=ctlpick-lr{lr:g}-s{s}",
+                                                         f"run.output_dir={OUT / 'grid' / f'ctlpick-lr{lr:g}-s{s}'}"))
+                                         for s in SEEDS]
     return jobs
 
 
@@ -165,7 +171,7 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     pick = (rep["pick"]["replay"], rep["pick"]["max_lr"]) if rep["pick"] else None
     rows, stats = [], {}
     for k, ms in measured.items():
-        if len(ms) < 2 or k[0] == "controller":
+        if len(ms) < 2 or isinstance(k[0], str):
             continue
         rise, rs = mean_sd([m["en_rise"] for m in ms])
         worst, ws = mean_sd([m["en_worst"] for m in ms])
@@ -229,14 +235,18 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
 
 def controller_section(measured: dict, stats: dict, pick: tuple[float, float] | None) -> list[str]:
     """The replay controller's runs beside the plan's pick and the fixed recipes at the same LR."""
-    ctl = {k: v for k, v in measured.items() if k[0] == "controller"}
+    ctl = {k: v for k, v in measured.items() if isinstance(k[0], str)}
     if not ctl:
         return []
     rows = []
-    for (_, lr), ms in sorted(ctl.items(), key=lambda kv: -kv[0][1]):
-        rows.append([f"controller (budget {BUDGET}, 25% start, [0, 0.6]) / {lr:.3g}", len(ms)] + _cells(ms))
+    for lr in sorted({k[1] for k in ctl}, reverse=True):
+        for kind in ("controller", "controller-pick"):
+            if (kind, lr) in ctl:
+                start = f"{pick[0]:g} start (the pick's share: controlled.yaml)" if kind != "controller" else "25% start"
+                rows.append([f"controller (budget {BUDGET}, {start}, [0, 0.6]) / {lr:.3g}", len(ctl[(kind, lr)])]
+                            + _cells(ctl[(kind, lr)]))
         for k, v in measured.items():
-            if k[0] != "controller" and k[1] == lr and len(v) > 1:
+            if not isinstance(k[0], str) and k[1] == lr and len(v) > 1:
                 tag = " (pick)" if k == pick else " (rule)" if k == RULE else ""
                 rows.append([f"fixed {k[0]:g} / {k[1]:.3g}{tag}", len(v)] + _cells(v))
     head = ["replay / max LR", "seeds", "en rise", "worst", "met (final)", f"{NAME} loss", "en share", "probe time share"]
@@ -284,7 +294,7 @@ def main() -> None:
             if finished(d, tokens, per_step):
                 measured.setdefault(k, []).append(measure(d))
                 walls[d.name] = elapsed(d)
-    preds = predictions(base, plan_dir, [k for k in jobs if k[0] != "controller"])
+    preds = predictions(base, plan_dir, [k for k in jobs if not isinstance(k[0], str)])
     text = report(rep, measured, preds, walls, pilot_wall)
     (ROOT / "docs" / f"planning-results{suffix}.md").write_text(text)
     (ROOT / "docs" / f"plan{suffix}").mkdir(exist_ok=True)

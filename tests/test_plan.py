@@ -212,7 +212,15 @@ def test_cli_plan_dry_run_then_plan_on_pilots_from_a_known_law(tmp_path, capsys)
     picked = load_recipe(out / "recipe.yaml")
     assert picked.data.mixture == pytest.approx({"en": truth[0], "de": 1 - truth[0]})
     assert picked.schedule.max_lr == pytest.approx(truth[1]) and picked.train.tokens == BASE["train"]["tokens"]
+    # the pick with the replay controller: the same recipe, the controller starting at the pick's share
+    controlled = load_recipe(out / "controlled.yaml")
+    ctl = controlled.data.mixture.controller
+    assert (ctl.old, ctl.new, ctl.budget, ctl.start) == ("en", "de", 0.2, pytest.approx(truth[0]))
+    assert (ctl.min, ctl.max) == (min(REPLAYS), max(REPLAYS))
+    assert controlled.schedule.max_lr == pytest.approx(truth[1]) and controlled.train.tokens == BASE["train"]["tokens"]
+    assert controlled.schedule.min_lr == pytest.approx(picked.schedule.min_lr)
     text = (out / "plan.md").read_text()
+    assert "controlled.yaml" in text
     assert "**Pick**" in text and "| pilot-r0-lr0.002 |" in text and (out / "frontier.png").stat().st_size > 10_000
     # a budget no candidate meets is said plainly (the same report, with no pick)
     plain = render_plan({**rep, "pick": None, "max_forgetting": -1.0})

@@ -33,6 +33,10 @@ def _verdict(rep: dict[str, Any]) -> list[str]:
                  f"(`cpt train {rep['recipe_out']}`). Predicted: old-domain rise {_ci(p['old_rise'])}, worst "
                  f"{_ci(p['old_worst'])}, new-domain final {p['new_final'][0]:.3f} ({p['new_final'][1]:.3f} to "
                  f"{p['new_final'][2]:.3f}); budget: {budget}."]
+        if rep.get("controlled_out"):
+            lines += ["", f"The same LR with the replay controller starting at that share: `{rep['controlled_out']}`: it "
+                          "raises the share online if the old domain rises faster than the law said (a fixed recipe "
+                          "cannot)."]
     if rep["notes"]:
         lines += ["", "**Not to be trusted as it stands:**", ""] + [f"- {n}" for n in rep["notes"]]
     else:

@@ -172,6 +172,34 @@ def picked_yaml(s: Setup, replay: float, max_lr: float, out: Path) -> Path:
     return path
 
 
+def controlled_yaml(s: Setup, replay: float, max_lr: float, budget: float, out: Path) -> Path:
+    """The pick's LR with the replay controller (cpt.data.controller) in place of its fixed share: it starts at
+    the pick's share and moves it within the candidates' shares to keep the old domain's rise under the
+    budget, so a law that was wrong about the share is corrected online (on English -> code the pick alone
+    broke the budget on 3 of 3 seeds; started from its share the controller kept it on 2 of 3 at the same
+    new-domain loss: docs/planning.md). The whole recipe is written out (the controller replaces the base
+    recipe's mixture, which ``extends:`` would merge into it)."""
+    import yaml
+
+    from cpt.recipe import load_recipe
+    from cpt.recipe.load import _apply_override, _load_tree
+
+    tree = _load_tree(s.recipe.resolve(), chain=())
+    for item in [*s.overrides, *s.candidate(replay, max_lr), "run.name=plan-controlled",
+                 f"run.output_dir={out / 'controlled-run'}"]:
+        _apply_override(tree, item)
+    tree["data"]["mixture"] = {"controller": {
+        "old": s.old, "new": s.new, "probe": s.old_probe, "budget": budget,
+        "min": min(s.replays), "max": max(s.replays), "start": replay}}
+    path = out / "controlled.yaml"
+    head = (f"# cpt plan's pick with the replay controller: max LR {max_lr:.3g}, replay of {s.old} from {replay:g}, "
+            f"held within [{min(s.replays):g}, {max(s.replays):g}] to keep the rise <= {budget:g}; see plan.md\n"
+            f"#   cpt train {path}\n")
+    path.write_text(head + yaml.safe_dump(tree, sort_keys=False))
+    load_recipe(path)
+    return path
+
+
 def run_plan(ns: argparse.Namespace) -> int:
     from cpt.planner.report import plot_frontier, render_plan
 
@@ -198,6 +226,8 @@ def run_plan(ns: argparse.Namespace) -> int:
     pilot_s1 = max(float(np.sum(p.lrs)) for p in olds) / fo.ref_lr
     notes = design.trust([fo, fn], loo, chosen, ns.max_forgetting, ns.max_rise, pilot_s1)
     path = picked_yaml(s, chosen.replay, chosen.max_lr, out) if chosen else None
+    controlled = (controlled_yaml(s, chosen.replay, chosen.max_lr, ns.max_forgetting, out)
+                  if chosen and ns.unit == "loss" else None)  # the controller's budget is in nats
     report = {"recipe": str(s.recipe), "overrides": s.overrides, "old": s.old, "new": s.new,
               "old_probe": s.old_probe, "new_probe": s.new_probe, "unit": ns.unit, "anneal": ns.anneal,
               "max_forgetting": ns.max_forgetting, "max_rise": ns.max_rise, "full_tokens": s.full_tokens,
@@ -208,12 +238,14 @@ def run_plan(ns: argparse.Namespace) -> int:
               "fits": {d: _fit_dict(f) for d, f in (("old", fo), ("new", fn))},
               "held_out": loo, "candidates": [asdict(p) for p in preds],
               "pick": asdict(chosen) if chosen else None, "recipe_out": str(path) if path else None,
+              "controlled_out": str(controlled) if controlled else None,
               "notes": notes}
     (out / "plan.json").write_text(json.dumps(report, indent=1))
     (out / "plan.md").write_text(render_plan(report))
     plot_frontier(report, [fo, fn], olds, news, out / "frontier.png")
     print(render_plan(report, brief=True))
-    print(f"cpt plan: wrote {out / 'plan.md'}, {out / 'frontier.png'}" + (f", {path}" if path else ""))
+    print(f"cpt plan: wrote {out / 'plan.md'}, {out / 'frontier.png'}" + (f", {path}" if path else "")
+          + (f", {controlled}" if controlled else ""))
     return 0
 
 
