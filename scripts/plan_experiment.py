@@ -4,6 +4,7 @@ other recipes over the full budget (3 seeds), and compare predicted with measure
     python scripts/plan_experiment.py                 # ~30 min on 2 cores (most of it the 1M-token pre-training); docs/planning-results.md
     python scripts/plan_experiment.py --workers 1     # one run at a time
     python scripts/plan_experiment.py --new code      # English -> code: runs/plan-code, docs/planning-results-code.md
+    python scripts/plan_experiment.py --new es        # English -> Spanish (the Debian handbook; prepare_shared.py --handbook)
 
 The tiny Llama of docs/reproductions.md (1.5M parameters) pre-trained on 1M English tokens, then a German stage
 of FULL tokens (cosine, re-warm from 0) with English replay. The planner runs 4 pilots (25% of FULL together)
@@ -187,7 +188,7 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
                      f"{p.new_final[0]:.3f} [{p.new_final[1]:.3f}, {p.new_final[2]:.3f}]", f"{de:.3f} ± {ds:.3f}",
                      f"{p.new_final[0] - de:+.3f} ({abs(p.new_final[0] - de) / ds:.1f})", "yes" if ok else "no"])
     head = ["replay / max LR", "seeds", "pred. en rise [95%]", "measured en rise", "error (/sd)", "pred. worst", "measured worst",
-            "pred. de [95%]", "measured de", "error (/sd)", "meets budget"]
+            f"pred. {NEW} [95%]", f"measured {NEW}", "error (/sd)", "meets budget"]
     alt = [[f"{k[0]:g} / {k[1]:.3g}"] + [x for name, _, _ in VARIANTS[1:] for x in (
             f"{v['q'][name].old_rise[0] - v['rise']:+.3f}", f"{v['q'][name].new_final[0] - v['de']:+.3f}")]
            for k, v in stats.items()]
@@ -196,8 +197,8 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     compliant = {k: v for k, v in stats.items() if v["ok"] and k != pick}
     best = min(compliant, key=lambda k: compliant[k]["de"]) if compliant else None
     lines = [f"# cpt plan on the tiny English -> {NAME} set-up (results)", "",
-             f"Measured by `python scripts/plan_experiment.py{'' if NEW == 'de' else ' --new ' + NEW}` (2 CPU cores, shared with "
-             f"another experiment; {sum(walls.values()) / 60:.0f} "
+             f"Measured by `python scripts/plan_experiment.py{'' if NEW == 'de' else ' --new ' + NEW}` (2 CPU cores; "
+             f"{sum(walls.values()) / 60:.0f} "
              f"min of training loops summed). Full budget {FULL // K}K {NAME}-stage tokens ({FULL // BATCH} steps of {BATCH}); budget: "
              f"English probe final rise <= {BUDGET} nats (the worst in-stage rise is predicted and measured, not "
              f"bounded); seeds {SEEDS}.", "",
@@ -226,7 +227,7 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
                      f"{r['de']:.3f}: {'meets' if r['ok'] else 'breaks'} the budget.")
     lines += controller_section(measured, stats, pick)
     lines += ["", "## Other fits of the same pilots (errors of the central prediction: predicted - measured mean)", "",
-              table(["replay / max LR"] + [f"{name}: {d}" for name, _, _ in VARIANTS[1:] for d in ("en rise", "de")],
+              table(["replay / max LR"] + [f"{name}: {d}" for name, _, _ in VARIANTS[1:] for d in ("en rise", NEW)],
                     alt), "",
               "## Commands", "", "```", "python scripts/plan_experiment.py" + ("" if NEW == "de" else f" --new {NEW}"),
               *[p["command"] for p in rep["pilots"]], "```", ""]
@@ -269,11 +270,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--report-only", action="store_true", help="no training: report the finished runs only")
-    ap.add_argument("--new", choices=("de", "code"), default="de", help="the new domain (default de: German)")
+    ap.add_argument("--new", choices=("de", "code", "es"), default="de", help="the new domain (default de: German)")
     args = ap.parse_args()
     global OUT, NEW, NAME
     pretrained = Runner(OUT)("pretrain-en", "recipes/paper/pretrain-en.yaml", ["train.tokens=1M"])  # one for both
-    NEW, NAME = args.new, {"de": "German", "code": "code"}[args.new]
+    NEW, NAME = args.new, {"de": "German", "code": "code", "es": "Spanish"}[args.new]
     suffix = "" if NEW == "de" else f"-{NEW}"
     OUT = OUT.with_name("plan" + suffix)
     base = base_recipe(pretrained)

@@ -14,6 +14,7 @@ import yaml
 from cpt.cli import main
 from cpt.errors import CptError
 from cpt.planner import Pilot, design_pilots, fit_domain, pick, predict_all
+from cpt.planner.design import THIN_MARGIN
 from cpt.planner.law import Schedule, law
 from cpt.planner.report import render_plan
 from cpt.predict.curves import recipe_lrs
@@ -221,6 +222,10 @@ def test_cli_plan_dry_run_then_plan_on_pilots_from_a_known_law(tmp_path, capsys)
     assert controlled.schedule.min_lr == pytest.approx(picked.schedule.min_lr)
     text = (out / "plan.md").read_text()
     assert "controlled.yaml" in text
+    # where a held-out pilot's miss exceeds the pick's margin, the report says to run the controlled recipe
+    thin = render_plan({**rep, "notes": [*rep["notes"], f"the law misses ... by up to 0.2: {THIN_MARGIN}"]}, brief=True)
+    assert "**Run this instead**" in thin and "controlled.yaml" in thin
+    assert ("**Run this instead**" in text) == any(THIN_MARGIN in n for n in rep["notes"])
     assert "**Pick**" in text and "| pilot-r0-lr0.002 |" in text and (out / "frontier.png").stat().st_size > 10_000
     # a budget no candidate meets is said plainly (the same report, with no pick)
     plain = render_plan({**rep, "pick": None, "max_forgetting": -1.0})

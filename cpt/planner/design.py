@@ -11,6 +11,7 @@ import numpy as np
 from cpt.errors import CptError
 from cpt.planner.law import DomainFit, Pilot, fit_domain
 
+THIN_MARGIN = "the pick may break the budget"  # the note's words; the report recommends controlled.yaml on it
 PLAN_ADVICE = ("longer pilots pin it better (--pilot-budget), or more of them (--pilots 5 adds the centre of the "
                "box); read the candidates' intervals")
 LrsOf = Callable[[float, float], np.ndarray]  # (replay share, max LR) -> the LR of every update
@@ -141,7 +142,7 @@ def trust(fits: Sequence[DomainFit], loo: dict[str, dict[str, float]], chosen: P
             margin = min(margin, max_worst - chosen.old_worst[0])
         if e_old > margin:
             notes.append(f"the law misses a held-out pilot's old-domain loss by up to {e_old:.3f}, more than the "
-                         f"pick's margin to the budget ({margin:.3f}): the pick may break the budget")
+                         f"pick's margin to the budget ({margin:.3f}): {THIN_MARGIN}")
     if chosen.s1 > 20 * pilot_s1:
         notes.append(f"the pick's LR area ({chosen.s1:.3g} updates at the reference LR) is {chosen.s1 / pilot_s1:.0f}x "
                      f"the largest pilot's: the law extrapolates far; longer pilots would pin it")

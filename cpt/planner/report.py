@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from cpt.planner.design import THIN_MARGIN
 from cpt.planner.law import DomainFit, Pilot
 from cpt.predict.report import y_limits
 
@@ -34,9 +35,11 @@ def _verdict(rep: dict[str, Any]) -> list[str]:
                  f"{_ci(p['old_worst'])}, new-domain final {p['new_final'][0]:.3f} ({p['new_final'][1]:.3f} to "
                  f"{p['new_final'][2]:.3f}); budget: {budget}."]
         if rep.get("controlled_out"):
-            lines += ["", f"The same LR with the replay controller starting at that share: `{rep['controlled_out']}`: it "
-                          "raises the share online if the old domain rises faster than the law said (a fixed recipe "
-                          "cannot)."]
+            thin = any(THIN_MARGIN in n for n in rep["notes"])
+            lines += ["", ("**Run this instead**, the margin being thinner than the law's miss on a held-out pilot: "
+                           if thin else "") + f"the same LR with the replay controller starting at that share, "
+                      f"`{rep['controlled_out']}`: it raises the share online if the old domain rises faster than the "
+                      "law said (a fixed recipe cannot; docs/planning.md measures both)."]
     if rep["notes"]:
         lines += ["", "**Not to be trusted as it stands:**", ""] + [f"- {n}" for n in rep["notes"]]
     else:
