@@ -57,9 +57,9 @@ def chunk_logits(h, weight, bias, softcap):
 class LinearCrossEntropy(torch.autograd.Function):
     """mean over non-ignored targets of cross_entropy(softcap(hidden @ weight.T + bias), targets), computed
     a chunk of rows at a time; the gradients are formed in the forward, chunk by chunk. Per chunk the
-    logits are passed over as few times as the math allows (issue 28: on a CPU this loss is bandwidth-bound):
-    one log-softmax that upcasts as it reads, its exp in place as the softmax, the scale in place, one cast
-    to the compute dtype; the head's fp32 gradient starts as the first chunk's product, and the chunks are
+    logits are passed over as few times as the math allows (issue 28: on a CPU these passes, not the
+    matmuls, made it slower than the model's own loss): one log-softmax that upcasts as it reads, its exp
+    in place as the softmax, the scale in place, one cast to the compute dtype; the head's fp32 gradient starts as the first chunk's product, and the chunks are
     of equal size (no short last chunk paying a whole head-sized sum for a few rows)."""
 
     @staticmethod
