@@ -56,11 +56,13 @@ def chunk_logits(h, weight, bias, softcap):
 
 class LinearCrossEntropy(torch.autograd.Function):
     """mean over non-ignored targets of cross_entropy(softcap(hidden @ weight.T + bias), targets), computed
-    a chunk of rows at a time; the gradients are formed in the forward, chunk by chunk. Per chunk the
-    logits are passed over as few times as the math allows (issue 28: on a CPU these passes, not the
-    matmuls, made it slower than the model's own loss): one log-softmax that upcasts as it reads, its exp
-    in place as the softmax, the scale in place, one cast to the compute dtype; the head's fp32 gradient starts as the first chunk's product, and the chunks are
-    of equal size (no short last chunk paying a whole head-sized sum for a few rows)."""
+    a chunk of rows at a time; the gradients are formed in the forward, chunk by chunk. The head's fp32
+    gradient starts as the first chunk's product (no zero-filled buffer to add it to) and the chunks are of
+    equal size (no short last chunk paying a whole head-sized sum for a few rows): issue 28, where these
+    passes, not the matmuls, made it slower than the model's own loss on a CPU. The log-softmax is
+    logsumexp and a subtraction in place, not ``torch.log_softmax``: that one is faster on a CPU, but with
+    it a compiled run (train.compile) resumed differed from the uninterrupted run in the 7th digit on 4 of
+    15 tries (tests/test_trainer.py), this form on none of 13."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, chunk_rows, compute_dtype=None):
@@ -110,12 +112,10 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 
 def _chunk_log_softmax(h, w, b, softcap):
-    """fp32 log-softmax of a chunk's logits ``softcap(h @ w.T + b)`` (the matmul in ``w``'s dtype), and the
-    tanh of the cap (None without one) for the gradient."""
-    if softcap is None:
-        return torch.log_softmax(F.linear(h, w, b), dim=-1, dtype=torch.float32), None
+    """fp32 log-softmax of a chunk's logits ``softcap(h @ w.T + b)`` (the matmul in ``w``'s dtype), in the
+    logits' memory, and the tanh of the cap (None without one) for the gradient."""
     logits, capped = chunk_logits(h, w, b, softcap)
-    return torch.log_softmax(logits, dim=-1), capped
+    return logits.sub_(torch.logsumexp(logits, dim=-1)[:, None]), capped
 
 
 def _fp32_sum(acc, part):
@@ -125,14 +125,12 @@ def _fp32_sum(acc, part):
 
 def saved_grads(ctx, grad_out) -> tuple:
     """Backward of a function that formed the gradients of (hidden, weight, bias) in its forward and saved
-    them (fp32 for the head's, cast back to the parameters' dtypes in ``ctx.dtypes``): scaled by grad_out
-    in their own memory (the forward made them for this one backward; a second backward over the same
-    graph is refused by autograd's saved-tensor version check)."""
+    them (fp32 for the head's, cast back to the parameters' dtypes in ``ctx.dtypes``): scaled by grad_out."""
     grad_h, grad_w, grad_b = ctx.saved_tensors
     w_dtype, b_dtype = ctx.dtypes
-    return (grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None,
-            grad_w.mul_(grad_out).to(w_dtype) if grad_w is not None else None,
-            grad_b.mul_(grad_out).to(b_dtype) if grad_b is not None else None)
+    return (grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+            (grad_w * grad_out).to(w_dtype) if grad_w is not None else None,
+            (grad_b * grad_out).to(b_dtype) if grad_b is not None else None)
 
 
 @dataclass(frozen=True)
