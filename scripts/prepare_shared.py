@@ -6,12 +6,12 @@ Writes ``OUT/tokenizer`` (byte-level BPE, vocab 4096, trained on all three domai
 ``OUT/prepared/{en,de,code}/{train,validation}``: ``en`` = Linux kernel docs (English), ``de`` =
 LibreOffice help (German), ``code`` = CPython stdlib. Skips what already exists.
 
-    python scripts/prepare_shared.py --handbook debian-handbook_11.20220922_all.deb --lang fr-FR
+    python scripts/prepare_shared.py --handbook debian-handbook_11.20220922_all.deb --lang es-ES
 
-adds ``OUT/prepared/fr/{train,validation}`` (the language's two letters) with the same tokenizer: the Debian
+adds ``OUT/prepared/es/{train,validation}`` (the language's two letters) with the same tokenizer: the Debian
 Administrator's Handbook in that language (``apt-get download debian-handbook``; GPL-2.0+ or CC-BY-SA-3.0,
 Raphaël Hertzog, Roland Mas, Freexian SARL), one document per HTML page, its text without the markup, 1 page
-in 20 (by a hash of its file name) held out for validation. scripts/plan_experiment.py --new fr uses it.
+in 20 (by a hash of its file name) held out for validation. scripts/plan_experiment.py --new es uses it.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class _Text(html.parser.HTMLParser):
 
 
 def handbook(deb: Path, lang: str, raw: Path) -> None:
-    """``raw/{train,validation}.jsonl.gz`` from the handbook's pages in ``lang`` (e.g. fr-FR)."""
+    """``raw/{train,validation}.jsonl.gz`` from the handbook's pages in ``lang`` (e.g. es-ES)."""
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
         pages = sorted((Path(tmp) / "usr/share/doc/debian-handbook/html" / lang).glob("*.html"))
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--handbook", type=Path, help="debian-handbook .deb: add its --lang pages as a domain")
-    ap.add_argument("--lang", default="fr-FR", help="the handbook's language folder (default fr-FR)")
+    ap.add_argument("--lang", default="es-ES", help="the handbook's language folder (default es-ES)")
     args = ap.parse_args()
     tok = args.out / "tokenizer"
     if not (tok / "tokenizer.json").is_file():
@@ -108,9 +108,12 @@ def main() -> None:
             print(f"{out}: {m['documents']} documents, {m['sequences']} sequences, {m['tokens']} tokens")
     if args.handbook:
         short, raw = args.lang[:2], args.out / "raw" / f"handbook-{args.lang}"
-        handbook(args.handbook, args.lang, raw)
+        if not (raw / "validation.jsonl.gz").is_file():
+            handbook(args.handbook, args.lang, raw)
         for split in ("train", "validation"):
             out = args.out / "prepared" / short / split
+            if (out / "manifest.json").is_file():
+                continue
             m = prepare([raw / f"{split}.jsonl.gz"], tok, out, seq_len=args.seq_len, num_proc=args.num_proc,
                         progress=False)
             print(f"{out}: {m['documents']} documents, {m['sequences']} sequences, {m['tokens']} tokens")
