@@ -101,20 +101,24 @@ def grid_jobs(base: Path, pick: tuple[float, float] | None) -> dict[tuple[float,
 
 
 def controller_jobs(base: Path, pick: tuple[float, float] | None) -> dict[tuple[str, float], list[Job]]:
-    jobs = {}
-    for lr in dict.fromkeys([RULE[1], pick[1] if pick else 5.0e-4]):
-        mix = json.dumps({"controller": {"old": "en", "new": NEW, **CONTROLLER}})
+    """The controller from a 25% start at the rule's LR and the pick's (5e-4 without a pick), and, with a pick,
+    what cpt plan writes as controlled.yaml: the pick's LR, the controller starting at the pick's share."""
+    def runs(kind: str, prefix: str, lr: float, start: float) -> tuple[tuple[str, float], list[Job]]:
+        mix = json.dumps({"controller": {"old": "en", "new": NEW, **CONTROLLER, "start": start}})
         over = [f"data.mixture={mix}", f"schedule.max_lr={lr:g}", f"schedule.min_lr={lr / 10:g}"]
-        jobs[("controller", lr)] = [Job(str(base), (*over, f"run.seed={s}", f"run.name=ctl-lr{lr:g}-s{s}",
-                                                    f"run.output_dir={OUT / 'grid' / f'ctl-lr{lr:g}-s{s}'}"))
-                                    for s in SEEDS]
-    if pick:  # what cpt plan writes as controlled.yaml: the pick's LR, the controller starting at the pick's share
-        lr, mix = pick[1], json.dumps({"controller": {"old": "en", "new": NEW, **CONTROLLER, "start": pick[0]}})
-        over = [f"data.mixture={mix}", f"schedule.max_lr={lr:g}", f"schedule.min_lr={lr / 10:g}"]
-        jobs[("controller-pick", lr)] = [Job(str(base), (*over, f"run.seed={s}", f"run.name=ctlpick-lr{lr:g}-s{s}",
-                                                         f"run.output_dir={OUT / 'grid' / f'ctlpick-lr{lr:g}-s{s}'}"))
-                                         for s in SEEDS]
+        return (kind, lr), [Job(str(base), (*over, f"run.seed={s}", f"run.name={prefix}-lr{lr:g}-s{s}",
+                                            f"run.output_dir={OUT / 'grid' / f'{prefix}-lr{lr:g}-s{s}'}")) for s in SEEDS]
+
+    jobs = dict(runs("controller", "ctl", lr, CONTROLLER["start"])
+                for lr in dict.fromkeys([RULE[1], pick[1] if pick else 5.0e-4]))
+    if pick:
+        jobs.update([runs("controller-pick", "ctlpick", pick[1], pick[0])])
     return jobs
+
+
+def is_controller(key: tuple) -> bool:
+    """A controller arm's key ("controller" or "controller-pick", lr), not a fixed recipe's (replay, lr)."""
+    return isinstance(key[0], str)
 
 
 def elapsed(run_dir: Path) -> float:
@@ -172,7 +176,7 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
     pick = (rep["pick"]["replay"], rep["pick"]["max_lr"]) if rep["pick"] else None
     rows, stats = [], {}
     for k, ms in measured.items():
-        if len(ms) < 2 or isinstance(k[0], str):
+        if len(ms) < 2 or is_controller(k):
             continue
         rise, rs = mean_sd([m["en_rise"] for m in ms])
         worst, ws = mean_sd([m["en_worst"] for m in ms])
@@ -236,7 +240,7 @@ def report(rep: dict, measured: dict, preds: dict, walls: dict, pilot_wall: floa
 
 def controller_section(measured: dict, stats: dict, pick: tuple[float, float] | None) -> list[str]:
     """The replay controller's runs beside the plan's pick and the fixed recipes at the same LR."""
-    ctl = {k: v for k, v in measured.items() if isinstance(k[0], str)}
+    ctl = {k: v for k, v in measured.items() if is_controller(k)}
     if not ctl:
         return []
     rows = []
@@ -247,7 +251,7 @@ def controller_section(measured: dict, stats: dict, pick: tuple[float, float] | 
                 rows.append([f"controller (budget {BUDGET}, {start}, [0, 0.6]) / {lr:.3g}", len(ctl[(kind, lr)])]
                             + _cells(ctl[(kind, lr)]))
         for k, v in measured.items():
-            if not isinstance(k[0], str) and k[1] == lr and len(v) > 1:
+            if not is_controller(k) and k[1] == lr and len(v) > 1:
                 tag = " (pick)" if k == pick else " (rule)" if k == RULE else ""
                 rows.append([f"fixed {k[0]:g} / {k[1]:.3g}{tag}", len(v)] + _cells(v))
     head = ["replay / max LR", "seeds", "en rise", "worst", "met (final)", f"{NAME} loss", "en share", "probe time share"]
@@ -295,7 +299,7 @@ def main() -> None:
             if finished(d, tokens, per_step):
                 measured.setdefault(k, []).append(measure(d))
                 walls[d.name] = elapsed(d)
-    preds = predictions(base, plan_dir, [k for k in jobs if not isinstance(k[0], str)])
+    preds = predictions(base, plan_dir, [k for k in jobs if not is_controller(k)])
     text = report(rep, measured, preds, walls, pilot_wall)
     (ROOT / "docs" / f"planning-results{suffix}.md").write_text(text)
     (ROOT / "docs" / f"plan{suffix}").mkdir(exist_ok=True)

@@ -153,23 +153,31 @@ def read_pilot(s: Setup, p: design.PilotSpec, out: Path, metric: str) -> tuple[P
     return pair[0], pair[1]
 
 
-def picked_yaml(s: Setup, replay: float, max_lr: float, out: Path) -> Path:
-    """The pick as a normal recipe: extends the base recipe, with the overrides written out."""
+def _recipe_tree(s: Setup, replay: float, max_lr: float, name: str, out: Path, tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with the candidate's overrides (and the run's name and folder under ``out``) applied."""
+    from cpt.recipe.load import _apply_override
+
+    for item in [*s.overrides, *s.candidate(replay, max_lr), f"run.name=plan-{name}", f"run.output_dir={out / f'{name}-run'}"]:
+        _apply_override(tree, item)
+    return tree
+
+
+def _write_recipe(path: Path, what: str, tree: dict[str, Any]) -> Path:
+    """A recipe file with a comment saying what it is and how to run it; it must load as `cpt train` loads it."""
     import yaml
 
     from cpt.recipe import load_recipe
-    from cpt.recipe.load import _apply_override
 
-    tree: dict[str, Any] = {}
-    for item in [*s.overrides, *s.candidate(replay, max_lr), "run.name=plan-pick",
-                 f"run.output_dir={out / 'pick-run'}"]:
-        _apply_override(tree, item)
-    path = out / "recipe.yaml"
-    head = (f"# cpt plan's pick: replay {replay:g} of {s.old}, max LR {max_lr:.3g}; see plan.md\n"
-            f"#   cpt train {path}\n")
-    path.write_text(head + yaml.safe_dump({"extends": str(s.recipe.resolve()), **tree}, sort_keys=False))
-    load_recipe(path)  # it must load as `cpt train` loads it
+    path.write_text(f"# {what}; see plan.md\n#   cpt train {path}\n" + yaml.safe_dump(tree, sort_keys=False))
+    load_recipe(path)
     return path
+
+
+def picked_yaml(s: Setup, replay: float, max_lr: float, out: Path) -> Path:
+    """The pick as a normal recipe: extends the base recipe, with the overrides written out."""
+    tree = _recipe_tree(s, replay, max_lr, "pick", out, {})
+    return _write_recipe(out / "recipe.yaml", f"cpt plan's pick: replay {replay:g} of {s.old}, max LR {max_lr:.3g}",
+                         {"extends": str(s.recipe.resolve()), **tree})
 
 
 def controlled_yaml(s: Setup, replay: float, max_lr: float, budget: float, out: Path) -> Path:
@@ -179,25 +187,15 @@ def controlled_yaml(s: Setup, replay: float, max_lr: float, budget: float, out: 
     broke the budget on 3 of 3 seeds; started from its share the controller kept it on 2 of 3 at the same
     new-domain loss: docs/planning.md). The whole recipe is written out (the controller replaces the base
     recipe's mixture, which ``extends:`` would merge into it)."""
-    import yaml
+    from cpt.recipe.load import _load_tree
 
-    from cpt.recipe import load_recipe
-    from cpt.recipe.load import _apply_override, _load_tree
-
-    tree = _load_tree(s.recipe.resolve(), chain=())
-    for item in [*s.overrides, *s.candidate(replay, max_lr), "run.name=plan-controlled",
-                 f"run.output_dir={out / 'controlled-run'}"]:
-        _apply_override(tree, item)
-    tree["data"]["mixture"] = {"controller": {
-        "old": s.old, "new": s.new, "probe": s.old_probe, "budget": budget,
-        "min": min(s.replays), "max": max(s.replays), "start": replay}}
-    path = out / "controlled.yaml"
-    head = (f"# cpt plan's pick with the replay controller: max LR {max_lr:.3g}, replay of {s.old} from {replay:g}, "
-            f"held within [{min(s.replays):g}, {max(s.replays):g}] to keep the rise <= {budget:g}; see plan.md\n"
-            f"#   cpt train {path}\n")
-    path.write_text(head + yaml.safe_dump(tree, sort_keys=False))
-    load_recipe(path)
-    return path
+    tree = _recipe_tree(s, replay, max_lr, "controlled", out, _load_tree(s.recipe.resolve(), chain=()))
+    lo, hi = min(s.replays), max(s.replays)
+    tree["data"]["mixture"] = {"controller": {"old": s.old, "new": s.new, "probe": s.old_probe, "budget": budget,
+                                              "min": lo, "max": hi, "start": replay}}
+    return _write_recipe(out / "controlled.yaml", f"cpt plan's pick with the replay controller: max LR {max_lr:.3g}, "
+                         f"replay of {s.old} from {replay:g}, held within [{lo:g}, {hi:g}] to keep the rise <= {budget:g}",
+                         tree)
 
 
 def run_plan(ns: argparse.Namespace) -> int:
